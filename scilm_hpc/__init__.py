@@ -1,0 +1,8 @@
+"""scilm_hpc: fine-tune, compress and evaluate scientific language models on Slurm clusters.
+
+The package is organised by concept: ``config`` (schema, loading, validation),
+``cli`` (the ``scilm`` entry point), ``data`` (corpus readers, HDF5 shards),
+``train``, ``compress``, ``evaluate`` and ``launch`` (executors, ranks).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""The ``scilm`` command: parse, validate, hand a job object to an executor.
+
+Exit status: 0 on success, 2 for any user mistake (bad config, bad corpus, bad
+shards, missing model), printed one line per problem; 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scilm_hpc.config import load_and_validate, to_yaml
+from scilm_hpc.errors import UserError
+from scilm_hpc.schema import JobConfig
+
+EXIT_USER_ERROR = 2
+
+
+def _save_config(job: JobConfig) -> None:
+    run_dir = Path(job.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = "config.yaml" if job.job == "finetune" else f"{job.job}.config.yaml"
+    (run_dir / name).write_text(to_yaml(job), encoding="utf-8")
+
+
+def _prepare(job: JobConfig) -> Callable[[], Any]:
+    from scilm_hpc.data.prepare import PrepareJob
+
+    return PrepareJob(job)
+
+
+JOB_FACTORIES: dict[str, Callable[[JobConfig], Callable[[], Any]]] = {"prepare": _prepare}
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    """``scilm prepare|... JOB.yaml [key=value ...]``."""
+    from scilm_hpc.launch.executor import run_job
+
+    job = load_and_validate(args.job_file, args.overrides, job=args.command)
+    if args.dry_run:
+        print(to_yaml(job), end="")
+        return 0
+    _save_config(job)
+    result = run_job(JOB_FACTORIES[args.command](job), job)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``scilm validate JOB.yaml [key=value ...] [--data]``: check, submit nothing."""
+    job = load_and_validate(args.job_file, args.overrides)
+    print(f"{args.job_file}: valid {job.job} job (run.dir={job.run.dir})")
+    if args.data:
+        from scilm_hpc.data.dataset import ShardDataset
+        from scilm_hpc.data.shards import read_manifest
+        from scilm_hpc.model_source import load_tokenizer
+
+        manifest = read_manifest(job.data.shards)
+        tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
+        for split in manifest["splits"]:
+            dataset = ShardDataset(job.data.shards, split)
+            dataset.check_tokenizer(tokenizer, job.model.name_or_path)
+            dataset.verify_checksums()
+            print(f"{job.data.shards}: {split}: {len(dataset)} examples, {dataset.n_tokens} "
+                  f"tokens in {len(dataset.shards)} shard(s), checksums match")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    parser = argparse.ArgumentParser(prog="scilm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in JOB_FACTORIES:
+        p = sub.add_parser(name, help=f"run the {name} job")
+        p.add_argument("job_file", help="job YAML (see jobs/)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the resolved config and run nothing")
+        p.set_defaults(func=cmd_job)
+    p = sub.add_parser("validate", help="check a job config (and with --data its shards)")
+    p.add_argument("job_file")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--data", action="store_true",
+                   help="also verify data.shards: checksums and tokenizer fingerprint")
+    p.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``scilm`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

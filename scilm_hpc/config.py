@@ -1,0 +1,310 @@
+"""Load, merge and validate job configurations.
+
+A job file is YAML with an optional ``defaults`` list of building blocks from
+``configs/`` (``group/name``; later entries win), then its own keys, then the
+command line's ``key=value`` overrides (OmegaConf dot-list syntax) and group
+choices (``cluster=dev``, ``compress=int8-dynamic``). Everything is merged onto
+the dataclass schema of ``schema.py``. Problems are collected, not raised one at
+a time, so a user sees every mistake at once, each with its full dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from scilm_hpc import schema
+from scilm_hpc.errors import ConfigError
+from scilm_hpc.model_source import path_problem
+from scilm_hpc.schema import JobConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_root() -> Path:
+    """The directory holding the config groups (``configs/``).
+
+    ``SCILM_CONFIG_DIR`` points elsewhere, e.g. at a site's own collection.
+    """
+    return Path(os.environ.get("SCILM_CONFIG_DIR", REPO_ROOT / "configs"))
+
+
+def group_choices(group: str) -> list[str]:
+    """Names of the building blocks available in ``configs/GROUP/``."""
+    return sorted(p.stem for p in (config_root() / group).glob("*.yaml"))
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{what}: file '{path}' does not exist")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason})") from None
+
+
+def _group_file(group: str, choice: str) -> Path:
+    """Resolve a group choice: a name in ``configs/GROUP/`` or a path to a YAML file."""
+    if choice.endswith((".yaml", ".yml")) or os.sep in choice:
+        return Path(choice)
+    path = config_root() / group / f"{choice}.yaml"
+    if not path.is_file():
+        allowed = ", ".join(group_choices(group)) or "(none)"
+        raise ConfigError(f"{group}: no building block '{choice}' in configs/{group}/; "
+                          f"allowed: {allowed}, or a path to a .yaml file")
+    return path
+
+
+def _type_name(node: Any) -> str:
+    ref = getattr(node._metadata, "ref_type", Any)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    for typ, name in names.items():
+        if ref is typ or ref == typ | None:
+            return name + (" or null" if ref == typ | None else "")
+    if isinstance(node, ListConfig):
+        return "a list"
+    return "a mapping" if isinstance(node, DictConfig) else str(ref)
+
+
+def _merge(node: DictConfig, data: Any, path: str, source: str, problems: list[str]) -> None:
+    """Merge plain ``data`` into the structured ``node``, recording every problem."""
+    where = path or "<top level>"
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping, got {data!r} ({source})")
+        return
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str) or key not in node.keys():
+            known = [str(k) for k in node.keys()]
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{path + '.' if path else ''}{close[0]}'?)" if close else ""
+            problems.append(f"{full}: unknown key{hint}; allowed keys here: {', '.join(known)} "
+                            f"({source})")
+            continue
+        child = node._get_node(key)
+        object_type = getattr(child._metadata, "object_type", None)
+        if isinstance(child, DictConfig) and is_dataclass(object_type) and value is not None:
+            _merge(child, value, full, source, problems)
+            continue
+        try:
+            node.merge_with({key: value})
+        except OmegaConfBaseException as exc:
+            detail = str(exc).splitlines()[0]
+            problems.append(f"{full}: expected {_type_name(child)}, got {value!r} ({source}; "
+                            f"{detail})")
+
+
+def _parse_overrides(overrides: list[str], problems: list[str]) -> tuple[dict[str, str], dict]:
+    """Split overrides into group choices (``cluster=dev``) and a nested dot-list mapping."""
+    choices: dict[str, str] = {}
+    dotted: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"'{item}': an override must look like key=value "
+                            f"(e.g. train.lr=3e-5 or cluster=dev)")
+            continue
+        if key in schema.GROUPS and raw and not raw.startswith(("{", "[")):
+            choices[key] = raw
+            continue
+        try:
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            problems.append(f"{key}: cannot parse override '{item}': {exc}")
+            continue
+        dotted = OmegaConf.to_container(OmegaConf.merge(dotted, parsed))  # type: ignore[assignment]
+    return choices, dotted
+
+
+def load_config(job_file: str | Path | None, overrides: list[str] | None = None,
+                job: str | None = None) -> DictConfig:
+    """Build a job's config: schema defaults < building blocks < job file < overrides.
+
+    Args:
+        job_file: YAML job file, or None to start from the schema defaults.
+        overrides: ``key=value`` items and group choices from the command line.
+        job: the job kind the command runs (``prepare``, ...); overrides the file's ``job``.
+
+    Returns:
+        The merged structured config (unresolved; see ``resolve``).
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type or bad override at once.
+    """
+    problems: list[str] = []
+    choices, dotted = _parse_overrides(list(overrides or []), problems)
+    body: dict = {}
+    if job_file is not None:
+        loaded = _read_yaml(Path(job_file), "job file")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{job_file}: a job file must be a mapping of keys, got {loaded!r}")
+        body = dict(loaded)
+    defaults = body.pop("defaults", []) or []
+    if not isinstance(defaults, list):
+        problems.append(f"defaults: expected a list of 'group/name' entries, got {defaults!r}")
+        defaults = []
+
+    blocks: dict[str, str] = {}
+    for entry in defaults:
+        group, sep, name = str(entry).partition("/")
+        if not sep or group not in schema.GROUPS:
+            problems.append(f"defaults: entry '{entry}' must be 'group/name' with group one of "
+                            f"{', '.join(schema.GROUPS)} ({job_file})")
+            continue
+        blocks[group] = name
+    blocks.update(choices)
+
+    cfg = OmegaConf.structured(JobConfig)
+    for group, choice in blocks.items():
+        try:
+            path = _group_file(group, choice)
+            _merge(cfg[group], _read_yaml(path, group), group, str(path), problems)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    _merge(cfg, body, "", str(job_file), problems)
+    _merge(cfg, dotted, "", "command line", problems)
+    if job is not None:
+        cfg.job = job
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _missing_keys(cfg: DictConfig) -> list[str]:
+    literal = []
+    for key in OmegaConf.missing_keys(cfg):
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if OmegaConf.is_missing(node, leaf):  # skip interpolations of a missing key
+            literal.append(key)
+    return sorted(literal)
+
+
+def resolve(cfg: DictConfig) -> JobConfig:
+    """Turn a merged config into a typed ``JobConfig`` with interpolations resolved.
+
+    Raises:
+        ConfigError: for required values still missing or broken interpolations.
+    """
+    missing = _missing_keys(cfg)
+    if missing:
+        raise ConfigError([f"{key}: required value is missing; set it in the job file or "
+                           f"on the command line ({key}=...)" for key in missing])
+    try:
+        OmegaConf.resolve(cfg)
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{getattr(exc, 'full_key', '')}: {exc}".strip(": ")) from None
+
+
+def to_yaml(job: JobConfig) -> str:
+    """The resolved config as YAML, exactly as a run used it."""
+    return OmegaConf.to_yaml(OmegaConf.structured(job))
+
+
+def _choice(problems: list[str], key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        problems.append(f"{key}: got {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _at_least(problems: list[str], key: str, value: float | None, low: float) -> None:
+    if value is not None and value < low:
+        problems.append(f"{key}: got {value!r}; must be >= {low}")
+
+
+def validate(job: JobConfig) -> list[str]:
+    """Checks between fields. Side-effect free: it reads the filesystem, writes nothing.
+
+    Returns:
+        One line per problem, each naming the dotted key and what is allowed.
+    """
+    p: list[str] = []
+    _choice(p, "job", job.job, schema.JOB_KINDS)
+    _choice(p, "task", job.task, schema.TASKS)
+    d = job.data
+    _choice(p, "data.format", d.format, schema.DATA_FORMATS)
+    _choice(p, "data.compression", d.compression, schema.SHARD_COMPRESSIONS)
+    for key in ("max_length", "examples_per_shard", "tokenize_batch_size"):
+        _at_least(p, f"data.{key}", getattr(d, key), 1)
+    if d.compression == "gzip" and not 0 <= d.compression_level <= 9:
+        p.append(f"data.compression_level: got {d.compression_level}; allowed: 0 to 9 for gzip")
+    fits = {"conll": ("token_classification",), "text": ("causal_lm",),
+            "jsonl": ("classification", "causal_lm"), "csv": ("classification", "causal_lm")}
+    if d.format in fits and job.task in schema.TASKS and job.task not in fits[d.format]:
+        p.append(f"data.format: '{d.format}' cannot feed task '{job.task}'; "
+                 f"'{d.format}' fits: {', '.join(fits[d.format])}")
+    ratios = d.split.dev_ratio + d.split.test_ratio
+    for key in ("dev_ratio", "test_ratio"):
+        value = getattr(d.split, key)
+        if not 0.0 <= value < 1.0:
+            p.append(f"data.split.{key}: got {value}; allowed: 0 <= ratio < 1")
+    if ratios >= 1.0:
+        p.append(f"data.split: dev_ratio + test_ratio = {ratios}; must leave training data (< 1)")
+    if job.job == "prepare":
+        if d.train is None:
+            p.append("data.train: required for prepare: the training corpus file")
+        for split in schema.SPLITS:
+            path = getattr(d, split)
+            if path is not None and not Path(path).is_file():
+                p.append(f"data.{split}: file '{path}' does not exist")
+        if d.dev is not None and d.split.dev_ratio > 0:
+            p.append("data.split.dev_ratio: set, but data.dev is given too; use one of them")
+        if d.test is not None and d.split.test_ratio > 0:
+            p.append("data.split.test_ratio: set, but data.test is given too; use one of them")
+    model_problem = path_problem(job.model.name_or_path)
+    if model_problem:
+        p.append(model_problem)
+    t = job.train
+    _choice(p, "train.precision", t.precision, schema.PRECISIONS)
+    _choice(p, "train.schedule", t.schedule, schema.SCHEDULES)
+    for key in ("epochs", "micro_batch_size", "gradient_accumulation", "keep_last", "log_every"):
+        _at_least(p, f"train.{key}", getattr(t, key), 1)
+    for key in ("lr", "weight_decay", "warmup_ratio", "clip_grad", "eval_every",
+                "checkpoint_every"):
+        _at_least(p, f"train.{key}", getattr(t, key), 0)
+    _choice(p, "zero.stage", job.zero.stage, (0, 1, 2, 3))
+    if job.zero.offload_params and job.zero.stage != 3:
+        p.append(f"zero.offload_params: parameter offload needs zero.stage=3, got "
+                 f"zero.stage={job.zero.stage}")
+    c = job.cluster
+    _choice(p, "cluster.backend", c.backend, schema.CLUSTER_BACKENDS)
+    for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+        _at_least(p, f"cluster.{key}", getattr(c, key), 1)
+    _at_least(p, "cluster.gpus_per_node", c.gpus_per_node, 0)
+    _choice(p, "eval.split", job.eval.split, schema.SPLITS)
+    _at_least(p, "eval.batch_size", job.eval.batch_size, 1)
+    return p
+
+
+def load_and_validate(job_file: str | Path | None, overrides: list[str] | None = None,
+                      job: str | None = None) -> JobConfig:
+    """``load_config`` + ``resolve`` + ``validate``; raises one ConfigError with every problem."""
+    job_cfg = resolve(load_config(job_file, overrides, job))
+    problems = validate(job_cfg)
+    if problems:
+        raise ConfigError(problems)
+    return job_cfg
+
+
+def dataclass_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a schema dataclass (for docs and tests)."""
+    keys: list[str] = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            keys += dataclass_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys

@@ -1,0 +1,217 @@
+"""The prepare job: raw corpus -> tokenized HDF5 shards + ``manifest.json``.
+
+Every rank reads and checks the raw files (cheap, and every rank then fails the
+same way on bad input), plans the same shard boundaries, and tokenizes and
+writes only the shards assigned to it (round robin). Rank 0 gathers the shard
+entries, writes the manifest and renames the staging directory into place, so
+the result is the same files, in the same order, whatever the number of ranks,
+and a killed prepare never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from scilm_hpc import __version__
+from scilm_hpc.data.encode import encode_examples
+from scilm_hpc.data.readers import Example, read_corpus
+from scilm_hpc.data.shards import (FORMAT_VERSION, MANIFEST, ShardInfo, file_sha256,
+                                   shard_entry, shard_name, write_manifest, write_shard)
+from scilm_hpc.errors import UserError
+from scilm_hpc.launch.dist import Communicator, communicator
+from scilm_hpc.model_source import load_tokenizer, tokenizer_fingerprint
+from scilm_hpc.schema import SPLITS, JobConfig
+
+
+def read_splits(job: JobConfig) -> dict[str, list[Example]]:
+    """Read the configured corpus files and apply the ratio split, in a fixed order."""
+    d = job.data
+    label_field = d.label_field if job.task == "classification" else None
+    splits: dict[str, list[Example]] = {}
+    for split in SPLITS:
+        path = getattr(d, split)
+        if path is not None:
+            splits[split] = read_corpus(path, d.format, text_field=d.text_field,
+                                        label_field=label_field, token_column=d.token_column,
+                                        tag_column=d.tag_column, csv_delimiter=d.csv_delimiter)
+    if "train" not in splits:
+        raise UserError("data.train: required for prepare: the training corpus file")
+    ratios = {"dev": d.split.dev_ratio, "test": d.split.test_ratio}
+    if any(ratios.values()):
+        train = splits["train"]
+        order = list(range(len(train)))
+        random.Random(d.split.seed).shuffle(order)
+        cut = 0
+        for split, ratio in ratios.items():
+            if ratio > 0:
+                count = max(1, round(ratio * len(train)))
+                splits[split] = [train[i] for i in sorted(order[cut:cut + count])]
+                cut += count
+        splits["train"] = [train[i] for i in sorted(order[cut:])]
+        if not splits["train"]:
+            raise UserError("data.split: the ratio split leaves no training example")
+    return splits
+
+
+def build_label_map(task: str, splits: dict[str, list[Example]]) -> list[str]:
+    """Sorted labels (or tags) of the training split; dev/test may not add new ones.
+
+    Raises:
+        UserError: naming file and line of a dev/test label absent from train.
+    """
+    if task == "causal_lm":
+        return []
+    train_labels: set[str] = set()
+    for ex in splits["train"]:
+        train_labels.update(ex.tags or () if task == "token_classification" else (ex.label,))
+    labels = sorted(label for label in train_labels if label is not None)
+    known = set(labels)
+    problems = []
+    for split in ("dev", "test"):
+        for ex in splits.get(split, []):
+            values = ex.tags or () if task == "token_classification" else (ex.label,)
+            unknown = [v for v in values if v not in known]
+            if unknown:
+                problems.append(f"{ex.source}: {split} label '{unknown[0]}' does not occur in "
+                                f"the training split (labels there: {', '.join(labels)})")
+                if len(problems) >= 10:
+                    break
+    if problems:
+        raise UserError(problems)
+    return labels
+
+
+def plan_shards(splits: dict[str, list[Example]], per_shard: int) -> list[tuple[str, int, int]]:
+    """(split, first example, end) of every shard, in manifest order."""
+    plan = []
+    for split, examples in splits.items():
+        for start in range(0, len(examples), per_shard):
+            plan.append((split, start, min(start + per_shard, len(examples))))
+    return plan
+
+
+class PrepareJob:
+    """Submitit-callable prepare job (runs as 1 rank, N MPI ranks or N local tasks)."""
+
+    def __init__(self, job: JobConfig) -> None:
+        self.job = job
+
+    def __call__(self) -> dict[str, Any]:
+        job = self.job
+        target = Path(job.data.shards).absolute()
+        comm = communicator(target.parent)
+        if comm.world_size > 1:
+            # One core per rank: the tokenizer's own thread pool would oversubscribe.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
+        splits = read_splits(job)
+        labels = build_label_map(job.task, splits)
+        label_ids = {name: i for i, name in enumerate(labels)}
+        plan = plan_shards(splits, job.data.examples_per_shard)
+
+        staging = None
+        if comm.rank == 0:
+            if (target / MANIFEST).exists() and not job.data.overwrite:
+                staging = UserError(f"data.shards: '{target}' already holds prepared shards; "
+                                    f"pass data.overwrite=true to replace them")
+            elif target.exists() and not (target / MANIFEST).exists() and \
+                    (not target.is_dir() or any(target.iterdir())):
+                staging = UserError(f"data.shards: '{target}' exists and is not a shard "
+                                    f"directory; choose a new or empty directory")
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+                staging.mkdir()
+        staging = comm.bcast(staging)
+        if isinstance(staging, UserError):
+            raise staging
+        try:
+            mine = [i for i in range(len(plan)) if i % comm.world_size == comm.rank]
+            written: dict[int, ShardInfo] = {}
+            started = time.perf_counter()
+            for index in tqdm(mine, desc=f"prepare rank {comm.rank}", unit="shard",
+                              disable=None if comm.rank == 0 else True):
+                split, lo, hi = plan[index]
+                ids, values = encode_examples(tokenizer, splits[split][lo:hi], job.task,
+                                              label_ids, job.data.max_length,
+                                              job.data.tokenize_batch_size)
+                shard_no = sum(1 for s, _, _ in plan[:index] if s == split)
+                written[index] = write_shard(staging, shard_name(split, shard_no), ids, values,
+                                             job.task, job.data.compression,
+                                             job.data.compression_level)
+            elapsed = time.perf_counter() - started
+            gathered = comm.gather((written, elapsed))
+            summary: dict[str, Any] = {}
+            if comm.rank == 0:
+                assert gathered is not None
+                infos: dict[int, ShardInfo] = {}
+                for part, _ in gathered:
+                    infos.update(part)
+                manifest = self._manifest(plan, infos, labels, tokenizer, comm)
+                write_manifest(staging, manifest)
+                self._publish(staging, target)
+                summary = {"shards": str(target), "ranks": comm.world_size,
+                           "rank_seconds": [e for _, e in gathered],
+                           "splits": {s: {k: v for k, v in m.items() if k != "shards"}
+                                      for s, m in manifest["splits"].items()}}
+            comm.close()
+            return summary
+        except BaseException:
+            if comm.rank == 0 and staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _manifest(self, plan: list[tuple[str, int, int]], infos: dict[int, ShardInfo],
+                  labels: list[str], tokenizer: Any, comm: Communicator) -> dict[str, Any]:
+        job = self.job
+        splits: dict[str, Any] = {}
+        for index, (split, _, _) in enumerate(plan):
+            entry = splits.setdefault(split, {"n_examples": 0, "n_tokens": 0, "shards": []})
+            info = infos[index]
+            entry["n_examples"] += info.n_examples
+            entry["n_tokens"] += info.n_tokens
+            entry["shards"].append(shard_entry(info))
+        sources = {}
+        for split in SPLITS:
+            path = getattr(job.data, split)
+            if path is not None:
+                sources[split] = {"path": str(Path(path).resolve()),
+                                  "sha256": file_sha256(Path(path))}
+        return {
+            "format_version": FORMAT_VERSION,
+            "scilm_version": __version__,
+            "task": job.task,
+            "labels": labels,
+            "max_length": job.data.max_length,
+            "tokenizer": {"name_or_path": job.model.name_or_path,
+                          "class": type(tokenizer).__name__,
+                          "fingerprint": tokenizer_fingerprint(tokenizer),
+                          "vocab_size": len(tokenizer)},
+            "sources": sources,
+            "data": {"format": job.data.format, "text_field": job.data.text_field,
+                     "label_field": job.data.label_field, "split": vars(job.data.split)},
+            "prepare": {"ranks": comm.world_size,
+                        "examples_per_shard": job.data.examples_per_shard,
+                        "compression": job.data.compression},
+            "splits": splits,
+        }
+
+    @staticmethod
+    def _publish(staging: Path, target: Path) -> None:
+        """Move the finished staging directory to ``target``, replacing an old one last."""
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

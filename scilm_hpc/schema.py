@@ -1,0 +1,179 @@
+"""The structured config schema: one dataclass per section of a job file.
+
+Every key a job file or an override may set is declared here, with its type
+and default; ``config.load_config`` merges YAML and ``key=value`` overrides
+onto these dataclasses so that a typo at any depth fails with its full key.
+Allowed value sets live beside the fields they constrain and are checked by
+``config.validate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+JOB_KINDS = ("prepare", "finetune", "compress", "evaluate")
+TASKS = ("classification", "token_classification", "causal_lm")
+DATA_FORMATS = ("jsonl", "csv", "conll", "text")
+SHARD_COMPRESSIONS = ("none", "gzip", "lzf")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("linear", "cosine", "constant")
+CLUSTER_BACKENDS = ("none", "local", "slurm")
+SPLITS = ("train", "dev", "test")
+
+#: Config groups: a top-level section that ``NAME=choice`` on the command line
+#: (or an entry ``NAME/choice`` in a job's ``defaults``) fills from ``configs/NAME/``.
+GROUPS = ("model", "data", "train", "zero", "cluster", "compress")
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives. ``dir`` holds config.yaml, logs, checkpoints, reports."""
+
+    dir: str = MISSING
+    name: str = "scilm"
+
+
+@dataclass
+class SplitConfig:
+    """Deterministic ratio split of ``data.train`` when no dev/test file is given."""
+
+    dev_ratio: float = 0.0
+    test_ratio: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Raw corpus, how to read it, and the HDF5 shards prepare writes."""
+
+    format: str = "jsonl"
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    # CoNLL: column index of the token and of the tag (negative counts from the end).
+    token_column: int = 0
+    tag_column: int = -1
+    csv_delimiter: str = ","
+    shards: str = "${run.dir}/shards"
+    max_length: int = 128
+    examples_per_shard: int = 4096
+    compression: str = "gzip"
+    compression_level: int = 4
+    tokenize_batch_size: int = 512
+    overwrite: bool = False
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The pretrained model: a local HF directory, a hub id, or ``minilm``."""
+
+    name_or_path: str = "minilm"
+    revision: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and checkpointing for finetune (and compression recovery)."""
+
+    epochs: int = 1
+    max_steps: int = -1
+    micro_batch_size: int = 16
+    gradient_accumulation: int = 1
+    global_batch_size: int | None = None
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    schedule: str = "linear"
+    clip_grad: float = 1.0
+    precision: str = "fp32"
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    length_bucketing: bool = True
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO: stage 0-3, CPU offload, an optional user JSON merged in."""
+
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config_file: str | None = None
+
+
+@dataclass
+class ClusterConfig:
+    """Where the job runs: in this process, local subprocesses, or Slurm."""
+
+    backend: str = "local"
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    extra_sbatch: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompressStep:
+    """One step of a compression recipe (prune, recover, quantize)."""
+
+    kind: str = MISSING
+    method: str | None = None
+    sparsity: float | None = None
+    scope: str | None = None
+    n: int | None = None
+    m: int | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    steps: int | None = None
+
+
+@dataclass
+class CompressConfig:
+    """A compression recipe: a name and its ordered steps."""
+
+    name: str = "none"
+    steps: list[CompressStep] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    """Which split to evaluate, batch size, and whether to keep predictions."""
+
+    split: str = "test"
+    batch_size: int = 64
+    predictions: bool = False
+
+
+@dataclass
+class JobConfig:
+    """A whole job file. ``job`` names the kind the file is meant for."""
+
+    job: str = "prepare"
+    task: str = "classification"
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Free-form notes a user may keep with the run (never read by job code).
+    notes: dict[str, Any] = field(default_factory=dict)
