@@ -1,0 +1,40 @@
+# Local targets do exactly what CI does (.ci/run = system packages + setup + lint + test).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps demo test test-unit lint format clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+setup: $(BIN)/python
+	# torch first, pinned to the local CPU build: an unpinned torch pulls GBs of CUDA wheels
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[dev,mpi]"
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+demo: setup
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh
+
+test: system-deps setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-unit:
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -m "not integration and not slurm and not gpu" $(PYTEST_ARGS)
+
+lint:
+	$(BIN)/ruff check scilm_hpc tests benchmarks
+	$(BIN)/ruff format --check scilm_hpc tests benchmarks
+	$(BIN)/mypy scilm_hpc
+
+format:
+	$(BIN)/ruff format scilm_hpc tests benchmarks
+	$(BIN)/ruff check --fix scilm_hpc tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
