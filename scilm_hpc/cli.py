@@ -33,7 +33,31 @@ def _prepare(job: JobConfig) -> Callable[[], Any]:
     return PrepareJob(job)
 
 
-JOB_FACTORIES: dict[str, Callable[[JobConfig], Callable[[], Any]]] = {"prepare": _prepare}
+def _finetune(job: JobConfig) -> Callable[[], Any]:
+    from scilm_hpc.train.loop import FinetuneJob
+
+    return FinetuneJob(job)
+
+
+JOB_FACTORIES: dict[str, Callable[[JobConfig], Callable[[], Any]]] = {
+    "prepare": _prepare, "finetune": _finetune}
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """``scilm resume RUN_DIR [key=value ...]``: run a finetune again from its latest checkpoint."""
+    from scilm_hpc.train.checkpoint import latest_tag
+
+    config = Path(args.run_dir) / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{args.run_dir}: no config.yaml; not a finetune run directory")
+    tag = latest_tag(args.run_dir)
+    if tag is None:
+        raise UserError(f"{args.run_dir}: no complete checkpoint to resume from "
+                        f"(checkpoints/latest is missing)")
+    print(f"resuming {args.run_dir} from {tag}", flush=True)
+    args.job_file, args.command, args.dry_run = config, "finetune", False
+    args.overrides = [*args.overrides, f"run.dir={args.run_dir}"]
+    return cmd_job(args)
 
 
 def cmd_job(args: argparse.Namespace) -> int:
@@ -81,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true",
                        help="print the resolved config and run nothing")
         p.set_defaults(func=cmd_job)
+    p = sub.add_parser("resume", help="resume a finetune run from its latest checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_resume)
     p = sub.add_parser("validate", help="check a job config (and with --data its shards)")
     p.add_argument("job_file")
     p.add_argument("overrides", nargs="*")
