@@ -274,7 +274,24 @@ def validate(job: JobConfig) -> list[str]:
     for key in ("lr", "weight_decay", "warmup_ratio", "clip_grad", "eval_every",
                 "checkpoint_every"):
         _at_least(p, f"train.{key}", getattr(t, key), 0)
+    if t.best_metric is not None and (not t.best_metric.startswith("dev_") or not t.eval_every):
+        p.append(f"train.best_metric: got {t.best_metric!r}; needs a dev metric name such as "
+                 f"dev_loss or dev_macro_f1, and train.eval_every > 0")
+    if t.early_stopping_patience and t.best_metric is None:
+        p.append("train.early_stopping_patience: needs train.best_metric (e.g. dev_loss)")
+    ranks = 1 if job.cluster.backend == "none" else job.cluster.nodes * job.cluster.tasks_per_node
+    if t.global_batch_size is not None and \
+            t.micro_batch_size * t.gradient_accumulation * ranks != t.global_batch_size:
+        p.append(f"train.global_batch_size: {t.global_batch_size} != train.micro_batch_size "
+                 f"({t.micro_batch_size}) x train.gradient_accumulation "
+                 f"({t.gradient_accumulation}) x ranks ({ranks}, cluster.nodes x "
+                 f"cluster.tasks_per_node); change one of them")
+    if t.precision == "fp16" and job.cluster.gpus_per_node == 0:
+        p.append("train.precision: fp16 needs GPUs (cluster.gpus_per_node > 0); on CPU use "
+                 "bf16 or fp32")
     _choice(p, "zero.stage", job.zero.stage, (0, 1, 2, 3))
+    if job.zero.config_file is not None and not Path(job.zero.config_file).is_file():
+        p.append(f"zero.config_file: '{job.zero.config_file}' does not exist")
     if job.zero.offload_params and job.zero.stage != 3:
         p.append(f"zero.offload_params: parameter offload needs zero.stage=3, got "
                  f"zero.stage={job.zero.stage}")

@@ -1,0 +1,2 @@
+"""Evaluation: metrics (classification, entity-level NER, perplexity), sharded evaluation
+over ranks, reports and plots."""

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine setup, the training loop, checkpoint save / resume, export."""

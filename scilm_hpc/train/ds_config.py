@@ -1,0 +1,96 @@
+"""The DeepSpeed configuration, generated from the schema (and a user JSON merged in).
+
+Stage, offload, precision, accumulation, clipping, AdamW and the warm-up /
+decay schedule all come from ``zero.*`` and ``train.*``; ``zero.config_file``
+may add or override any DeepSpeed key (merged recursively, the user's file wins).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from scilm_hpc.errors import UserError
+from scilm_hpc.schema import JobConfig
+
+SCHEDULERS = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR", "constant": "WarmupLR"}
+
+
+def world_size_of(job: JobConfig) -> int:
+    """Ranks the cluster section asks for."""
+    return 1 if job.cluster.backend == "none" else job.cluster.nodes * job.cluster.tasks_per_node
+
+
+def read_user_json(path: str) -> dict[str, Any]:
+    """A user's DeepSpeed JSON.
+
+    Raises:
+        UserError: if missing or not a JSON object.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"zero.config_file: '{path}' does not exist")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"zero.config_file: {path}:{exc.lineno}: not valid JSON ({exc.msg})"
+                        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"zero.config_file: {path} must hold a JSON object")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and \
+            isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(job: JobConfig, total_steps: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``job``.
+
+    Args:
+        job: the resolved job config.
+        total_steps: optimizer steps the schedule spans.
+        on_gpu: True with CUDA (fused optimizers); False on CPU ranks (torch AdamW).
+    """
+    t, z = job.train, job.zero
+    warmup = int(round(t.warmup_ratio * total_steps))
+    zero: dict[str, Any] = {"stage": z.stage}
+    if z.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if z.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    sched_params: dict[str, Any] = {"warmup_num_steps": warmup, "warmup_type": "linear",
+                                    "warmup_min_lr": 0.0, "warmup_max_lr": t.lr}
+    if t.schedule == "linear":
+        sched_params["total_num_steps"] = max(total_steps, warmup + 1)
+    elif t.schedule == "cosine":
+        sched_params = {"total_num_steps": max(total_steps, warmup + 1),
+                        "warmup_num_steps": warmup, "warmup_type": "linear",
+                        "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation,
+        "gradient_clipping": t.clip_grad,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay,
+            # on CPU ranks DeepSpeed's fused Adam does not exist; CPU offload uses its CPU Adam
+            "torch_adam": not on_gpu and not z.offload_optimizer}},
+        "scheduler": {"type": SCHEDULERS[t.schedule], "params": sched_params},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.global_batch_size is not None:
+        config["train_batch_size"] = t.global_batch_size
+    if z.config_file:
+        config = _merge(config, read_user_json(z.config_file))
+    return config

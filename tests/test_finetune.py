@@ -1,0 +1,155 @@
+"""finetune: real DeepSpeed on CPU ranks (gloo), exact resume, atomic checkpoints, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scilm_hpc.train.checkpoint import consolidated_weights, latest_tag, read_state
+
+from .conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+SCILM = str(Path(sys.executable).with_name("scilm"))
+FINETUNE = str(REPO / "jobs" / "finetune.yaml")
+
+
+def scilm_run(*args: str, fault: str | None = None, timeout: int = 300
+              ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("SCILM_FAULT", None)
+    if fault:
+        env["SCILM_FAULT"] = fault
+    return subprocess.run([SCILM, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """Demo-corpus shards made with the tiny model's tokenizer (once per module)."""
+    from scilm_hpc.data.demo_corpus import write_demo_corpus
+
+    root = tmp_path_factory.mktemp("ft-data")
+    corpus = write_demo_corpus(root / "corpus", train=96, dev=30, test=10)
+    done = scilm_run("prepare", str(REPO / "jobs/prepare.yaml"), "cluster=none",
+                     f"run.dir={root}", f"data.train={corpus['train']}",
+                     f"data.dev={corpus['dev']}", f"model.name_or_path={tiny_model_dir}")
+    assert done.returncode == 0, done.stderr
+    return root / "shards"
+
+
+def finetune(run_dir: Path, shards: Path, model: Path, *overrides: str, ranks: int = 2,
+             fault: str | None = None) -> subprocess.CompletedProcess:
+    return scilm_run("finetune", FINETUNE, f"run.dir={run_dir}", f"data.shards={shards}",
+                     f"model.name_or_path={model}", "cluster=local",
+                     f"cluster.tasks_per_node={ranks}", "train.micro_batch_size=4",
+                     "train.log_every=1", "train.seed=7", *overrides, fault=fault)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def export_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "export" / "model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_after_kill_is_exact(tmp_path, shards, tiny_model_dir, stage):
+    common = (f"zero.stage={stage}", "train.gradient_accumulation=2", "train.max_steps=6",
+              "train.checkpoint_every=2", "train.eval_every=0")
+    straight = finetune(tmp_path / "straight", shards, tiny_model_dir, *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = finetune(tmp_path / "killed", shards, tiny_model_dir, *common,
+                      fault="kill_after_checkpoint:4")
+    assert killed.returncode != 0
+    assert latest_tag(tmp_path / "killed") == "step_4"
+    assert not (tmp_path / "killed" / "export").exists()
+    resumed = scilm_run("resume", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+
+    reference = losses(tmp_path / "straight")
+    assert [s for s, _ in reference] == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path / "killed") == reference  # same loss sequence, bit for bit
+    assert_same_weights(export_weights(tmp_path / "killed"), export_weights(tmp_path / "straight"))
+    # the data position was restored, not restarted: the step-6 checkpoint is 6 steps in
+    state = read_state(tmp_path / "killed", "step_6")
+    assert state["position"] == {"epoch": 0, "samples_in_epoch": 6 * 4 * 2 * 2}
+
+
+def test_kill_mid_checkpoint_resumes_from_previous(tmp_path, shards, tiny_model_dir):
+    common = ("zero.stage=2", "train.max_steps=5", "train.checkpoint_every=2")
+    straight = finetune(tmp_path / "straight", shards, tiny_model_dir, *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = finetune(tmp_path / "killed", shards, tiny_model_dir, *common,
+                      fault="kill_in_checkpoint:4")
+    assert killed.returncode != 0
+    # DeepSpeed wrote step_4, but the job died before it was complete: latest stays step_2
+    assert (tmp_path / "killed" / "checkpoints" / "step_4").is_dir()
+    assert latest_tag(tmp_path / "killed") == "step_2"
+    resumed = scilm_run("resume", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from step_2" in resumed.stdout
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert_same_weights(export_weights(tmp_path / "killed"), export_weights(tmp_path / "straight"))
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_export_equals_engine_weights(tmp_path, shards, tiny_model_dir, stage):
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    run = tmp_path / "run"
+    done = finetune(run, shards, tiny_model_dir, f"zero.stage={stage}", "train.max_steps=3",
+                    "train.lr=1e-3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = export_weights(run)
+    engine = consolidated_weights(run, "step_3", stage)
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    for key, tensor in exported.items():
+        assert tensor.numel() > 0 and tensor.dtype == torch.float32, key
+        torch.testing.assert_close(tensor, engine[key].float(), rtol=0, atol=0, msg=key)
+    trained = [k for k in initial if k in exported and k.startswith("bert.encoder")]
+    assert trained and all(not torch.equal(initial[k], exported[k]) for k in trained)
+    model = AutoModelForSequenceClassification.from_pretrained(run / "export")
+    assert model.config.id2label == {0: "background", 1: "method", 2: "result"}
+    classify = pipeline("text-classification", model=str(run / "export"), device="cpu")
+    assert classify("We followed the protocol of Smith et al.")[0]["label"] in \
+        {"background", "method", "result"}
+    assert (run / "plots" / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(tmp_path, shards, tiny_model_dir, first, second):
+    run = tmp_path / "run"
+    common = ("zero.stage=2", "train.max_steps=6", "train.checkpoint_every=3")
+    killed = finetune(run, shards, tiny_model_dir, *common, ranks=first,
+                      fault="kill_after_checkpoint:3")
+    assert killed.returncode != 0 and latest_tag(run) == "step_3"
+    resumed = scilm_run("resume", str(run), f"cluster.tasks_per_node={second}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.err"))
+    assert f"saved on {first} rank(s) on {second}" in logs
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+    state = read_state(run, "step_6")
+    assert state["world_size"] == second
+    # 3 steps on `first` ranks, then 3 on `second`: no example replayed or skipped
+    assert state["position"]["samples_in_epoch"] == 3 * 4 * first + 3 * 4 * second
+    consolidated = consolidated_weights(run, "step_3", 2)
+    assert not torch.equal(consolidated["classifier.weight"],
+                           export_weights(run)["classifier.weight"])
