@@ -59,6 +59,9 @@ def deepspeed_config(job: JobConfig, total_steps: int, on_gpu: bool) -> dict[str
     """
     t, z = job.train, job.zero
     warmup = int(round(t.warmup_ratio * total_steps))
+    # DeepSpeed needs >= 1 warm-up step; with no warm-up, "warm up" from lr to lr.
+    start_ratio = 0.0 if warmup else 1.0
+    warmup = max(warmup, 1)
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -67,13 +70,13 @@ def deepspeed_config(job: JobConfig, total_steps: int, on_gpu: bool) -> dict[str
     if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     sched_params: dict[str, Any] = {"warmup_num_steps": warmup, "warmup_type": "linear",
-                                    "warmup_min_lr": 0.0, "warmup_max_lr": t.lr}
+                                    "warmup_min_lr": start_ratio * t.lr, "warmup_max_lr": t.lr}
     if t.schedule == "linear":
         sched_params["total_num_steps"] = max(total_steps, warmup + 1)
     elif t.schedule == "cosine":
         sched_params = {"total_num_steps": max(total_steps, warmup + 1),
                         "warmup_num_steps": warmup, "warmup_type": "linear",
-                        "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0}
+                        "warmup_min_ratio": start_ratio, "cos_min_ratio": 0.0}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation,
