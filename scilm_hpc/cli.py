@@ -40,7 +40,9 @@ def _finetune(job: JobConfig) -> Callable[[], Any]:
 
 
 JOB_FACTORIES: dict[str, Callable[[JobConfig], Callable[[], Any]]] = {
-    "prepare": _prepare, "finetune": _finetune}
+    "prepare": _prepare,
+    "finetune": _finetune,
+}
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -52,8 +54,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise UserError(f"{args.run_dir}: no config.yaml; not a finetune run directory")
     tag = latest_tag(args.run_dir)
     if tag is None:
-        raise UserError(f"{args.run_dir}: no complete checkpoint to resume from "
-                        f"(checkpoints/latest is missing)")
+        raise UserError(
+            f"{args.run_dir}: no complete checkpoint to resume from (checkpoints/latest is missing)"
+        )
     print(f"resuming {args.run_dir} from {tag}", flush=True)
     args.job_file, args.command, args.dry_run = config, "finetune", False
     args.overrides = [*args.overrides, f"run.dir={args.run_dir}"]
@@ -89,8 +92,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             dataset = ShardDataset(job.data.shards, split)
             dataset.check_tokenizer(tokenizer, job.model.name_or_path)
             dataset.verify_checksums()
-            print(f"{job.data.shards}: {split}: {len(dataset)} examples, {dataset.n_tokens} "
-                  f"tokens in {len(dataset.shards)} shard(s), checksums match")
+            print(
+                f"{job.data.shards}: {split}: {len(dataset)} examples, {dataset.n_tokens} "
+                f"tokens in {len(dataset.shards)} shard(s), checksums match"
+            )
     return 0
 
 
@@ -102,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} job")
         p.add_argument("job_file", help="job YAML (see jobs/)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
-        p.add_argument("--dry-run", action="store_true",
-                       help="print the resolved config and run nothing")
+        p.add_argument(
+            "--dry-run", action="store_true", help="print the resolved config and run nothing"
+        )
         p.set_defaults(func=cmd_job)
     p = sub.add_parser("resume", help="resume a finetune run from its latest checkpoint")
     p.add_argument("run_dir")
@@ -112,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a job config (and with --data its shards)")
     p.add_argument("job_file")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--data", action="store_true",
-                   help="also verify data.shards: checksums and tokenizer fingerprint")
+    p.add_argument(
+        "--data",
+        action="store_true",
+        help="also verify data.shards: checksums and tokenizer fingerprint",
+    )
     p.set_defaults(func=cmd_validate)
     return parser
 

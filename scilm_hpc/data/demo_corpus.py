@@ -14,12 +14,33 @@ import json
 import random
 from pathlib import Path
 
-TOPICS = ["protein folding", "gene expression", "graph neural networks", "dark matter halos",
-          "soil microbiomes", "tumour suppressor genes", "transformer language models",
-          "coral bleaching", "battery cathodes", "sepsis outcomes", "quantum error correction",
-          "malaria transmission", "galaxy mergers", "drug repurposing", "ice sheet dynamics"]
-AUTHORS = ["Smith et al.", "Chen and Lee", "Garcia et al.", "Okafor et al.", "Müller",
-           "Tanaka et al.", "Ivanova and Park", "Dubois et al."]
+TOPICS = [
+    "protein folding",
+    "gene expression",
+    "graph neural networks",
+    "dark matter halos",
+    "soil microbiomes",
+    "tumour suppressor genes",
+    "transformer language models",
+    "coral bleaching",
+    "battery cathodes",
+    "sepsis outcomes",
+    "quantum error correction",
+    "malaria transmission",
+    "galaxy mergers",
+    "drug repurposing",
+    "ice sheet dynamics",
+]
+AUTHORS = [
+    "Smith et al.",
+    "Chen and Lee",
+    "Garcia et al.",
+    "Okafor et al.",
+    "Müller",
+    "Tanaka et al.",
+    "Ivanova and Park",
+    "Dubois et al.",
+]
 TEMPLATES = {
     "background": [
         "{topic} has been studied extensively in recent years ({author}, {year}).",
@@ -53,15 +74,20 @@ def make_examples(count: int, rng: random.Random) -> list[dict[str, str]]:
         label = labels[i % len(labels)]
         topic, topic2 = rng.sample(TOPICS, 2)
         text = rng.choice(TEMPLATES[label]).format(
-            topic=topic, topic2=topic2, author=rng.choice(AUTHORS), year=rng.randint(1985, 2025),
-            n=rng.randint(1, 60))
+            topic=topic,
+            topic2=topic2,
+            author=rng.choice(AUTHORS),
+            year=rng.randint(1985, 2025),
+            n=rng.randint(1, 60),
+        )
         rows.append({"text": text[0].upper() + text[1:], "label": label})
     rng.shuffle(rows)
     return rows
 
 
-def write_demo_corpus(out_dir: str | Path, train: int = 600, dev: int = 120, test: int = 120,
-                      seed: int = 0) -> dict[str, Path]:
+def write_demo_corpus(
+    out_dir: str | Path, train: int = 600, dev: int = 120, test: int = 120, seed: int = 0
+) -> dict[str, Path]:
     """Write ``train.jsonl``, ``dev.jsonl`` and ``test.jsonl`` under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,8 +110,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    for split, path in write_demo_corpus(args.out_dir, args.train, args.dev, args.test,
-                                         args.seed).items():
+    for split, path in write_demo_corpus(
+        args.out_dir, args.train, args.dev, args.test, args.seed
+    ).items():
         print(f"{split}: {path}")
 
 

@@ -19,17 +19,28 @@ IGNORE_INDEX = -100
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[np.ndarray]:
     """Token ids (int32) of each text, truncated to ``max_length``, with special tokens."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length,
-                    return_attention_mask=False, return_token_type_ids=False)
+    enc = tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
     return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
 
 
-def encode_words(tokenizer: Any, words: Sequence[Sequence[str]], tags: Sequence[Sequence[int]],
-                 max_length: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def encode_words(
+    tokenizer: Any, words: Sequence[Sequence[str]], tags: Sequence[Sequence[int]], max_length: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Token ids and per-token tag ids for pre-split words (first sub-word tagged)."""
-    enc = tokenizer([list(w) for w in words], is_split_into_words=True, truncation=True,
-                    max_length=max_length, return_attention_mask=False,
-                    return_token_type_ids=False)
+    enc = tokenizer(
+        [list(w) for w in words],
+        is_split_into_words=True,
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
     ids_out: list[np.ndarray] = []
     tags_out: list[np.ndarray] = []
     for i, ids in enumerate(enc["input_ids"]):
@@ -44,9 +55,14 @@ def encode_words(tokenizer: Any, words: Sequence[Sequence[str]], tags: Sequence[
     return ids_out, tags_out
 
 
-def encode_examples(tokenizer: Any, examples: Sequence[Example], task: str,
-                    label_ids: dict[str, int], max_length: int, batch_size: int
-                    ) -> tuple[list[np.ndarray], list[Any]]:
+def encode_examples(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    task: str,
+    label_ids: dict[str, int],
+    max_length: int,
+    batch_size: int,
+) -> tuple[list[np.ndarray], list[Any]]:
     """Encode examples in batches; returns token ids and labels (per example or per token).
 
     For ``classification`` the labels are ints, for ``token_classification``
@@ -55,11 +71,12 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], task: str,
     ids: list[np.ndarray] = []
     labels: list[Any] = []
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
+        batch = examples[start : start + batch_size]
         if task == "token_classification":
             tag_ids = [[label_ids[t] for t in ex.tags or ()] for ex in batch]
-            batch_ids, batch_tags = encode_words(tokenizer, [ex.words or () for ex in batch],
-                                                 tag_ids, max_length)
+            batch_ids, batch_tags = encode_words(
+                tokenizer, [ex.words or () for ex in batch], tag_ids, max_length
+            )
             ids += batch_ids
             labels += batch_tags
         else:

@@ -23,8 +23,16 @@ from tqdm import tqdm
 from scilm_hpc import __version__
 from scilm_hpc.data.encode import encode_examples
 from scilm_hpc.data.readers import Example, read_corpus
-from scilm_hpc.data.shards import (FORMAT_VERSION, MANIFEST, ShardInfo, file_sha256,
-                                   shard_entry, shard_name, write_manifest, write_shard)
+from scilm_hpc.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    ShardInfo,
+    file_sha256,
+    shard_entry,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 from scilm_hpc.errors import UserError
 from scilm_hpc.launch.dist import Communicator, communicator
 from scilm_hpc.model_source import load_tokenizer, tokenizer_fingerprint
@@ -39,9 +47,15 @@ def read_splits(job: JobConfig) -> dict[str, list[Example]]:
     for split in SPLITS:
         path = getattr(d, split)
         if path is not None:
-            splits[split] = read_corpus(path, d.format, text_field=d.text_field,
-                                        label_field=label_field, token_column=d.token_column,
-                                        tag_column=d.tag_column, csv_delimiter=d.csv_delimiter)
+            splits[split] = read_corpus(
+                path,
+                d.format,
+                text_field=d.text_field,
+                label_field=label_field,
+                token_column=d.token_column,
+                tag_column=d.tag_column,
+                csv_delimiter=d.csv_delimiter,
+            )
     if "train" not in splits:
         raise UserError("data.train: required for prepare: the training corpus file")
     ratios = {"dev": d.split.dev_ratio, "test": d.split.test_ratio}
@@ -53,12 +67,18 @@ def read_splits(job: JobConfig) -> dict[str, list[Example]]:
         for split, ratio in ratios.items():
             if ratio > 0:
                 count = max(1, round(ratio * len(train)))
-                splits[split] = [train[i] for i in sorted(order[cut:cut + count])]
+                splits[split] = [train[i] for i in sorted(order[cut : cut + count])]
                 cut += count
         splits["train"] = [train[i] for i in sorted(order[cut:])]
         if not splits["train"]:
             raise UserError("data.split: the ratio split leaves no training example")
     return splits
+
+
+def _labels_of(example: Example, task: str) -> tuple[str, ...]:
+    if task == "token_classification":
+        return example.tags or ()
+    return (example.label,) if example.label is not None else ()
 
 
 def build_label_map(task: str, splits: dict[str, list[Example]]) -> list[str]:
@@ -71,17 +91,18 @@ def build_label_map(task: str, splits: dict[str, list[Example]]) -> list[str]:
         return []
     train_labels: set[str] = set()
     for ex in splits["train"]:
-        train_labels.update(ex.tags or () if task == "token_classification" else (ex.label,))
-    labels = sorted(label for label in train_labels if label is not None)
+        train_labels.update(_labels_of(ex, task))
+    labels = sorted(train_labels)
     known = set(labels)
     problems = []
     for split in ("dev", "test"):
         for ex in splits.get(split, []):
-            values = ex.tags or () if task == "token_classification" else (ex.label,)
-            unknown = [v for v in values if v not in known]
+            unknown = [v for v in _labels_of(ex, task) if v not in known]
             if unknown:
-                problems.append(f"{ex.source}: {split} label '{unknown[0]}' does not occur in "
-                                f"the training split (labels there: {', '.join(labels)})")
+                problems.append(
+                    f"{ex.source}: {split} label '{unknown[0]}' does not occur in "
+                    f"the training split (labels there: {', '.join(labels)})"
+                )
                 if len(problems) >= 10:
                     break
     if problems:
@@ -118,36 +139,59 @@ class PrepareJob:
         label_ids = {name: i for i, name in enumerate(labels)}
         plan = plan_shards(splits, job.data.examples_per_shard)
 
-        staging = None
+        decided: Path | UserError | None = None
         if comm.rank == 0:
             if (target / MANIFEST).exists() and not job.data.overwrite:
-                staging = UserError(f"data.shards: '{target}' already holds prepared shards; "
-                                    f"pass data.overwrite=true to replace them")
-            elif target.exists() and not (target / MANIFEST).exists() and \
-                    (not target.is_dir() or any(target.iterdir())):
-                staging = UserError(f"data.shards: '{target}' exists and is not a shard "
-                                    f"directory; choose a new or empty directory")
+                decided = UserError(
+                    f"data.shards: '{target}' already holds prepared shards; "
+                    f"pass data.overwrite=true to replace them"
+                )
+            elif (
+                target.exists()
+                and not (target / MANIFEST).exists()
+                and (not target.is_dir() or any(target.iterdir()))
+            ):
+                decided = UserError(
+                    f"data.shards: '{target}' exists and is not a shard "
+                    f"directory; choose a new or empty directory"
+                )
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-                staging.mkdir()
-        staging = comm.bcast(staging)
-        if isinstance(staging, UserError):
-            raise staging
+                decided = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+                decided.mkdir()
+        shared = comm.bcast(decided)
+        if isinstance(shared, UserError):
+            raise shared
+        staging: Path = shared
         try:
             mine = [i for i in range(len(plan)) if i % comm.world_size == comm.rank]
             written: dict[int, ShardInfo] = {}
             started = time.perf_counter()
-            for index in tqdm(mine, desc=f"prepare rank {comm.rank}", unit="shard",
-                              disable=None if comm.rank == 0 else True):
+            for index in tqdm(
+                mine,
+                desc=f"prepare rank {comm.rank}",
+                unit="shard",
+                disable=None if comm.rank == 0 else True,
+            ):
                 split, lo, hi = plan[index]
-                ids, values = encode_examples(tokenizer, splits[split][lo:hi], job.task,
-                                              label_ids, job.data.max_length,
-                                              job.data.tokenize_batch_size)
+                ids, values = encode_examples(
+                    tokenizer,
+                    splits[split][lo:hi],
+                    job.task,
+                    label_ids,
+                    job.data.max_length,
+                    job.data.tokenize_batch_size,
+                )
                 shard_no = sum(1 for s, _, _ in plan[:index] if s == split)
-                written[index] = write_shard(staging, shard_name(split, shard_no), ids, values,
-                                             job.task, job.data.compression,
-                                             job.data.compression_level)
+                written[index] = write_shard(
+                    staging,
+                    shard_name(split, shard_no),
+                    ids,
+                    values,
+                    job.task,
+                    job.data.compression,
+                    job.data.compression_level,
+                )
             elapsed = time.perf_counter() - started
             gathered = comm.gather((written, elapsed))
             summary: dict[str, Any] = {}
@@ -159,10 +203,15 @@ class PrepareJob:
                 manifest = self._manifest(plan, infos, labels, tokenizer, comm)
                 write_manifest(staging, manifest)
                 self._publish(staging, target)
-                summary = {"shards": str(target), "ranks": comm.world_size,
-                           "rank_seconds": [e for _, e in gathered],
-                           "splits": {s: {k: v for k, v in m.items() if k != "shards"}
-                                      for s, m in manifest["splits"].items()}}
+                summary = {
+                    "shards": str(target),
+                    "ranks": comm.world_size,
+                    "rank_seconds": [e for _, e in gathered],
+                    "splits": {
+                        s: {k: v for k, v in m.items() if k != "shards"}
+                        for s, m in manifest["splits"].items()
+                    },
+                }
             comm.close()
             return summary
         except BaseException:
@@ -170,8 +219,14 @@ class PrepareJob:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def _manifest(self, plan: list[tuple[str, int, int]], infos: dict[int, ShardInfo],
-                  labels: list[str], tokenizer: Any, comm: Communicator) -> dict[str, Any]:
+    def _manifest(
+        self,
+        plan: list[tuple[str, int, int]],
+        infos: dict[int, ShardInfo],
+        labels: list[str],
+        tokenizer: Any,
+        comm: Communicator,
+    ) -> dict[str, Any]:
         job = self.job
         splits: dict[str, Any] = {}
         for index, (split, _, _) in enumerate(plan):
@@ -184,24 +239,34 @@ class PrepareJob:
         for split in SPLITS:
             path = getattr(job.data, split)
             if path is not None:
-                sources[split] = {"path": str(Path(path).resolve()),
-                                  "sha256": file_sha256(Path(path))}
+                sources[split] = {
+                    "path": str(Path(path).resolve()),
+                    "sha256": file_sha256(Path(path)),
+                }
         return {
             "format_version": FORMAT_VERSION,
             "scilm_version": __version__,
             "task": job.task,
             "labels": labels,
             "max_length": job.data.max_length,
-            "tokenizer": {"name_or_path": job.model.name_or_path,
-                          "class": type(tokenizer).__name__,
-                          "fingerprint": tokenizer_fingerprint(tokenizer),
-                          "vocab_size": len(tokenizer)},
+            "tokenizer": {
+                "name_or_path": job.model.name_or_path,
+                "class": type(tokenizer).__name__,
+                "fingerprint": tokenizer_fingerprint(tokenizer),
+                "vocab_size": len(tokenizer),
+            },
             "sources": sources,
-            "data": {"format": job.data.format, "text_field": job.data.text_field,
-                     "label_field": job.data.label_field, "split": vars(job.data.split)},
-            "prepare": {"ranks": comm.world_size,
-                        "examples_per_shard": job.data.examples_per_shard,
-                        "compression": job.data.compression},
+            "data": {
+                "format": job.data.format,
+                "text_field": job.data.text_field,
+                "label_field": job.data.label_field,
+                "split": vars(job.data.split),
+            },
+            "prepare": {
+                "ranks": comm.world_size,
+                "examples_per_shard": job.data.examples_per_shard,
+                "compression": job.data.compression,
+            },
             "splits": splits,
         }
 

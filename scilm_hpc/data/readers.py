@@ -50,8 +50,11 @@ class _Problems:
 
     def raise_if_any(self) -> None:
         if self.lines:
-            extra = [f"{self.path}: stopped after {MAX_REPORTED} problems"] \
-                if len(self.lines) >= MAX_REPORTED else []
+            extra = (
+                [f"{self.path}: stopped after {MAX_REPORTED} problems"]
+                if len(self.lines) >= MAX_REPORTED
+                else []
+            )
             raise UserError(self.lines + extra)
 
 
@@ -66,8 +69,11 @@ def _decode_lines(path: Path, problems: _Problems) -> list[tuple[int, str]]:
         try:
             out.append((number, line.decode("utf-8").rstrip("\r")))
         except UnicodeDecodeError as exc:
-            problems.add(number, f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at column "
-                                 f"{exc.start + 1}); re-encode the file as UTF-8")
+            problems.add(
+                number,
+                f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at column "
+                f"{exc.start + 1}); re-encode the file as UTF-8",
+            )
     return out
 
 
@@ -94,63 +100,87 @@ def read_jsonl(path: Path, text_field: str, label_field: str | None) -> list[Exa
         if not isinstance(row, dict):
             problems.add(number, f"expected a JSON object, got {type(row).__name__}")
             continue
-        examples.extend(_row_example(row, f"{path}:{number}", number, text_field, label_field,
-                                     problems))
+        examples.extend(
+            _row_example(row, f"{path}:{number}", number, text_field, label_field, problems)
+        )
     problems.raise_if_any()
     return examples
 
 
-def _row_example(row: dict, source: str, number: int, text_field: str, label_field: str | None,
-                 problems: _Problems) -> list[Example]:
+def _row_example(
+    row: dict,
+    source: str,
+    number: int,
+    text_field: str,
+    label_field: str | None,
+    problems: _Problems,
+) -> list[Example]:
     present = ", ".join(map(str, row)) or "none"
     text = row.get(text_field)
     if text is None:
-        problems.add(number, f"missing text field '{text_field}' (data.text_field); "
-                             f"fields present: {present}")
+        problems.add(
+            number,
+            f"missing text field '{text_field}' (data.text_field); fields present: {present}",
+        )
         return []
     if not isinstance(text, str):
-        problems.add(number, f"text field '{text_field}' must be a string, got "
-                             f"{type(text).__name__}")
+        problems.add(
+            number, f"text field '{text_field}' must be a string, got {type(text).__name__}"
+        )
         return []
     if label_field is None:
         return [Example(source=source, text=text)]
     label = _label_text(row.get(label_field))
     if label is None or label == "":
         what = "missing" if row.get(label_field) in (None, "") else "not a string or integer:"
-        problems.add(number, f"label field '{label_field}' (data.label_field) {what} "
-                             f"{'' if what == 'missing' else repr(row.get(label_field))}".rstrip()
-                     + f"; fields present: {present}")
+        problems.add(
+            number,
+            f"label field '{label_field}' (data.label_field) {what} "
+            f"{'' if what == 'missing' else repr(row.get(label_field))}".rstrip()
+            + f"; fields present: {present}",
+        )
         return []
     return [Example(source=source, text=text, label=label)]
 
 
-def read_csv(path: Path, text_field: str, label_field: str | None,
-             delimiter: str = ",") -> list[Example]:
+def read_csv(
+    path: Path, text_field: str, label_field: str | None, delimiter: str = ","
+) -> list[Example]:
     """A CSV file with a header row naming the text and label columns."""
     problems = _Problems(path)
     lines = _decode_lines(path, problems)
     problems.raise_if_any()
-    reader = csv.DictReader(io.StringIO("\n".join(text for _, text in lines)),
-                            delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter)
     header = reader.fieldnames or []
     for field_name, key in ((text_field, "data.text_field"), (label_field, "data.label_field")):
         if field_name is not None and field_name not in header:
-            problems.add(1, f"no column '{field_name}' ({key}) in the header; columns: "
-                            f"{', '.join(header) or 'none'}")
+            problems.add(
+                1,
+                f"no column '{field_name}' ({key}) in the header; columns: "
+                f"{', '.join(header) or 'none'}",
+            )
     problems.raise_if_any()
     examples: list[Example] = []
     try:
         for row in reader:
             number = reader.line_num
             if None in row:
-                problems.add(number, f"{len(header) + len(row[None])} columns, the header has "
-                                     f"{len(header)}")
+                problems.add(
+                    number, f"{len(header) + len(row[None])} columns, the header has {len(header)}"
+                )
                 continue
             if not any((v or "").strip() for v in row.values()):
                 continue
-            examples.extend(_row_example({k: v for k, v in row.items() if v is not None},
-                                         f"{path}:{number}", number, text_field, label_field,
-                                         problems))
+            examples.extend(
+                _row_example(
+                    {k: v for k, v in row.items() if v is not None},
+                    f"{path}:{number}",
+                    number,
+                    text_field,
+                    label_field,
+                    problems,
+                )
+            )
     except csv.Error as exc:
         problems.add(reader.line_num, f"malformed CSV ({exc})")
     problems.raise_if_any()
@@ -166,13 +196,17 @@ def read_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> list[
     tags: list[str] = []
     start = 0
     columns_seen: int | None = None
-    need = max(token_column if token_column >= 0 else -token_column - 1,
-               tag_column if tag_column >= 0 else -tag_column - 1) + 1
+    need = (
+        max(
+            token_column if token_column >= 0 else -token_column - 1,
+            tag_column if tag_column >= 0 else -tag_column - 1,
+        )
+        + 1
+    )
 
     def flush() -> None:
         if words:
-            examples.append(Example(source=f"{path}:{start}", words=tuple(words),
-                                    tags=tuple(tags)))
+            examples.append(Example(source=f"{path}:{start}", words=tuple(words), tags=tuple(tags)))
         words.clear()
         tags.clear()
 
@@ -185,9 +219,12 @@ def read_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> list[
             flush()
             continue
         if len(cols) < max(need, 2):
-            problems.add(number, f"expected at least {max(need, 2)} columns (token and tag, "
-                                 f"data.token_column={token_column}, data.tag_column="
-                                 f"{tag_column}), got {len(cols)}: {line[:60]!r}")
+            problems.add(
+                number,
+                f"expected at least {max(need, 2)} columns (token and tag, "
+                f"data.token_column={token_column}, data.tag_column="
+                f"{tag_column}), got {len(cols)}: {line[:60]!r}",
+            )
             continue
         if columns_seen is not None and len(cols) != columns_seen:
             problems.add(number, f"{len(cols)} columns where earlier lines have {columns_seen}")
@@ -209,15 +246,25 @@ def read_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> list[
 def read_text(path: Path) -> list[Example]:
     """Plain text, one document a line; blank lines are skipped."""
     problems = _Problems(path)
-    examples = [Example(source=f"{path}:{number}", text=line)
-                for number, line in _decode_lines(path, problems) if line.strip()]
+    examples = [
+        Example(source=f"{path}:{number}", text=line)
+        for number, line in _decode_lines(path, problems)
+        if line.strip()
+    ]
     problems.raise_if_any()
     return examples
 
 
-def read_corpus(path: str | Path, fmt: str, *, text_field: str = "text",
-                label_field: str | None = "label", token_column: int = 0,
-                tag_column: int = -1, csv_delimiter: str = ",") -> list[Example]:
+def read_corpus(
+    path: str | Path,
+    fmt: str,
+    *,
+    text_field: str = "text",
+    label_field: str | None = "label",
+    token_column: int = 0,
+    tag_column: int = -1,
+    csv_delimiter: str = ",",
+) -> list[Example]:
     """Read one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``, ``text``).
 
     Raises:

@@ -31,8 +31,14 @@ class SamplerPosition:
     samples_in_epoch: int = 0
 
 
-def epoch_order(lengths: np.ndarray, seed: int, epoch: int, micro_batch_size: int,
-                bucketing: bool, chunk_size: int = 2048) -> np.ndarray:
+def epoch_order(
+    lengths: np.ndarray,
+    seed: int,
+    epoch: int,
+    micro_batch_size: int,
+    bucketing: bool,
+    chunk_size: int = 2048,
+) -> np.ndarray:
     """The flat example order of one epoch (see module docstring)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
@@ -40,9 +46,9 @@ def epoch_order(lengths: np.ndarray, seed: int, epoch: int, micro_batch_size: in
         return order
     pieces = []
     for start in range(0, len(order), chunk_size):
-        chunk = order[start:start + chunk_size]
+        chunk = order[start : start + chunk_size]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        blocks = [chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
+        blocks = [chunk[i : i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
         for b in rng.permutation(len(blocks)):
             pieces.append(blocks[b])
     return np.concatenate(pieces) if pieces else order
@@ -59,8 +65,16 @@ class ResumableBatches:
         seed: data-order seed; bucketing: length-bucketed batches.
     """
 
-    def __init__(self, lengths: np.ndarray, micro_batch_size: int, gradient_accumulation: int,
-                 world_size: int, rank: int, seed: int, bucketing: bool) -> None:
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        micro_batch_size: int,
+        gradient_accumulation: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        bucketing: bool,
+    ) -> None:
         self.lengths = lengths
         self.micro = micro_batch_size
         self.accum = gradient_accumulation
@@ -79,8 +93,9 @@ class ResumableBatches:
         """Full optimizer steps in an epoch (the rest of the epoch is dropped)."""
         return len(self.lengths) // self.samples_per_step
 
-    def step_batches(self, position: SamplerPosition) -> Iterator[tuple[SamplerPosition,
-                                                                         list[np.ndarray]]]:
+    def step_batches(
+        self, position: SamplerPosition
+    ) -> Iterator[tuple[SamplerPosition, list[np.ndarray]]]:
         """Yield (position after the step, this rank's micro-batches) for each step,
         starting at ``position`` and running forever across epochs."""
         epoch, consumed = position.epoch, position.samples_in_epoch
@@ -93,7 +108,7 @@ class ResumableBatches:
                 micro_batches = []
                 for a in range(self.accum):
                     start = consumed + (a * self.world + self.rank) * self.micro
-                    micro_batches.append(order[start:start + self.micro])
+                    micro_batches.append(order[start : start + self.micro])
                 consumed += self.samples_per_step
                 yield SamplerPosition(epoch, consumed), micro_batches
             epoch, consumed = epoch + 1, 0
@@ -114,7 +129,7 @@ def collate(items: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor
     elif task == "token_classification":
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         for i, it in enumerate(items):
-            labels[i, :len(it["labels"])] = torch.from_numpy(it["labels"].astype(np.int64))
+            labels[i, : len(it["labels"])] = torch.from_numpy(it["labels"].astype(np.int64))
         batch["labels"] = labels
     else:  # causal LM: predict every real token, never the padding
         batch["labels"] = ids.masked_fill(mask == 0, IGNORE_INDEX)

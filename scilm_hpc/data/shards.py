@@ -56,8 +56,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shard(root: Path, name: str, input_ids: list[np.ndarray], labels: list[Any],
-                task: str, compression: str = "gzip", level: int = 4) -> ShardInfo:
+def write_shard(
+    root: Path,
+    name: str,
+    input_ids: list[np.ndarray],
+    labels: list[Any],
+    task: str,
+    compression: str = "gzip",
+    level: int = 4,
+) -> ShardInfo:
     """Write one shard file and return its manifest entry.
 
     Args:
@@ -87,13 +94,17 @@ def write_shard(root: Path, name: str, input_ids: list[np.ndarray], labels: list
         fh.create_dataset("input_ids", data=flat, **opts)
         fh.create_dataset("offsets", data=offsets, track_times=False)
         if task == "classification":
-            fh.create_dataset("labels", data=np.asarray(labels, dtype=np.int64),
-                              track_times=False)
+            fh.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), track_times=False)
         elif task == "token_classification":
             flat_labels = np.concatenate(labels).astype(np.int32)
             fh.create_dataset("token_labels", data=flat_labels, **opts)
-    return ShardInfo(file=name, n_examples=len(input_ids), n_tokens=int(flat.size),
-                     bytes=path.stat().st_size, sha256=file_sha256(path))
+    return ShardInfo(
+        file=name,
+        n_examples=len(input_ids),
+        n_tokens=int(flat.size),
+        bytes=path.stat().st_size,
+        sha256=file_sha256(path),
+    )
 
 
 @dataclass
@@ -120,16 +131,22 @@ def read_shard(path: Path, info: ShardInfo) -> ShardArrays:
             labels = fh["labels"][()] if "labels" in fh else None
             token_labels = fh["token_labels"][()] if "token_labels" in fh else None
     except (OSError, KeyError, ValueError) as exc:
-        raise UserError(f"{path}: shard is corrupt or truncated ({exc}); prepare the shards "
-                        f"again (scilm prepare ... data.overwrite=true)") from None
+        raise UserError(
+            f"{path}: shard is corrupt or truncated ({exc}); prepare the shards "
+            f"again (scilm prepare ... data.overwrite=true)"
+        ) from None
     counts = (len(offsets) - 1, int(input_ids.size))
     if counts != (info.n_examples, info.n_tokens) or (offsets.size and offsets[-1] != counts[1]):
-        raise UserError(f"{path}: shard holds {counts[0]} examples / {counts[1]} tokens, the "
-                        f"manifest says {info.n_examples} / {info.n_tokens}; the shard does "
-                        f"not match its manifest")
+        raise UserError(
+            f"{path}: shard holds {counts[0]} examples / {counts[1]} tokens, the "
+            f"manifest says {info.n_examples} / {info.n_tokens}; the shard does "
+            f"not match its manifest"
+        )
     if token_labels is not None and token_labels.size != input_ids.size:
-        raise UserError(f"{path}: token_labels has {token_labels.size} entries for "
-                        f"{input_ids.size} tokens; the shard is corrupt")
+        raise UserError(
+            f"{path}: token_labels has {token_labels.size} entries for "
+            f"{input_ids.size} tokens; the shard is corrupt"
+        )
     return ShardArrays(input_ids, offsets, labels, token_labels)
 
 
@@ -154,15 +171,19 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
         hint = " (the directory does not exist)" if not root.is_dir() else ""
-        raise UserError(f"data.shards: no {MANIFEST} in '{root}'{hint}; run "
-                        f"'scilm prepare' first, or point data.shards at its output")
+        raise UserError(
+            f"data.shards: no {MANIFEST} in '{root}'{hint}; run "
+            f"'scilm prepare' first, or point data.shards at its output"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: manifest is not valid JSON ({exc})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: manifest format {manifest.get('format_version')!r}, this "
-                        f"scilm reads format {FORMAT_VERSION}")
+        raise UserError(
+            f"{path}: manifest format {manifest.get('format_version')!r}, this "
+            f"scilm reads format {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -174,8 +195,9 @@ def split_shards(manifest: dict[str, Any], split: str, root: Path) -> list[Shard
     """
     splits = manifest["splits"]
     if split not in splits:
-        raise UserError(f"split '{split}' is not in {root / MANIFEST}; it has: "
-                        f"{', '.join(splits) or 'none'}")
+        raise UserError(
+            f"split '{split}' is not in {root / MANIFEST}; it has: {', '.join(splits) or 'none'}"
+        )
     return [ShardInfo(**entry) for entry in splits[split]["shards"]]
 
 

@@ -21,8 +21,9 @@ def _prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
     return precision, recall, f1
 
 
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
-                           labels: Sequence[str]) -> dict:
+def classification_metrics(
+    y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]
+) -> dict:
     """Accuracy, F1 averages, per-class scores and confusion matrix (rows: true)."""
     k = len(labels)
     cm = np.zeros((k, k), dtype=np.int64)
@@ -62,8 +63,7 @@ def bio_entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     return spans
 
 
-def entity_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]
-                   ) -> dict:
+def entity_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict:
     """Entity-level micro precision / recall / F1 and token accuracy over sentences."""
     tp = fp = fn = 0
     correct = total = 0
@@ -75,8 +75,12 @@ def entity_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Seque
         correct += sum(a == b for a, b in zip(gold, pred, strict=True))
         total += len(gold)
     precision, recall, f1 = _prf(tp, fp, fn)
-    return {"precision": precision, "recall": recall, "f1": f1,
-            "token_accuracy": correct / total if total else 0.0}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "token_accuracy": correct / total if total else 0.0,
+    }
 
 
 def lm_metrics(total_loss: float, total_tokens: int) -> dict:

@@ -77,8 +77,9 @@ class FileCommunicator:
     sees a partial file. Waiting is bounded by ``timeout_s``.
     """
 
-    def __init__(self, directory: Path, rank: int, world_size: int,
-                 timeout_s: float = 3600.0) -> None:
+    def __init__(
+        self, directory: Path, rank: int, world_size: int, timeout_s: float = 3600.0
+    ) -> None:
         self.dir = Path(directory)
         self.rank = rank
         self.world_size = world_size
@@ -97,8 +98,10 @@ class FileCommunicator:
         delay = 0.005
         while not path.exists():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rank {self.rank}: no '{name}' in {self.dir} after "
-                                   f"{self.timeout_s:.0f} s; another rank failed or hangs")
+                raise TimeoutError(
+                    f"rank {self.rank}: no '{name}' in {self.dir} after "
+                    f"{self.timeout_s:.0f} s; another rank failed or hangs"
+                )
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
         return pickle.loads(path.read_bytes())

@@ -48,20 +48,34 @@ def rank_env() -> RankEnv:
         import submitit
 
         env = submitit.JobEnvironment()
-        return RankEnv(env.global_rank, env.local_rank, env.num_tasks,
-                       "127.0.0.1" if env.num_nodes == 1 else env.hostnames[0],
-                       port_for_job(str(env.job_id)))
+        return RankEnv(
+            env.global_rank,
+            env.local_rank,
+            env.num_tasks,
+            "127.0.0.1" if env.num_nodes == 1 else env.hostnames[0],
+            port_for_job(str(env.job_id)),
+        )
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return RankEnv(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
-                       int(os.environ["WORLD_SIZE"]), os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                       int(os.environ.get("MASTER_PORT", 0)) or free_port())
+        return RankEnv(
+            int(os.environ["RANK"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ["WORLD_SIZE"]),
+            os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            int(os.environ.get("MASTER_PORT", 0)) or free_port(),
+        )
     return RankEnv(0, 0, 1, "127.0.0.1", free_port())
 
 
 def export_rank_env(env: RankEnv, on_gpu: bool) -> None:
     """Write the variables torch.distributed / DeepSpeed read."""
-    os.environ.update({"RANK": str(env.rank), "LOCAL_RANK": str(env.local_rank),
-                       "WORLD_SIZE": str(env.world_size), "MASTER_ADDR": env.master_addr,
-                       "MASTER_PORT": str(env.master_port)})
+    os.environ.update(
+        {
+            "RANK": str(env.rank),
+            "LOCAL_RANK": str(env.local_rank),
+            "WORLD_SIZE": str(env.world_size),
+            "MASTER_ADDR": env.master_addr,
+            "MASTER_PORT": str(env.master_port),
+        }
+    )
     if not on_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"

@@ -55,15 +55,22 @@ def run_job(job_callable: Callable[[], Any], job: JobConfig) -> Any:
         import submitit
 
         executor = submitit.LocalExecutor(folder=str(submitit_folder(job)))
-        executor.update_parameters(tasks_per_node=job.cluster.nodes * job.cluster.tasks_per_node,
-                                   timeout_min=job.cluster.time_min)
+        executor.update_parameters(
+            tasks_per_node=job.cluster.nodes * job.cluster.tasks_per_node,
+            timeout_min=job.cluster.time_min,
+        )
         submitted = executor.submit(Guarded(job_callable))
-        print(f"local job {submitted.job_id}: {job.cluster.nodes * job.cluster.tasks_per_node} "
-              f"process(es), logs in {submitit_folder(job)}", flush=True)
+        print(
+            f"local job {submitted.job_id}: {job.cluster.nodes * job.cluster.tasks_per_node} "
+            f"process(es), logs in {submitit_folder(job)}",
+            flush=True,
+        )
         results = submitted.results()
         for result in results:
             if isinstance(result, UserFailure):
                 raise UserError(result.problems)
         return results[0]
-    raise UserError(f"cluster.backend: '{backend}' is not available in scilm "
-                    f"{__import__('scilm_hpc').__version__}; use cluster=local or cluster=none")
+    raise UserError(
+        f"cluster.backend: '{backend}' is not available in scilm "
+        f"{__import__('scilm_hpc').__version__}; use cluster=local or cluster=none"
+    )

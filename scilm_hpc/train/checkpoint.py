@@ -50,8 +50,11 @@ def read_state(run_dir: str | Path, tag: str) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step touches."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -75,8 +78,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine: Any, run_dir: str | Path, step: int, state: dict[str, Any],
-                    rank: int, keep_last: int, keep: set[str]) -> str:
+def save_checkpoint(
+    engine: Any,
+    run_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    rank: int,
+    keep_last: int,
+    keep: set[str],
+) -> str:
     """Save on every rank; returns the tag. ``keep`` names tags never pruned (the best)."""
     import torch.distributed as dist
 
@@ -99,8 +109,11 @@ def save_checkpoint(engine: Any, run_dir: str | Path, step: int, state: dict[str
 
 
 def _prune(root: Path, keep_last: int, keep: set[str]) -> None:
-    steps = sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.is_dir()
-                   and (p / STATE).is_file())
+    steps = sorted(
+        (int(p.name.split("_")[1]), p)
+        for p in root.glob("step_*")
+        if p.is_dir() and (p / STATE).is_file()
+    )
     for _, path in steps[:-keep_last] if keep_last > 0 else []:
         if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
@@ -117,8 +130,9 @@ def consolidated_weights(run_dir: str | Path, tag: str, zero_stage: int) -> dict
     """fp32 model weights of a checkpoint saved on any number of ranks, any ZeRO stage."""
     ckpt = checkpoint_root(run_dir) / tag
     if zero_stage == 0:
-        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
+        states = torch.load(
+            ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

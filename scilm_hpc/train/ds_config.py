@@ -34,8 +34,9 @@ def read_user_json(path: str) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise UserError(f"zero.config_file: {path}:{exc.lineno}: not valid JSON ({exc.msg})"
-                        ) from None
+        raise UserError(
+            f"zero.config_file: {path}:{exc.lineno}: not valid JSON ({exc.msg})"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"zero.config_file: {path} must hold a JSON object")
     return data
@@ -44,8 +45,11 @@ def read_user_json(path: str) -> dict[str, Any]:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and \
-            isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
@@ -69,23 +73,38 @@ def deepspeed_config(job: JobConfig, total_steps: int, on_gpu: bool) -> dict[str
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    sched_params: dict[str, Any] = {"warmup_num_steps": warmup, "warmup_type": "linear",
-                                    "warmup_min_lr": start_ratio * t.lr, "warmup_max_lr": t.lr}
+    sched_params: dict[str, Any] = {
+        "warmup_num_steps": warmup,
+        "warmup_type": "linear",
+        "warmup_min_lr": start_ratio * t.lr,
+        "warmup_max_lr": t.lr,
+    }
     if t.schedule == "linear":
         sched_params["total_num_steps"] = max(total_steps, warmup + 1)
     elif t.schedule == "cosine":
-        sched_params = {"total_num_steps": max(total_steps, warmup + 1),
-                        "warmup_num_steps": warmup, "warmup_type": "linear",
-                        "warmup_min_ratio": start_ratio, "cos_min_ratio": 0.0}
+        sched_params = {
+            "total_num_steps": max(total_steps, warmup + 1),
+            "warmup_num_steps": warmup,
+            "warmup_type": "linear",
+            "warmup_min_ratio": start_ratio,
+            "cos_min_ratio": 0.0,
+        }
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation,
         "gradient_clipping": t.clip_grad,
         "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay,
-            # on CPU ranks DeepSpeed's fused Adam does not exist; CPU offload uses its CPU Adam
-            "torch_adam": not on_gpu and not z.offload_optimizer}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                # on CPU ranks DeepSpeed's fused Adam does not exist; CPU offload uses its CPU Adam
+                "torch_adam": not on_gpu and not z.offload_optimizer,
+            },
+        },
         "scheduler": {"type": SCHEDULERS[t.schedule], "params": sched_params},
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},

@@ -38,8 +38,9 @@ def rank_slice(n: int, rank: int, world: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
 
 
-def _example_results(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str
-                     ) -> list[tuple[float, int, Any, Any]]:
+def _example_results(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str
+) -> list[tuple[float, int, Any, Any]]:
     """(loss sum, counted targets, prediction, gold) per example of a batch."""
     out = []
     labels = batch["labels"]
@@ -49,8 +50,9 @@ def _example_results(logits: torch.Tensor, batch: dict[str, torch.Tensor], task:
         return [(losses[i].item(), 1, int(preds[i]), int(labels[i])) for i in range(len(labels))]
     if task == "causal_lm":
         logits, labels = logits[:, :-1], labels[:, 1:]
-    losses = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none",
-                             ignore_index=IGNORE_INDEX)
+    losses = F.cross_entropy(
+        logits.float().transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX
+    )
     preds = logits.argmax(-1)
     for i in range(len(labels)):
         keep = labels[i] != IGNORE_INDEX
@@ -61,8 +63,16 @@ def _example_results(logits: torch.Tensor, batch: dict[str, torch.Tensor], task:
 
 
 @torch.no_grad()
-def evaluate_split(model: Any, dataset: ShardDataset, task: str, labels: list[str], pad_id: int,
-                   batch_size: int, rank: int, world: int) -> dict[str, Any] | None:
+def evaluate_split(
+    model: Any,
+    dataset: ShardDataset,
+    task: str,
+    labels: list[str],
+    pad_id: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+) -> dict[str, Any] | None:
     """Metrics of ``model`` on ``dataset``; the dict on rank 0, None on the others."""
     import torch.distributed as dist
 
@@ -72,16 +82,14 @@ def evaluate_split(model: Any, dataset: ShardDataset, task: str, labels: list[st
     n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
     results: list[tuple[int, tuple[float, int, Any, Any]]] = []
     for b in range(n_batches):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        chunk = mine[b * batch_size : (b + 1) * batch_size]
         real = len(chunk) > 0
         if not real:  # keep the collective forward passes in step across ranks
             chunk = np.array([0])
         batch = collate([dataset[int(i)] for i in chunk], pad_id, task)
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if real:
-            results += list(zip(chunk.tolist(), _example_results(logits, batch, task),
-                                strict=True))
+            results += list(zip(chunk.tolist(), _example_results(logits, batch, task), strict=True))
     gathered: list[Any] = [None] * world if world > 1 else [results]
     if world > 1:
         dist.all_gather_object(gathered, results)
@@ -92,8 +100,9 @@ def evaluate_split(model: Any, dataset: ShardDataset, task: str, labels: list[st
     loss_sum = sum(r[1][0] for r in merged)
     count = sum(r[1][1] for r in merged)
     if task == "classification":
-        metrics = classification_metrics([r[1][3] for r in merged], [r[1][2] for r in merged],
-                                         labels)
+        metrics = classification_metrics(
+            [r[1][3] for r in merged], [r[1][2] for r in merged], labels
+        )
         metrics["loss"] = loss_sum / count
     elif task == "token_classification":
         gold = [[labels[t] for t in r[1][3]] for r in merged]

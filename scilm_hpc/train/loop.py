@@ -47,8 +47,7 @@ class FinetuneJob:
             warnings.simplefilter("ignore")
             import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
-                                   verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
         try:
             return _Trainer(job, env.rank, env.world_size, on_gpu).run()
         finally:
@@ -68,23 +67,37 @@ class _Trainer:
         self.train_set = ShardDataset(job.data.shards, "train")
         self.train_set.check_tokenizer(self.tokenizer, job.model.name_or_path)
         if self.train_set.task != job.task:
-            raise UserError(f"task: shards in '{job.data.shards}' were prepared for task "
-                            f"'{self.train_set.task}', the job says '{job.task}'")
+            raise UserError(
+                f"task: shards in '{job.data.shards}' were prepared for task "
+                f"'{self.train_set.task}', the job says '{job.task}'"
+            )
         has_dev = "dev" in self.train_set.manifest["splits"]
         self.dev_set = ShardDataset(job.data.shards, "dev") if has_dev else None
         self.labels = self.train_set.label_names
         t = job.train
-        self.batches = ResumableBatches(self.train_set.lengths(), t.micro_batch_size,
-                                        t.gradient_accumulation, world, rank, t.seed,
-                                        t.length_bucketing)
+        self.batches = ResumableBatches(
+            self.train_set.lengths(),
+            t.micro_batch_size,
+            t.gradient_accumulation,
+            world,
+            rank,
+            t.seed,
+            t.length_bucketing,
+        )
         if self.batches.steps_per_epoch == 0:
-            raise UserError(f"train.micro_batch_size: {len(self.train_set)} training examples "
-                            f"are fewer than one optimizer step takes "
-                            f"({self.batches.samples_per_step} = micro x accumulation x ranks)")
-        self.total_steps = t.max_steps if t.max_steps > 0 else \
-            t.epochs * self.batches.steps_per_epoch
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            raise UserError(
+                f"train.micro_batch_size: {len(self.train_set)} training examples "
+                f"are fewer than one optimizer step takes "
+                f"({self.batches.samples_per_step} = micro x accumulation x ranks)"
+            )
+        self.total_steps = (
+            t.max_steps if t.max_steps > 0 else t.epochs * self.batches.steps_per_epoch
+        )
+        self.pad_id = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
             else (self.tokenizer.eos_token_id or 0)
+        )
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=rank == 0)
         self._last_eval_step = -1
         self._last_eval: dict[str, Any] | None = None
@@ -98,27 +111,33 @@ class _Trainer:
         if resume_tag is not None:
             state = ckpt.read_state(self.run_dir, resume_tag)
             if state["world_size"] != self.world:
-                warnings.warn(f"resuming {resume_tag} saved on {state['world_size']} rank(s) on "
-                              f"{self.world}: model weights, scheduler and data position are "
-                              f"restored, the optimizer state (Adam moments) starts fresh",
-                              stacklevel=1)
-                weights = ckpt.consolidated_weights(self.run_dir, resume_tag,
-                                                    state["zero_stage"])
+                warnings.warn(
+                    f"resuming {resume_tag} saved on {state['world_size']} rank(s) on "
+                    f"{self.world}: model weights, scheduler and data position are "
+                    f"restored, the optimizer state (Adam moments) starts fresh",
+                    stacklevel=1,
+                )
+                weights = ckpt.consolidated_weights(self.run_dir, resume_tag, state["zero_stage"])
         torch.manual_seed(job.train.seed)  # new heads start the same on every rank and run
-        model = build_model(job.task, job.model.name_or_path, self.labels, job.model.revision,
-                            state_dict=weights)
+        model = build_model(
+            job.task, job.model.name_or_path, self.labels, job.model.revision, state_dict=weights
+        )
         config = deepspeed_config(job, self.total_steps, self.on_gpu)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            engine, _, _, _ = deepspeed.initialize(model=model, config=config,
-                                                   model_parameters=[p for p in
-                                                                     model.parameters()
-                                                                     if p.requires_grad])
+            engine, _, _, _ = deepspeed.initialize(
+                model=model,
+                config=config,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+            )
         if resume_tag is not None:
             if weights is None:
-                engine.load_checkpoint(str(ckpt.checkpoint_root(self.run_dir)), tag=resume_tag,
-                                       load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+                engine.load_checkpoint(
+                    str(ckpt.checkpoint_root(self.run_dir)),
+                    tag=resume_tag,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                )
             else:
                 engine.lr_scheduler.load_state_dict(state["scheduler"])
                 engine.global_steps = state["step"]
@@ -138,8 +157,9 @@ class _Trainer:
         if self.rank == 0:
             self.log.truncate_after(step)
             if resume_tag:
-                print(f"resuming from {resume_tag} (step {step}, epoch {position.epoch})",
-                      flush=True)
+                print(
+                    f"resuming from {resume_tag} (step {step}, epoch {position.epoch})", flush=True
+                )
         engine.train()
         last_saved = step if resume_tag else -1
         stream = self.batches.step_batches(position)
@@ -148,23 +168,30 @@ class _Trainer:
             position, micro_batches = next(stream)
             loss_sum = torch.zeros(3, dtype=torch.float64)  # loss, tokens, examples
             for indices in micro_batches:
-                batch = collate([self.train_set[int(i)] for i in indices], self.pad_id,
-                                job.task)
+                batch = collate([self.train_set[int(i)] for i in indices], self.pad_id, job.task)
                 out = engine(**batch)
                 engine.backward(out.loss)
                 engine.step()
-                loss_sum += torch.tensor([out.loss.item(), batch["attention_mask"].sum().item(),
-                                          len(indices)], dtype=torch.float64)
+                loss_sum += torch.tensor(
+                    [out.loss.item(), batch["attention_mask"].sum().item(), len(indices)],
+                    dtype=torch.float64,
+                )
             step += 1
             dist.all_reduce(loss_sum)
             elapsed = time.perf_counter() - tick
             if step % t.log_every == 0 or step == self.total_steps:
-                self.log.write({
-                    "step": step, "epoch": position.epoch + position.samples_in_epoch /
-                    (self.batches.steps_per_epoch * self.batches.samples_per_step),
-                    "loss": loss_sum[0].item() / (len(micro_batches) * self.world),
-                    "lr": engine.get_lr()[0], "samples_per_s": loss_sum[2].item() / elapsed,
-                    "tokens_per_s": loss_sum[1].item() / elapsed})
+                self.log.write(
+                    {
+                        "step": step,
+                        "epoch": position.epoch
+                        + position.samples_in_epoch
+                        / (self.batches.steps_per_epoch * self.batches.samples_per_step),
+                        "loss": loss_sum[0].item() / (len(micro_batches) * self.world),
+                        "lr": engine.get_lr()[0],
+                        "samples_per_s": loss_sum[2].item() / elapsed,
+                        "tokens_per_s": loss_sum[1].item() / elapsed,
+                    }
+                )
             stop = False
             if t.eval_every and step % t.eval_every == 0 and self.dev_set is not None:
                 metrics = self._evaluate(engine, step)
@@ -182,45 +209,77 @@ class _Trainer:
                 self._save(engine, step, position, best, patience_left)
                 last_saved = step
             if stop:
-                print(f"early stopping at step {step}: {t.best_metric} has not improved for "
-                      f"{t.early_stopping_patience} evaluations", flush=True)
+                print(
+                    f"early stopping at step {step}: {t.best_metric} has not improved for "
+                    f"{t.early_stopping_patience} evaluations",
+                    flush=True,
+                )
                 break
             tick = time.perf_counter()
         if last_saved != step:
             self._save(engine, step, position, best, patience_left)
         final = None
         if self.dev_set is not None:
-            final = self._last_eval if self._last_eval_step == step else \
-                self._evaluate(engine, step)
+            final = (
+                self._last_eval if self._last_eval_step == step else self._evaluate(engine, step)
+            )
         export_model(engine, self.tokenizer, self.run_dir / "export", job.zero.stage)
         if self.rank == 0:
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png")
-        return {"run_dir": str(self.run_dir), "step": step, "ranks": self.world,
-                "export": str(self.run_dir / "export"), "dev": final, "best": best}
+        return {
+            "run_dir": str(self.run_dir),
+            "step": step,
+            "ranks": self.world,
+            "export": str(self.run_dir / "export"),
+            "dev": final,
+            "best": best,
+        }
 
     def _evaluate(self, engine: Any, step: int) -> dict[str, Any] | None:
         assert self.dev_set is not None
         engine.eval()
-        metrics = evaluate_split(engine, self.dev_set, self.job.task, self.labels, self.pad_id,
-                                 self.job.eval.batch_size, self.rank, self.world)
+        metrics = evaluate_split(
+            engine,
+            self.dev_set,
+            self.job.task,
+            self.labels,
+            self.pad_id,
+            self.job.eval.batch_size,
+            self.rank,
+            self.world,
+        )
         engine.train()
         self._last_eval_step = step
         self._last_eval = None
         if metrics is not None:
-            self._last_eval = {"step": step, **{f"dev_{k}": v for k, v in metrics.items()
-                                                if isinstance(v, float | int)}}
+            self._last_eval = {
+                "step": step,
+                **{f"dev_{k}": v for k, v in metrics.items() if isinstance(v, float | int)},
+            }
             self.log.write(self._last_eval)
         return self._last_eval
 
-    def _save(self, engine: Any, step: int, position: SamplerPosition, best: dict[str, Any],
-              patience_left: int) -> None:
-        state = {"step": step, "position": vars(position), "world_size": self.world,
-                 "zero_stage": self.job.zero.stage, "best": best,
-                 "patience_left": patience_left,
-                 "scheduler": engine.lr_scheduler.state_dict()}
+    def _save(
+        self,
+        engine: Any,
+        step: int,
+        position: SamplerPosition,
+        best: dict[str, Any],
+        patience_left: int,
+    ) -> None:
+        state = {
+            "step": step,
+            "position": vars(position),
+            "world_size": self.world,
+            "zero_stage": self.job.zero.stage,
+            "best": best,
+            "patience_left": patience_left,
+            "scheduler": engine.lr_scheduler.state_dict(),
+        }
         keep = {best["tag"]} if best["tag"] else set()
-        ckpt.save_checkpoint(engine, self.run_dir, step, state, self.rank,
-                             self.job.train.keep_last, keep)
+        ckpt.save_checkpoint(
+            engine, self.run_dir, step, state, self.rank, self.job.train.keep_last, keep
+        )
         if self.rank == 0:
             print(f"checkpoint step_{step} saved", flush=True)
 

@@ -29,8 +29,11 @@ class MetricsLog:
         """Drop rows logged after ``step`` (by a run that died before checkpointing them)."""
         if not self.enabled or not self.path.is_file():
             return
-        rows = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        rows = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
         os.replace(tmp, self.path)
