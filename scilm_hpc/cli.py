@@ -59,6 +59,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         )
     print(f"resuming {args.run_dir} from {tag}", flush=True)
     args.job_file, args.command, args.dry_run = config, "finetune", False
+    args.wait = False
     args.overrides = [*args.overrides, f"run.dir={args.run_dir}"]
     return cmd_job(args)
 
@@ -70,10 +71,33 @@ def cmd_job(args: argparse.Namespace) -> int:
     job = load_and_validate(args.job_file, args.overrides, job=args.command)
     if args.dry_run:
         print(to_yaml(job), end="")
+        if job.cluster.backend == "slurm":
+            from scilm_hpc.launch.executor import submitit_folder
+            from scilm_hpc.launch.slurm import sbatch_script
+
+            print("# ---- sbatch script (not submitted) ----")
+            print(sbatch_script(job, submitit_folder(job)), end="")
         return 0
     _save_config(job)
-    result = run_job(JOB_FACTORIES[args.command](job), job)
+    result = run_job(JOB_FACTORIES[args.command](job), job, wait=args.wait)
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``scilm status RUN_DIR``: job ids and states, step, last checkpoint, last metrics."""
+    from scilm_hpc.launch.status import run_status
+
+    print(json.dumps(run_status(Path(args.run_dir)), indent=1))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """``scilm cancel RUN_DIR``: cancel the run's Slurm jobs that are still queued or running."""
+    from scilm_hpc.launch.status import cancel_run
+
+    for line in cancel_run(Path(args.run_dir)):
+        print(line)
     return 0
 
 
@@ -110,7 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--dry-run", action="store_true", help="print the resolved config and run nothing"
         )
+        p.add_argument(
+            "--wait",
+            action="store_true",
+            help="with a Slurm profile: follow the job and stream rank 0's log",
+        )
         p.set_defaults(func=cmd_job)
+    p = sub.add_parser("status", help="job ids, state, step, last checkpoint, last metrics")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("cancel", help="cancel a run's queued or running Slurm jobs")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_cancel)
     p = sub.add_parser("resume", help="resume a finetune run from its latest checkpoint")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*")

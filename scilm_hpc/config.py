@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scilm_hpc import schema
 from scilm_hpc.errors import ConfigError
+from scilm_hpc.launch.slurm import unsafe_values
 from scilm_hpc.model_source import path_problem
 from scilm_hpc.schema import JobConfig
 
@@ -336,6 +337,9 @@ def validate(job: JobConfig) -> list[str]:
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
         _at_least(p, f"cluster.{key}", getattr(c, key), 1)
     _at_least(p, "cluster.gpus_per_node", c.gpus_per_node, 0)
+    _at_least(p, "cluster.signal_delay_s", c.signal_delay_s, 0)
+    _at_least(p, "cluster.max_requeues", c.max_requeues, 0)
+    p += unsafe_values(job)
     _choice(p, "eval.split", job.eval.split, schema.SPLITS)
     _at_least(p, "eval.batch_size", job.eval.batch_size, 1)
     return p

@@ -130,6 +130,11 @@ class ClusterConfig:
     constraint: str | None = None
     extra_sbatch: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)
+    # Slurm client config to use (the dev cluster's); None: Slurm's default lookup.
+    slurm_conf: str | None = None
+    # USR2 this many seconds before the time limit: checkpoint and requeue.
+    signal_delay_s: int = 120
+    max_requeues: int = 3
 
 
 @dataclass

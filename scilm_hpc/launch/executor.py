@@ -1,13 +1,17 @@
-"""Hand a job object to where it runs: this process or local subprocesses (submitit).
+"""Hand a job object to where it runs: this process, local subprocesses, or Slurm.
 
 ``cluster.backend``: ``none`` calls the job here; ``local`` runs
 ``cluster.nodes * cluster.tasks_per_node`` processes through submitit's local
-executor, logs under ``RUN_DIR/submitit/``. A user mistake found inside a rank
-comes back as the same UserError (message intact), not as a traceback.
+executor and waits; ``slurm`` submits through submitit's Slurm executor, records
+the job id in ``RUN_DIR/jobs.json`` and returns (or, with ``wait``, follows the job,
+streaming rank 0's log). Logs go under ``RUN_DIR/submitit/``. A user mistake found
+inside a rank comes back as the same UserError (message intact), not a traceback.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,10 @@ class UserFailure:
 
 
 class Guarded:
-    """Wraps a job so that a UserError in any rank is returned, not raised."""
+    """Wraps a job so that a UserError in any rank is returned, not raised.
+
+    Attributes other than the call (``checkpoint`` for submitit) pass through.
+    """
 
     def __init__(self, job: Callable[[], Any]) -> None:
         self.job = job
@@ -39,38 +46,68 @@ class Guarded:
 
 def submitit_folder(job: JobConfig) -> Path:
     """Where submitit writes scripts, pickles and per-rank logs."""
-    return Path(job.run.dir) / "submitit"
+    return Path(job.run.dir).absolute() / "submitit"
 
 
-def run_job(job_callable: Callable[[], Any], job: JobConfig) -> Any:
-    """Run ``job_callable`` on ``job.cluster`` and return rank 0's result.
+def _results(submitted: Any) -> Any:
+    results = submitted.results()
+    for result in results:
+        if isinstance(result, UserFailure):
+            raise UserError(result.problems)
+    return results[0]
+
+
+def follow(submitted: Any, poll_s: float = 2.0) -> None:
+    """Stream rank 0's stdout until the job ends."""
+    shown = 0
+    while not submitted.done():
+        path = submitted.paths.stdout
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+        time.sleep(poll_s)
+
+
+def run_job(job_callable: Callable[[], Any], job: JobConfig, wait: bool = False) -> Any:
+    """Run ``job_callable`` on ``job.cluster``.
+
+    Returns:
+        Rank 0's result (``none``, ``local``, ``slurm`` with ``wait``), or the job id and
+        run directory of a Slurm submission.
 
     Raises:
-        UserError: if any rank raised one, or the backend is not available.
+        UserError: if any rank raised one.
     """
+    from scilm_hpc.launch.slurm import record_job, slurm_executor
+
     backend = job.cluster.backend
     if backend == "none":
         return job_callable()
-    if backend == "local":
-        import submitit
+    import submitit
 
+    ranks = job.cluster.nodes * job.cluster.tasks_per_node
+    run_dir = Path(job.run.dir)
+    if backend == "local":
         executor = submitit.LocalExecutor(folder=str(submitit_folder(job)))
-        executor.update_parameters(
-            tasks_per_node=job.cluster.nodes * job.cluster.tasks_per_node,
-            timeout_min=job.cluster.time_min,
-        )
+        executor.update_parameters(tasks_per_node=ranks, timeout_min=job.cluster.time_min)
         submitted = executor.submit(Guarded(job_callable))
+        record_job(run_dir, submitted.job_id, job.job, backend)
         print(
-            f"local job {submitted.job_id}: {job.cluster.nodes * job.cluster.tasks_per_node} "
-            f"process(es), logs in {submitit_folder(job)}",
+            f"local job {submitted.job_id}: {ranks} process(es), logs in {submitit_folder(job)}",
             flush=True,
         )
-        results = submitted.results()
-        for result in results:
-            if isinstance(result, UserFailure):
-                raise UserError(result.problems)
-        return results[0]
-    raise UserError(
-        f"cluster.backend: '{backend}' is not available in scilm "
-        f"{__import__('scilm_hpc').__version__}; use cluster=local or cluster=none"
+        return _results(submitted)
+    executor = slurm_executor(job, submitit_folder(job))
+    submitted = executor.submit(Guarded(job_callable))
+    record_job(run_dir, submitted.job_id, job.job, backend)
+    print(
+        f"submitted Slurm job {submitted.job_id}: {job.cluster.nodes} node(s) x "
+        f"{job.cluster.tasks_per_node} task(s); run directory {run_dir}",
+        flush=True,
     )
+    if not wait:
+        return {"job_id": submitted.job_id, "run_dir": str(run_dir)}
+    follow(submitted)
+    return _results(submitted)

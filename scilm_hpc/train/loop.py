@@ -9,6 +9,7 @@ loss curve. A run directory with a complete checkpoint resumes from it.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +21,8 @@ from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition, collate
 from scilm_hpc.errors import UserError
 from scilm_hpc.launch.env import export_rank_env, rank_env
+from scilm_hpc.launch.preemption import StopFlag, requeue, restarts
+from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import load_tokenizer
 from scilm_hpc.schema import JobConfig
 from scilm_hpc.train import checkpoint as ckpt
@@ -48,8 +51,18 @@ class FinetuneJob:
             import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+        stop = StopFlag()
+        stop.install()
         try:
-            return _Trainer(job, env.rank, env.world_size, on_gpu).run()
+            return _Trainer(job, env.rank, env.world_size, on_gpu, stop).run()
+        except Exception as exc:
+            if env.rank == 0:
+                write_run_state(
+                    Path(job.run.dir),
+                    "failed",
+                    reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+            raise
         finally:
             import torch.distributed as dist
 
@@ -60,8 +73,9 @@ class FinetuneJob:
 class _Trainer:
     """State of one rank's training run."""
 
-    def __init__(self, job: JobConfig, rank: int, world: int, on_gpu: bool) -> None:
+    def __init__(self, job: JobConfig, rank: int, world: int, on_gpu: bool, stop: StopFlag) -> None:
         self.job, self.rank, self.world, self.on_gpu = job, rank, world, on_gpu
+        self.stop = stop
         self.run_dir = Path(job.run.dir)
         self.tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
         self.train_set = ShardDataset(job.data.shards, "train")
@@ -156,12 +170,14 @@ class _Trainer:
         patience_left = int(state.get("patience_left", t.early_stopping_patience))
         if self.rank == 0:
             self.log.truncate_after(step)
+            write_run_state(self.run_dir, "running", step=step, restarts=restarts())
             if resume_tag:
                 print(
                     f"resuming from {resume_tag} (step {step}, epoch {position.epoch})", flush=True
                 )
         engine.train()
         last_saved = step if resume_tag else -1
+        stop = False
         stream = self.batches.step_batches(position)
         tick = time.perf_counter()
         while step < self.total_steps:
@@ -208,6 +224,10 @@ class _Trainer:
             if t.checkpoint_every and step % t.checkpoint_every == 0 and last_saved != step:
                 self._save(engine, step, position, best, patience_left)
                 last_saved = step
+            if self.stop.agreed():
+                if last_saved != step:
+                    self._save(engine, step, position, best, patience_left)
+                return self._leave(step)
             if stop:
                 print(
                     f"early stopping at step {step}: {t.best_metric} has not improved for "
@@ -226,6 +246,12 @@ class _Trainer:
         export_model(engine, self.tokenizer, self.run_dir / "export", job.zero.stage)
         if self.rank == 0:
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png")
+            write_run_state(
+                self.run_dir,
+                "completed",
+                step=step,
+                reason="early stopping" if stop else "reached the last step",
+            )
         return {
             "run_dir": str(self.run_dir),
             "step": step,
@@ -233,6 +259,33 @@ class _Trainer:
             "export": str(self.run_dir / "export"),
             "dev": final,
             "best": best,
+        }
+
+    def _leave(self, step: int) -> dict[str, Any]:
+        """After a preemption / time-limit checkpoint: requeue (rank 0) or stop."""
+        import torch.distributed as dist
+
+        signal_name = self.stop.signal_name or "a signal on another rank"
+        requeued, reason = False, ""
+        if self.rank == 0:
+            requeued, reason = requeue(self.job.cluster.max_requeues)
+            write_run_state(
+                self.run_dir,
+                "requeued" if requeued else "stopped",
+                step=step,
+                reason=f"{signal_name} at step {step}: {reason}",
+            )
+            print(f"stopping at step {step} ({signal_name}): {reason}", flush=True)
+        decision = [requeued]
+        dist.broadcast_object_list(decision, src=0)
+        if decision[0]:
+            # Slurm restarts the batch script; leave without writing a result for submitit.
+            os._exit(0)
+        return {
+            "run_dir": str(self.run_dir),
+            "step": step,
+            "stopped": signal_name,
+            "reason": reason,
         }
 
     def _evaluate(self, engine: Any, step: int) -> dict[str, Any] | None:

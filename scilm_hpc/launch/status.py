@@ -1,0 +1,99 @@
+"""``scilm status`` and ``scilm cancel``: what a run directory's jobs are doing.
+
+The run's own record (``RUN_DIR/state.json``, written by the job: running,
+requeued, completed, failed, stopped, with the reason) is combined with Slurm's
+view of each recorded job id (``scontrol``, which needs no accounting database).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from scilm_hpc.errors import UserError
+from scilm_hpc.launch.slurm import recorded_jobs, slurm_state
+
+STATE_FILE = "state.json"
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
+
+
+def write_run_state(run_dir: Path, state: str, **fields: Any) -> None:
+    """Record the run's state (rank 0 only), atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
+    tmp = run_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(run_dir / STATE_FILE)
+
+
+def _last_rows(run_dir: Path) -> tuple[dict | None, dict | None]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None, None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    dev = [r for r in rows if any(k.startswith("dev_") for k in r)]
+    return (train[-1] if train else None), (dev[-1] if dev else None)
+
+
+def run_status(run_dir: Path) -> dict[str, Any]:
+    """Everything ``scilm status`` prints.
+
+    Raises:
+        UserError: if ``run_dir`` is not a run directory.
+    """
+    from scilm_hpc.train.checkpoint import latest_tag, read_state
+
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    state_path = run_dir / STATE_FILE
+    own = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    jobs = []
+    for record in recorded_jobs(run_dir):
+        entry = dict(record)
+        if record["backend"] == "slurm":
+            entry.update(slurm_state(record["job_id"]))
+        jobs.append(entry)
+    tag = latest_tag(run_dir)
+    train, dev = _last_rows(run_dir)
+    return {
+        "run_dir": str(run_dir),
+        "state": own.get("state", "unknown" if not jobs else jobs[-1].get("state", "unknown")),
+        "reason": own.get("reason"),
+        "jobs": jobs,
+        "step": train["step"] if train else 0,
+        "last_checkpoint": tag,
+        "checkpoint_step": read_state(run_dir, tag)["step"] if tag else None,
+        "last_metrics": train,
+        "last_eval": dev,
+    }
+
+
+def cancel_run(run_dir: Path) -> list[str]:
+    """``scancel`` every recorded Slurm job of the run that has not finished."""
+    lines = []
+    for record in recorded_jobs(run_dir):
+        if record["backend"] != "slurm":
+            continue
+        state = slurm_state(record["job_id"])["state"]
+        if state in FINISHED or state == "UNKNOWN":
+            lines.append(f"{record['job_id']}: {state}, nothing to cancel")
+            continue
+        subprocess.run(["scancel", record["job_id"]], check=False, timeout=30)
+        lines.append(f"{record['job_id']}: {state} -> cancel requested")
+    if not lines:
+        lines.append(f"{run_dir}: no Slurm job recorded")
+    return lines
