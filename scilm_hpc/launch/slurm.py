@@ -80,10 +80,10 @@ def slurm_parameters(cluster: ClusterConfig, name: str) -> dict[str, Any]:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(cluster, key) is not None:
             params[key] = getattr(cluster, key)
-    extra = {}
+    extra: dict[str, Any] = {}
     for item in cluster.extra_sbatch:
         key, _, value = item.lstrip("-").partition("=")
-        extra[key] = value or None
+        extra[key] = value or True  # a bare flag such as --exclusive
     if extra:
         params["additional_parameters"] = extra
     return params
@@ -112,7 +112,7 @@ def slurm_executor(job: JobConfig, folder: Path) -> Any:
 def sbatch_script(job: JobConfig, folder: Path) -> str:
     """The exact sbatch script submitit would submit for ``job``."""
     executor = slurm_executor(job, folder)
-    return str(executor._make_submission_file_text(executor._submit_command, "dry-run"))
+    return str(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
 
 
 def record_job(run_dir: Path, job_id: str, kind: str, backend: str) -> None:
