@@ -262,7 +262,10 @@ def validate(job: JobConfig) -> list[str]:
         "jsonl": ("classification", "causal_lm"),
         "csv": ("classification", "causal_lm"),
     }
-    if d.format in fits and job.task in schema.TASKS and job.task not in fits[d.format]:
+    if (
+        job.job == "prepare" and d.format in fits and job.task in schema.TASKS
+        and job.task not in fits[d.format]
+    ):
         p.append(
             f"data.format: '{d.format}' cannot feed task '{job.task}'; "
             f"'{d.format}' fits: {', '.join(fits[d.format])}"

@@ -102,7 +102,7 @@ def test_valid_job_passes(scilm: Scilm, job_file: Path, tmp_path: Path) -> None:
         ("=5", ["'=5': an override must look like key=value"]),
         (
             "cluster=nosuch",
-            ["cluster: no building block 'nosuch' in configs/cluster/", "allowed: local, none"],
+            ["cluster: no building block 'nosuch' in configs/cluster/", "allowed: dev, local, none, site-example"],
         ),
         (
             "zero.offload_params=true",
@@ -279,7 +279,7 @@ def test_unknown_group_choice_lists_allowed_names(job_file: Path) -> None:
         load_config(job_file, ["cluster=nosuch"])
     (line,) = info.value.problems
     assert "'nosuch'" in line
-    assert "allowed: local, none" in line
+    assert "allowed: dev, local, none, site-example" in line
 
 
 def test_bad_defaults_entry(tmp_path: Path, corpus: Path) -> None:

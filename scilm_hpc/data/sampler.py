@@ -44,13 +44,17 @@ def epoch_order(
     order = rng.permutation(len(lengths))
     if not bucketing:
         return order
-    pieces = []
+    pieces, tails = [], []
     for start in range(0, len(order), chunk_size):
         chunk = order[start : start + chunk_size]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        blocks = [chunk[i : i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
+        full = len(chunk) // micro_batch_size * micro_batch_size
+        blocks = [chunk[i : i + micro_batch_size] for i in range(0, full, micro_batch_size)]
         for b in rng.permutation(len(blocks)):
             pieces.append(blocks[b])
+        if full < len(chunk):  # a short block would mix two buckets: move it to the end
+            tails.append(chunk[full:])
+    pieces += tails
     return np.concatenate(pieces) if pieces else order
 
 
@@ -101,10 +105,9 @@ class ResumableBatches:
         epoch, consumed = position.epoch, position.samples_in_epoch
         while True:
             order = epoch_order(self.lengths, self.seed, epoch, self.micro, self.bucketing)
-            usable = (len(order) // self.samples_per_step) * self.samples_per_step
             if self.steps_per_epoch == 0:
                 raise ValueError("fewer examples than one optimizer step needs")
-            while consumed + self.samples_per_step <= usable:
+            while consumed + self.samples_per_step <= len(order):
                 micro_batches = []
                 for a in range(self.accum):
                     start = consumed + (a * self.world + self.rank) * self.micro

@@ -37,7 +37,7 @@ def classification_metrics(
         per_class[name] = {"precision": p, "recall": r, "f1": f, "support": int(support[i])}
         f1s.append(f)
     total = int(cm.sum())
-    present = support > 0
+    present = (support > 0) | (cm.sum(axis=0) > 0)  # as scikit-learn: predicted-only too
     return {
         "accuracy": float(tp.sum() / total) if total else 0.0,
         "macro_f1": float(np.mean(np.asarray(f1s)[present])) if present.any() else 0.0,
