@@ -124,13 +124,21 @@ def _parse_overrides(overrides: list[str], problems: list[str]) -> tuple[dict[st
                 f"(e.g. train.lr=3e-5 or cluster=dev)"
             )
             continue
+        if any(ch in item for ch in "\n\r\x00"):
+            # YAML would fold the break or drop the rest as a comment: never guess
+            problems.append(f"{key}: the override holds a line break; give one line per value")
+            continue
         if key in schema.GROUPS and raw and not raw.startswith(("{", "[")):
             choices[key] = raw
             continue
         try:
             parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as exc:
-            problems.append(f"{key}: cannot parse override '{item}': {exc}")
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            problems.append(
+                f"{key}: cannot parse override '{item}': {detail}; quote the value "
+                f"(key='value') if it holds YAML syntax"
+            )
             continue
         dotted = OmegaConf.to_container(OmegaConf.merge(dotted, parsed))  # type: ignore[assignment]
     return choices, dotted
@@ -263,7 +271,9 @@ def validate(job: JobConfig) -> list[str]:
         "csv": ("classification", "causal_lm"),
     }
     if (
-        job.job == "prepare" and d.format in fits and job.task in schema.TASKS
+        job.job == "prepare"
+        and d.format in fits
+        and job.task in schema.TASKS
         and job.task not in fits[d.format]
     ):
         p.append(
