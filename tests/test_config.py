@@ -102,7 +102,10 @@ def test_valid_job_passes(scilm: Scilm, job_file: Path, tmp_path: Path) -> None:
         ("=5", ["'=5': an override must look like key=value"]),
         (
             "cluster=nosuch",
-            ["cluster: no building block 'nosuch' in configs/cluster/", "allowed: dev, local, none, site-example"],
+            [
+                "cluster: no building block 'nosuch' in configs/cluster/",
+                "allowed: dev, local, none, site-example",
+            ],
         ),
         (
             "zero.offload_params=true",
