@@ -56,21 +56,43 @@ os.environ.update(THREAD_ENV)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR / "train.jsonl",
-                   help="JSONL corpus ({text, label} per line), or a directory holding "
-                        "train.jsonl (default: %(default)s)")
-    p.add_argument("--model", default="minilm",
-                   help="model.name_or_path whose tokenizer is used (default: %(default)s)")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        default=DEFAULT_CORPUS_DIR / "train.jsonl",
+        help="JSONL corpus ({text, label} per line), or a directory holding "
+        "train.jsonl (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model",
+        default="minilm",
+        help="model.name_or_path whose tokenizer is used (default: %(default)s)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (default: 3)")
-    p.add_argument("--replicate", type=int, default=None,
-                   help=f"concatenate the corpus K times (default: ~{TARGET_DOCS} documents)")
-    p.add_argument("--examples-per-shard", type=int, default=2048,
-                   help="data.examples_per_shard (default: %(default)s)")
+    p.add_argument(
+        "--replicate",
+        type=int,
+        default=None,
+        help=f"concatenate the corpus K times (default: ~{TARGET_DOCS} documents)",
+    )
+    p.add_argument(
+        "--examples-per-shard",
+        type=int,
+        default=2048,
+        help="data.examples_per_shard (default: %(default)s)",
+    )
     p.add_argument("--ranks", type=int, default=2, help="MPI ranks of the parallel run")
-    p.add_argument("--no-warmup", action="store_true",
-                   help="skip the untimed warm-up prepare (fills the page cache)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="working directory (kept); default: a temporary one, removed")
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the untimed warm-up prepare (fills the page cache)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="working directory (kept); default: a temporary one, removed",
+    )
     args = p.parse_args(argv)
     if args.corpus.is_dir():
         args.corpus = args.corpus / "train.jsonl"
@@ -145,25 +167,40 @@ def rank0_stdout(mpi_out: Path, captured: str) -> str:
     parts = MPI_TAG.split(text)  # [before, rank, text, rank, text, ...]
     if len(parts) == 1:
         return text
-    return "".join(chunk for rank, chunk in zip(parts[1::2], parts[2::2], strict=True)
-                   if rank == "0")
+    return "".join(
+        chunk for rank, chunk in zip(parts[1::2], parts[2::2], strict=True) if rank == "0"
+    )
 
 
-def run_prepare(corpus: Path, work: Path, ranks: int, per_shard: int, model: str
-                ) -> dict[str, Any]:
+def run_prepare(corpus: Path, work: Path, ranks: int, per_shard: int, model: str) -> dict[str, Any]:
     """One ``scilm prepare`` run; wall seconds, the CLI's summary and other load."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    cmd = scilm_command() + ["prepare", "jobs/prepare.yaml", "cluster=none",
-                             f"data.train={corpus}", f"run.dir={work}",
-                             f"data.shards={work / 'shards'}",
-                             f"data.examples_per_shard={per_shard}",
-                             f"model.name_or_path={model}"]
+    cmd = scilm_command() + [
+        "prepare",
+        "jobs/prepare.yaml",
+        "cluster=none",
+        f"data.train={corpus}",
+        f"run.dir={work}",
+        f"data.shards={work / 'shards'}",
+        f"data.examples_per_shard={per_shard}",
+        f"model.name_or_path={model}",
+    ]
     if ranks > 1:
         exports = [a for k in THREAD_ENV for a in ("-x", k)]
-        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--tag-output",
-               "--output-filename", str(work / "mpi-out"), "-n", str(ranks), *exports, *cmd]
+        cmd = [
+            "mpirun",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--tag-output",
+            "--output-filename",
+            str(work / "mpi-out"),
+            "-n",
+            str(ranks),
+            *exports,
+            *cmd,
+        ]
     env = {**os.environ, **THREAD_ENV}
     busy0, own0 = cpu_busy_seconds(), children_cpu_seconds()
     t0 = time.perf_counter()
@@ -172,8 +209,9 @@ def run_prepare(corpus: Path, work: Path, ranks: int, per_shard: int, model: str
     busy1, own1 = cpu_busy_seconds(), children_cpu_seconds()
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"prepare ({ranks} rank(s)) failed with status {proc.returncode}: "
-                         f"{' '.join(cmd)}")
+        raise SystemExit(
+            f"prepare ({ranks} rank(s)) failed with status {proc.returncode}: {' '.join(cmd)}"
+        )
     stdout = rank0_stdout(work / "mpi-out", proc.stdout) if ranks > 1 else proc.stdout
     try:
         summary = find_summary(stdout)
@@ -184,11 +222,16 @@ def run_prepare(corpus: Path, work: Path, ranks: int, per_shard: int, model: str
     if len(summary["rank_seconds"]) != ranks:
         raise SystemExit(f"expected {ranks} rank_seconds, got {summary['rank_seconds']}")
     own = own1 - own0
-    return {"wall_s": wall, "compute_s": max(summary["rank_seconds"]),
-            "rank_seconds": summary["rank_seconds"],
-            "n_examples": int(train["n_examples"]), "n_tokens": int(train["n_tokens"]),
-            "cpu_s": own, "other_load_cores": max(0.0, (busy1 - busy0 - own) / wall),
-            "shards": work / "shards"}
+    return {
+        "wall_s": wall,
+        "compute_s": max(summary["rank_seconds"]),
+        "rank_seconds": summary["rank_seconds"],
+        "n_examples": int(train["n_examples"]),
+        "n_tokens": int(train["n_tokens"]),
+        "cpu_s": own,
+        "other_load_cores": max(0.0, (busy1 - busy0 - own) / wall),
+        "shards": work / "shards",
+    }
 
 
 def shard_checksums(shards: Path) -> list[str]:
@@ -259,12 +302,16 @@ def run(args: argparse.Namespace, out: Path, nproc: int) -> int:
     times, n_docs = replicate_corpus(args.corpus, corpus, args.replicate)
     mpirun = shutil.which("mpirun")
     env_note = " ".join(f"{k}={v}" for k, v in THREAD_ENV.items())
-    print(f"corpus: {args.corpus} x{times} = {n_docs} documents "
-          f"({corpus.stat().st_size / 2**20:.1f} MiB), examples_per_shard="
-          f"{args.examples_per_shard}, model={args.model}, repeats={args.repeats}, "
-          f"machine: {nproc} CPU(s)")
-    print(f"each rank on one core: {env_note} (set for 1 rank, {args.ranks} ranks and the "
-          f"on-the-fly reference)")
+    print(
+        f"corpus: {args.corpus} x{times} = {n_docs} documents "
+        f"({corpus.stat().st_size / 2**20:.1f} MiB), examples_per_shard="
+        f"{args.examples_per_shard}, model={args.model}, repeats={args.repeats}, "
+        f"machine: {nproc} CPU(s)"
+    )
+    print(
+        f"each rank on one core: {env_note} (set for 1 rank, {args.ranks} ranks and the "
+        f"on-the-fly reference)"
+    )
     if mpirun is None:
         print("mpirun not found on PATH: skipping the multi-rank prepare runs")
     if nproc < args.ranks:
@@ -280,33 +327,51 @@ def run(args: argparse.Namespace, out: Path, nproc: int) -> int:
     identical: bool | None = None
     for rep in range(args.repeats):
         for ranks in runs:
-            r = run_prepare(corpus, out / f"prep-{ranks}r", ranks, args.examples_per_shard,
-                            args.model)
+            r = run_prepare(
+                corpus, out / f"prep-{ranks}r", ranks, args.examples_per_shard, args.model
+            )
             runs[ranks].append(r)
-            print(f"  repeat {rep + 1}: {ranks} rank(s): wall {r['wall_s']:6.2f} s, "
-                  f"tokenize+write {', '.join(f'{s:.2f}' for s in r['rank_seconds'])} s, "
-                  f"other load {r['other_load_cores']:.2f} core(s)", flush=True)
+            print(
+                f"  repeat {rep + 1}: {ranks} rank(s): wall {r['wall_s']:6.2f} s, "
+                f"tokenize+write {', '.join(f'{s:.2f}' for s in r['rank_seconds'])} s, "
+                f"other load {r['other_load_cores']:.2f} core(s)",
+                flush=True,
+            )
         if mpirun is not None and identical is None:
-            identical = shard_checksums(out / "prep-1r/shards") == \
-                shard_checksums(out / f"prep-{args.ranks}r/shards")
+            identical = shard_checksums(out / "prep-1r/shards") == shard_checksums(
+                out / f"prep-{args.ranks}r/shards"
+            )
     if mpirun is not None:
         shutil.rmtree(out / f"prep-{args.ranks}r", ignore_errors=True)
 
     def figures(ranks: int) -> dict[str, float | None]:
         rs = runs.get(ranks)
         if not rs:
-            return {k: None for k in ("docs", "tokens", "wall_docs", "wall_tokens", "compute_s",
-                                      "wall_s", "other_load", "best_docs",
-                                      "best_wall_docs")}
-        return {"docs": median([r["n_examples"] / r["compute_s"] for r in rs]),
-                "tokens": median([r["n_tokens"] / r["compute_s"] for r in rs]),
-                "wall_docs": median([r["n_examples"] / r["wall_s"] for r in rs]),
-                "wall_tokens": median([r["n_tokens"] / r["wall_s"] for r in rs]),
-                "compute_s": median([r["compute_s"] for r in rs]),
-                "wall_s": median([r["wall_s"] for r in rs]),
-                "other_load": median([r["other_load_cores"] for r in rs]),
-                "best_docs": max(r["n_examples"] / r["compute_s"] for r in rs),
-                "best_wall_docs": max(r["n_examples"] / r["wall_s"] for r in rs)}
+            return {
+                k: None
+                for k in (
+                    "docs",
+                    "tokens",
+                    "wall_docs",
+                    "wall_tokens",
+                    "compute_s",
+                    "wall_s",
+                    "other_load",
+                    "best_docs",
+                    "best_wall_docs",
+                )
+            }
+        return {
+            "docs": median([r["n_examples"] / r["compute_s"] for r in rs]),
+            "tokens": median([r["n_tokens"] / r["compute_s"] for r in rs]),
+            "wall_docs": median([r["n_examples"] / r["wall_s"] for r in rs]),
+            "wall_tokens": median([r["n_tokens"] / r["wall_s"] for r in rs]),
+            "compute_s": median([r["compute_s"] for r in rs]),
+            "wall_s": median([r["wall_s"] for r in rs]),
+            "other_load": median([r["other_load_cores"] for r in rs]),
+            "best_docs": max(r["n_examples"] / r["compute_s"] for r in rs),
+            "best_wall_docs": max(r["n_examples"] / r["wall_s"] for r in rs),
+        }
 
     one, many = figures(1), figures(args.ranks)
     scaling = many["docs"] / one["docs"] if many["docs"] else None
@@ -329,49 +394,75 @@ def run(args: argparse.Namespace, out: Path, nproc: int) -> int:
         shard_t.append(s)
         fly_t.append(f)
     if (s_ex, s_tok) != (f_ex, f_tok):
-        print(f"warning: shards hold {s_ex} examples / {s_tok} tokens, on the fly gives "
-              f"{f_ex} / {f_tok}")
+        print(
+            f"warning: shards hold {s_ex} examples / {s_tok} tokens, on the fly gives "
+            f"{f_ex} / {f_tok}"
+        )
     shard_ex_s, fly_ex_s = s_ex / median(shard_t), f_ex / median(fly_t)
     read_ratio = shard_ex_s / fly_ex_s
 
     r = args.ranks
     print()
-    print(f"prepare, {n_examples} documents / {n_tokens} tokens, median of {args.repeats} "
-          f"(best: fastest run of each):")
+    print(
+        f"prepare, {n_examples} documents / {n_tokens} tokens, median of {args.repeats} "
+        f"(best: fastest run of each):"
+    )
     print(f"  {'':24}{'1 rank':>14}{f'{r} ranks':>14}{f'{r}/1':>8}")
-    rows = [("compute docs/s", "docs", scaling), ("compute tokens/s", "tokens", scaling),
-            ("end-to-end docs/s", "wall_docs", wall_scaling),
-            ("end-to-end tokens/s", "wall_tokens", wall_scaling),
-            ("tokenize+write s (max)", "compute_s", None), ("wall s", "wall_s", None),
-            ("other load (cores)", "other_load", None),
-            ("best compute docs/s", "best_docs", best),
-            ("best end-to-end docs/s", "best_wall_docs", best_wall)]
+    rows = [
+        ("compute docs/s", "docs", scaling),
+        ("compute tokens/s", "tokens", scaling),
+        ("end-to-end docs/s", "wall_docs", wall_scaling),
+        ("end-to-end tokens/s", "wall_tokens", wall_scaling),
+        ("tokenize+write s (max)", "compute_s", None),
+        ("wall s", "wall_s", None),
+        ("other load (cores)", "other_load", None),
+        ("best compute docs/s", "best_docs", best),
+        ("best end-to-end docs/s", "best_wall_docs", best_wall),
+    ]
     for label, key, ratio in rows:
-        cells = [f"{v:14,.2f}" if v is not None and v < 100 else
-                 (f"{v:14,.0f}" if v is not None else f"{'-':>14}")
-                 for v in (one[key], many[key])]
+        cells = [
+            f"{v:14,.2f}"
+            if v is not None and v < 100
+            else (f"{v:14,.0f}" if v is not None else f"{'-':>14}")
+            for v in (one[key], many[key])
+        ]
         print(f"  {label:24}{cells[0]}{cells[1]}{f'{ratio:7.2f}x' if ratio else ''}")
     if scaling is not None:
         verdict = "met" if scaling >= SCALING_GOAL else "MISSED"
-        print(f"  goal: {r} ranks >= {SCALING_GOAL}x 1 rank (compute): {scaling:.2f}x, {verdict}"
-              f" (fastest runs: {best:.2f}x); shards identical 1 vs {r} ranks: {identical}")
+        print(
+            f"  goal: {r} ranks >= {SCALING_GOAL}x 1 rank (compute): {scaling:.2f}x, {verdict}"
+            f" (fastest runs: {best:.2f}x); shards identical 1 vs {r} ranks: {identical}"
+        )
         if verdict == "MISSED" and many["other_load"] and many["other_load"] > 0.2:
-            print(f"  note: other processes used {many['other_load']:.2f} core(s) during the "
-                  f"{r}-rank runs; on {nproc} CPU(s) that alone caps the scaling")
+            print(
+                f"  note: other processes used {many['other_load']:.2f} core(s) during the "
+                f"{r}-rank runs; on {nproc} CPU(s) that alone caps the scaling"
+            )
     print(f"read, {s_ex} examples / {s_tok} tokens, median of {args.repeats}:")
-    print(f"  ShardDataset ds[i]          {shard_ex_s:12,.0f} examples/s "
-          f"{s_tok / median(shard_t):14,.0f} tokens/s")
-    print(f"  JSONL + tokenize (b={READ_BATCH})  {fly_ex_s:12,.0f} examples/s "
-          f"{f_tok / median(fly_t):14,.0f} tokens/s")
-    print(f"  goal: shards >= {READ_GOAL:.0f}x on the fly: {read_ratio:.1f}x, "
-          f"{'met' if read_ratio >= READ_GOAL else 'MISSED'}")
+    print(
+        f"  ShardDataset ds[i]          {shard_ex_s:12,.0f} examples/s "
+        f"{s_tok / median(shard_t):14,.0f} tokens/s"
+    )
+    print(
+        f"  JSONL + tokenize (b={READ_BATCH})  {fly_ex_s:12,.0f} examples/s "
+        f"{f_tok / median(fly_t):14,.0f} tokens/s"
+    )
+    print(
+        f"  goal: shards >= {READ_GOAL:.0f}x on the fly: {read_ratio:.1f}x, "
+        f"{'met' if read_ratio >= READ_GOAL else 'MISSED'}"
+    )
 
     result = {
         "benchmark": "prepare",
-        "corpus": str(args.corpus), "replicate": times, "model": args.model,
-        "repeats": args.repeats, "examples_per_shard": args.examples_per_shard,
-        "thread_env": THREAD_ENV, "ranks": r,
-        "prepare_n_examples": n_examples, "prepare_n_tokens": n_tokens,
+        "corpus": str(args.corpus),
+        "replicate": times,
+        "model": args.model,
+        "repeats": args.repeats,
+        "examples_per_shard": args.examples_per_shard,
+        "thread_env": THREAD_ENV,
+        "ranks": r,
+        "prepare_n_examples": n_examples,
+        "prepare_n_tokens": n_tokens,
         "prepare_1rank_docs_per_s": rnd(one["docs"]),
         "prepare_1rank_tokens_per_s": rnd(one["tokens"]),
         "prepare_1rank_wall_docs_per_s": rnd(one["wall_docs"]),

@@ -9,6 +9,7 @@ checked when it is first read; ``verify_checksums`` compares full SHA-256s.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -60,6 +61,7 @@ class ShardDataset:
                 )
         counts = np.array([s.n_examples for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._start_list: list[int] = self._starts.tolist()  # bisect beats searchsorted here
         self._cache_size = max(1, cache_shards)
         self._cache: OrderedDict[int, ShardArrays] = OrderedDict()
         self._pid = os.getpid()
@@ -91,7 +93,7 @@ class ShardDataset:
         """(shard, position in shard) of a global example index."""
         if not 0 <= index < len(self):
             raise IndexError(f"example {index} out of range for {len(self)} examples")
-        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        shard = bisect.bisect_right(self._start_list, index) - 1
         return shard, index - int(self._starts[shard])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
