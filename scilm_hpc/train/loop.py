@@ -44,7 +44,8 @@ class FinetuneJob:
         env = rank_env()
         on_gpu = torch.cuda.is_available() and job.cluster.gpus_per_node > 0
         export_rank_env(env, on_gpu)
-        if not on_gpu:
+        if not on_gpu and job.cluster.backend != "none":
+            # one rank per task: use the task's CPUs, not every core of the node
             torch.set_num_threads(max(1, job.cluster.cpus_per_task))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
