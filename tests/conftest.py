@@ -105,3 +105,6 @@ def scilm(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, s
         return code, out, err
 
     return run
+
+
+from .slurm_fixtures import slurm_cluster  # noqa: E402,F401  (the `slurm` tier's cluster)

@@ -48,12 +48,20 @@ def rank_env() -> RankEnv:
         import submitit
 
         env = submitit.JobEnvironment()
+        # srun's launch node is the first node of the allocation: its address is the
+        # master's (a dev cluster's node names need not resolve; its nodes are 127.0.0.1)
+        master = (
+            "127.0.0.1"
+            if env.num_nodes == 1
+            else os.environ.get("SLURM_LAUNCH_NODE_IPADDR", env.hostnames[0])
+        )
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")  # requeued: a fresh port
         return RankEnv(
             env.global_rank,
             env.local_rank,
             env.num_tasks,
-            "127.0.0.1" if env.num_nodes == 1 else env.hostnames[0],
-            port_for_job(str(env.job_id)),
+            master,
+            port_for_job(f"{env.job_id}-{restart}"),
         )
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return RankEnv(

@@ -57,16 +57,35 @@ def _results(submitted: Any) -> Any:
     return results[0]
 
 
-def follow(submitted: Any, poll_s: float = 2.0) -> None:
-    """Stream rank 0's stdout until the job ends."""
+def follow(submitted: Any, poll_s: float = 2.0, grace_s: float = 30.0) -> None:
+    """Stream rank 0's stdout until the job has written its result.
+
+    submitit cannot see a job's state without Slurm accounting, so a job that ends
+    without a result (cancelled, killed) is detected through ``scontrol``.
+
+    Raises:
+        RuntimeError: if Slurm says the job ended but no result appeared within ``grace_s``.
+    """
+    from scilm_hpc.launch.slurm import slurm_state
+    from scilm_hpc.launch.status import FINISHED
+
     shown = 0
-    while not submitted.done():
+    ended_at: float | None = None
+    while not submitted.paths.result_pickle.exists():
         path = submitted.paths.stdout
         if path.is_file():
             text = path.read_text(errors="replace")
             sys.stdout.write(text[shown:])
             sys.stdout.flush()
             shown = len(text)
+        state = slurm_state(str(submitted.job_id))["state"]
+        if state in FINISHED:
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > grace_s:
+                raise RuntimeError(
+                    f"Slurm job {submitted.job_id} ended ({state}) without a "
+                    f"result; see {submitted.paths.stderr}"
+                )
         time.sleep(poll_s)
 
 
