@@ -107,4 +107,33 @@ def scilm(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, s
     return run
 
 
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """Demo-corpus shards made with the tiny model's tokenizer (once per module)."""
+    import subprocess
+    import sys
+
+    from scilm_hpc.data.demo_corpus import write_demo_corpus
+
+    root = tmp_path_factory.mktemp("ft-data")
+    corpus = write_demo_corpus(root / "corpus", train=96, dev=30, test=10)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("scilm")),
+            "prepare",
+            str(REPO / "jobs/prepare.yaml"),
+            "cluster=none",
+            f"run.dir={root}",
+            f"data.train={corpus['train']}",
+            f"data.dev={corpus['dev']}",
+            f"model.name_or_path={tiny_model_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return root / "shards"
+
+
 from .slurm_fixtures import slurm_cluster  # noqa: E402,F401  (the `slurm` tier's cluster)

@@ -31,26 +31,6 @@ def scilm_run(
     return subprocess.run([SCILM, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """Demo-corpus shards made with the tiny model's tokenizer (once per module)."""
-    from scilm_hpc.data.demo_corpus import write_demo_corpus
-
-    root = tmp_path_factory.mktemp("ft-data")
-    corpus = write_demo_corpus(root / "corpus", train=96, dev=30, test=10)
-    done = scilm_run(
-        "prepare",
-        str(REPO / "jobs/prepare.yaml"),
-        "cluster=none",
-        f"run.dir={root}",
-        f"data.train={corpus['train']}",
-        f"data.dev={corpus['dev']}",
-        f"model.name_or_path={tiny_model_dir}",
-    )
-    assert done.returncode == 0, done.stderr
-    return root / "shards"
-
-
 def finetune(
     run_dir: Path,
     shards: Path,

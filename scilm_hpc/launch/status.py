@@ -69,10 +69,19 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         jobs.append(entry)
     tag = latest_tag(run_dir)
     train, dev = _last_rows(run_dir)
+    state, reason = own.get("state", "unknown"), own.get("reason")
+    latest = jobs[-1] if jobs else {}
+    slurm = latest.get("state")
+    if slurm in FINISHED and slurm != "COMPLETED" and state in ("running", "unknown"):
+        # killed from outside (scancel, node failure): the job could not record it
+        state, reason = slurm.lower(), f"Slurm job {latest['job_id']} {slurm}"
+    elif slurm == "PENDING" and state in ("unknown", "requeued"):
+        state = "pending" if state == "unknown" else "requeued"
+        reason = reason or f"Slurm: {latest.get('reason', '')}"
     return {
         "run_dir": str(run_dir),
-        "state": own.get("state", "unknown" if not jobs else jobs[-1].get("state", "unknown")),
-        "reason": own.get("reason"),
+        "state": state,
+        "reason": reason,
         "jobs": jobs,
         "step": train["step"] if train else 0,
         "last_checkpoint": tag,

@@ -1,0 +1,174 @@
+"""scilm on the real development Slurm cluster: multi-node runs, preemption, time limits, status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_finetune import FINETUNE, assert_same_weights, export_weights, losses, scilm_run
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def common(run_dir: Path, shards: Path, model: Path, *extra: str) -> list[str]:
+    return [
+        FINETUNE,
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        f"model.name_or_path={model}",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        "train.seed=7",
+        *extra,
+    ]
+
+
+def status(run_dir: Path) -> dict:
+    done = scilm_run("status", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def job_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "jobs.json").read_text())[-1]["job_id"]
+
+
+def step_reached(run_dir: Path, step: int) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.is_file() and any(r[0] >= step for r in losses(run_dir))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_node_run_equals_two_local_processes(
+    slurm_cluster, tmp_path, shards, tiny_model_dir, stage
+):
+    args = (f"zero.stage={stage}", "train.max_steps=6", "train.gradient_accumulation=2")
+    local = scilm_run(
+        "finetune",
+        *common(tmp_path / "local", shards, tiny_model_dir, *args),
+        "cluster=local",
+        "cluster.tasks_per_node=2",
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    slurm = scilm_run(
+        "finetune",
+        *common(tmp_path / "slurm", shards, tiny_model_dir, *args),
+        "cluster=dev",
+        "cluster.nodes=2",
+        "cluster.tasks_per_node=1",
+        "--wait",
+    )
+    assert slurm.returncode == 0, slurm.stderr[-3000:]
+    assert "submitted Slurm job" in slurm.stdout
+    report = status(tmp_path / "slurm")
+    assert report["jobs"][-1]["nodes"] == "node[1-2]"  # both nodes of the dev cluster
+    assert losses(tmp_path / "slurm") == losses(tmp_path / "local")
+    assert_same_weights(export_weights(tmp_path / "slurm"), export_weights(tmp_path / "local"))
+    assert report["state"] == "completed"
+
+
+def test_usr2_requeues_and_resumes_exactly(slurm_cluster, tmp_path, shards, tiny_model_dir):
+    args = (
+        "zero.stage=2",
+        "train.max_steps=150",
+        "train.checkpoint_every=0",
+        "train.micro_batch_size=8",
+    )
+    straight = scilm_run(
+        "finetune",
+        *common(tmp_path / "straight", shards, tiny_model_dir, *args),
+        "cluster=local",
+        "cluster.tasks_per_node=2",
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = tmp_path / "preempted"
+    submitted = scilm_run(
+        "finetune", *common(run, shards, tiny_model_dir, *args), "cluster=dev", "cluster.nodes=2"
+    )
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    jid = job_id(run)
+    wait_for(lambda: step_reached(run, 20), 120, "step 20")
+    assert status(run)["state"] == "running"
+    subprocess.run(["scancel", "--signal=USR2", jid], check=True)
+    requeued = wait_for(
+        lambda: (s := status(run))["state"] == "requeued" and s, 60, "the requeued state"
+    )
+    assert "SIGUSR2" in requeued["reason"] and requeued["last_checkpoint"] is not None
+    stopped_at = requeued["checkpoint_step"]
+    assert 20 <= stopped_at < 150  # no checkpoint was due: this one is the signal's
+    final = wait_for(
+        lambda: (s := status(run))["state"] == "completed" and s,
+        240,
+        "completion after the requeue",
+    )
+    assert final["jobs"][-1]["restarts"] == "1"
+    # every step logged once, in order, and the same losses as the uninterrupted run
+    assert losses(run) == losses(tmp_path / "straight")
+    assert_same_weights(export_weights(run), export_weights(tmp_path / "straight"))
+
+
+def test_time_limit_requeues_until_done(slurm_cluster, tmp_path, shards, tiny_model_dir):
+    run = tmp_path / "limited"
+    # 1-minute limit, USR2 50 s before it: each allocation gets ~10-30 s (Slurm checks
+    # time limits periodically); training needs more than one allocation.
+    args = (
+        "zero.stage=2",
+        "train.max_steps=900",
+        "train.micro_batch_size=16",
+        "train.checkpoint_every=0",
+        "cluster.time_min=1",
+        "cluster.signal_delay_s=50",
+        "cluster.max_requeues=8",
+    )
+    submitted = scilm_run("finetune", *common(run, shards, tiny_model_dir, *args), "cluster=dev")
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    final = wait_for(
+        lambda: (s := status(run))["state"] in ("completed", "stopped") and s,
+        540,
+        "the end of the run",
+        poll=3,
+    )
+    assert final["state"] == "completed", final
+    assert int(final["jobs"][-1]["restarts"]) >= 1
+    steps = [s for s, _ in losses(run)]
+    assert steps == list(range(1, 901))  # nothing lost, nothing replayed
+
+
+def test_status_pending_cancelled_and_failed(
+    slurm_cluster, tmp_path, shards, tiny_model_dir, other_tokenizer_model_dir
+):
+    pending = tmp_path / "pending"
+    done = scilm_run(
+        "finetune",
+        *common(pending, shards, tiny_model_dir),
+        "cluster=dev",
+        "cluster.extra_sbatch=['--begin=now+3600']",
+    )
+    assert done.returncode == 0, done.stderr
+    assert wait_for(lambda: status(pending)["state"] == "pending", 30, "pending")
+    cancel = scilm_run("cancel", str(pending))
+    assert cancel.returncode == 0 and "cancel requested" in cancel.stdout
+    assert wait_for(lambda: status(pending)["state"] == "cancelled", 30, "cancelled")
+
+    failed = tmp_path / "failed"
+    done = scilm_run(
+        "finetune", *common(failed, shards, other_tokenizer_model_dir), "cluster=dev", "--wait"
+    )
+    assert done.returncode == 2 and "tokenizer" in done.stderr
+    report = status(failed)
+    assert report["state"] == "failed" and "tokenizer" in report["reason"]
