@@ -14,11 +14,20 @@ scilm prepare jobs/prepare.yaml run.dir="$RUN_DIR" \
     cluster.tasks_per_node=2
 echo "== 3. verify the shards (checksums, tokenizer fingerprint)"
 scilm validate jobs/prepare.yaml run.dir="$RUN_DIR" data.train="$RUN_DIR/corpus/train.jsonl" --data
-echo "== 4. fine-tune MiniLM: DeepSpeed ZeRO-2 on 2 local CPU ranks (gloo), one epoch"
+if slurm/dev-cluster up >"$RUN_DIR/dev-cluster.log" 2>&1; then
+    eval "$(slurm/dev-cluster env)"
+    CLUSTER=(cluster=dev cluster.nodes=2 cluster.tasks_per_node=1 --wait)
+    WHERE="the development Slurm cluster (2 nodes x 1 task; scilm status $RUN_DIR)"
+else
+    CLUSTER=(cluster=local cluster.tasks_per_node=2)
+    WHERE="2 local processes: no Slurm dev cluster here ($(tail -1 "$RUN_DIR/dev-cluster.log"))"
+fi
+echo "== 4. fine-tune MiniLM with DeepSpeed ZeRO-2 on CPU ranks (gloo), one epoch, on"
+echo "     $WHERE"
 echo "     (the first DeepSpeed run on a machine compiles a CPU op: about 30-90 s)"
 scilm finetune jobs/finetune.yaml run.dir="$RUN_DIR" data.shards="$RUN_DIR/shards" \
-    cluster.tasks_per_node=2 train.micro_batch_size=16 train.lr=1e-4 \
-    train.eval_every=10 train.checkpoint_every=10 train.log_every=5
+    train.micro_batch_size=16 train.lr=1e-4 \
+    train.eval_every=10 train.checkpoint_every=10 train.log_every=5 "${CLUSTER[@]}"
 echo
 echo "demo done:"
 echo "  shards + manifest   $RUN_DIR/shards/"
