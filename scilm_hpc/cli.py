@@ -58,7 +58,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             f"{args.run_dir}: no complete checkpoint to resume from (checkpoints/latest is missing)"
         )
     print(f"resuming {args.run_dir} from {tag}", flush=True)
-    args.job_file, args.command, args.dry_run = config, "finetune", False
+    args.job_file, args.command, args.dry_run, args.sweep = config, "finetune", False, []
     args.wait = False
     args.overrides = [*args.overrides, f"run.dir={args.run_dir}"]
     return cmd_job(args)
@@ -68,6 +68,8 @@ def cmd_job(args: argparse.Namespace) -> int:
     """``scilm prepare|... JOB.yaml [key=value ...]``."""
     from scilm_hpc.launch.executor import run_job
 
+    if args.sweep:
+        return _sweep(args)
     job = load_and_validate(args.job_file, args.overrides, job=args.command)
     if args.dry_run:
         print(to_yaml(job), end="")
@@ -81,6 +83,39 @@ def cmd_job(args: argparse.Namespace) -> int:
     _save_config(job)
     result = run_job(JOB_FACTORIES[args.command](job), job, wait=args.wait)
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """Validate every member first, then submit them together (one Slurm job array)."""
+    from scilm_hpc.launch.executor import run_jobs
+    from scilm_hpc.launch.sweep import member_dir, parse_sweep, sweep_members, write_sweep_index
+
+    parent = load_and_validate(args.job_file, args.overrides, job=args.command)
+    members = sweep_members(parse_sweep(args.sweep))
+    jobs = [
+        load_and_validate(
+            args.job_file,
+            [*args.overrides, *m, f"run.dir={member_dir(parent.run.dir, i)}"],
+            job=args.command,
+        )
+        for i, m in enumerate(members)
+    ]
+    if args.dry_run:
+        for i, m in enumerate(members):
+            print(f"# member {member_dir(parent.run.dir, i)}: {' '.join(m)}")
+        if parent.cluster.backend == "slurm":
+            from scilm_hpc.launch.executor import submitit_folder
+            from scilm_hpc.launch.slurm import sbatch_script
+
+            print("# ---- sbatch script (not submitted) ----")
+            print(sbatch_script(parent, submitit_folder(parent), array=len(jobs)), end="")
+        return 0
+    write_sweep_index(Path(parent.run.dir), members)
+    for job in jobs:
+        _save_config(job)
+    results = run_jobs([JOB_FACTORIES[args.command](j) for j in jobs], jobs, parent, wait=args.wait)
+    print(json.dumps(results, indent=1))
     return 0
 
 
@@ -133,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
         p.add_argument(
             "--dry-run", action="store_true", help="print the resolved config and run nothing"
+        )
+        p.add_argument(
+            "--sweep",
+            action="append",
+            default=[],
+            metavar="KEY=V1,V2",
+            help="one run per combination of values (repeatable); on Slurm one job array",
         )
         p.add_argument(
             "--wait",

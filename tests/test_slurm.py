@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from .test_finetune import FINETUNE, assert_same_weights, export_weights, losses, scilm_run
 
@@ -172,3 +173,53 @@ def test_status_pending_cancelled_and_failed(
     assert done.returncode == 2 and "tokenizer" in done.stderr
     report = status(failed)
     assert report["state"] == "failed" and "tokenizer" in report["reason"]
+
+
+def test_sweep_is_one_job_array_with_a_run_dir_per_member(
+    slurm_cluster, tmp_path, shards, tiny_model_dir
+):
+    run = tmp_path / "sweep"
+    done = scilm_run(
+        "finetune",
+        *common(run, shards, tiny_model_dir, "train.max_steps=2"),
+        "cluster=dev",
+        "--sweep",
+        "train.lr=1e-3,1e-4",
+        "--sweep",
+        "train.seed=0,1",
+        "--wait",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    index = json.loads((run / "sweep.json").read_text())
+    assert index == {
+        "000": ["train.lr=1e-3", "train.seed=0"],
+        "001": ["train.lr=1e-3", "train.seed=1"],
+        "002": ["train.lr=1e-4", "train.seed=0"],
+        "003": ["train.lr=1e-4", "train.seed=1"],
+    }
+    ids = [job_id(run / name) for name in index]
+    array = {i.split("_")[0] for i in ids}
+    assert len(array) == 1 and sorted(i.split("_")[1] for i in ids) == ["0", "1", "2", "3"]
+    for name, overrides in index.items():
+        config = (run / name / "config.yaml").read_text()
+        assert f"lr: {float(overrides[0].split('=')[1])}" in config
+        assert f"seed: {overrides[1].split('=')[1]}" in config
+        assert status(run / name)["state"] == "completed"
+    # different seeds and learning rates give different models
+    assert not torch.equal(
+        export_weights(run / "000")["classifier.weight"],
+        export_weights(run / "003")["classifier.weight"],
+    )
+
+
+def test_sweep_refuses_cluster_keys(scilm, tmp_path):
+    code, out, err = scilm(
+        "finetune",
+        FINETUNE,
+        f"run.dir={tmp_path}",
+        "cluster=dev",
+        "--sweep",
+        "cluster.nodes=1,2",
+        "--dry-run",
+    )
+    assert code == 2 and "--sweep cluster.nodes" in err

@@ -130,3 +130,48 @@ def run_job(job_callable: Callable[[], Any], job: JobConfig, wait: bool = False)
         return {"job_id": submitted.job_id, "run_dir": str(run_dir)}
     follow(submitted)
     return _results(submitted)
+
+
+def run_jobs(
+    callables: list[Callable[[], Any]], jobs: list[JobConfig], parent: JobConfig, wait: bool = False
+) -> list[Any]:
+    """Run sweep members: one after another here, or together through submitit
+    (a Slurm job array; local processes side by side). Logs go under the parent run.
+
+    Returns:
+        Each member's result, or (Slurm without ``wait``) each member's job id and run dir.
+    """
+    from scilm_hpc.launch.slurm import record_job, slurm_executor
+
+    backend = parent.cluster.backend
+    if backend == "none":
+        return [fn() for fn in callables]
+    import submitit
+
+    if backend == "local":
+        executor: Any = submitit.LocalExecutor(folder=str(submitit_folder(parent)))
+        executor.update_parameters(
+            tasks_per_node=parent.cluster.nodes * parent.cluster.tasks_per_node,
+            timeout_min=parent.cluster.time_min,
+        )
+    else:
+        executor = slurm_executor(parent, submitit_folder(parent))
+    with executor.batch():
+        submitted = [executor.submit(Guarded(fn)) for fn in callables]
+    for sub, job in zip(submitted, jobs, strict=True):
+        record_job(Path(job.run.dir), str(sub.job_id), job.job, backend)
+    print(
+        f"submitted {len(submitted)} sweep member(s): {submitted[0].job_id} .. "
+        f"{submitted[-1].job_id}; run directories under {parent.run.dir}",
+        flush=True,
+    )
+    if backend == "slurm" and not wait:
+        return [
+            {"job_id": s.job_id, "run_dir": j.run.dir} for s, j in zip(submitted, jobs, strict=True)
+        ]
+    results = []
+    for sub in submitted:
+        if backend == "slurm":
+            follow(sub)
+        results.append(_results(sub))
+    return results

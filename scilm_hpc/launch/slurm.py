@@ -109,9 +109,11 @@ def slurm_executor(job: JobConfig, folder: Path) -> Any:
     return executor
 
 
-def sbatch_script(job: JobConfig, folder: Path) -> str:
-    """The exact sbatch script submitit would submit for ``job``."""
+def sbatch_script(job: JobConfig, folder: Path, array: int = 0) -> str:
+    """The exact sbatch script submitit would submit for ``job`` (as an array of ``array``)."""
     executor = slurm_executor(job, folder)
+    if array:
+        executor.parameters["map_count"] = array
     return str(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
 
 
