@@ -64,6 +64,7 @@ def _decode_lines(path: Path, problems: _Problems) -> list[tuple[int, str]]:
         raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Excel's CSV UTF-8)
     out: list[tuple[int, str]] = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:

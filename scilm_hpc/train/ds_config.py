@@ -89,6 +89,10 @@ def deepspeed_config(job: JobConfig, total_steps: int, on_gpu: bool) -> dict[str
             "warmup_min_ratio": start_ratio,
             "cos_min_ratio": 0.0,
         }
+        if start_ratio:
+            # WarmupCosineLR sets lr = 0 at construction whatever warmup_min_ratio says;
+            # starting at iteration 0 leaves the optimizer at lr for the first step.
+            sched_params["last_batch_iteration"] = 0
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation,
