@@ -39,9 +39,16 @@ def _finetune(job: JobConfig) -> Callable[[], Any]:
     return FinetuneJob(job)
 
 
+def _evaluate(job: JobConfig) -> Callable[[], Any]:
+    from scilm_hpc.evaluate.job import EvaluateJob
+
+    return EvaluateJob(job)
+
+
 JOB_FACTORIES: dict[str, Callable[[JobConfig], Callable[[], Any]]] = {
     "prepare": _prepare,
     "finetune": _finetune,
+    "evaluate": _evaluate,
 }
 
 

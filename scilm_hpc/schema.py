@@ -167,6 +167,8 @@ class EvalConfig:
     split: str = "test"
     batch_size: int = 64
     predictions: bool = False
+    # more models evaluated in the same job, side by side with model.name_or_path
+    models: list[str] = field(default_factory=list)
 
 
 @dataclass

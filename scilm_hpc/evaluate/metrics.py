@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,3 +88,23 @@ def lm_metrics(total_loss: float, total_tokens: int) -> dict:
     """Mean token loss and perplexity from a summed loss over predicted tokens."""
     loss = total_loss / total_tokens if total_tokens else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def metrics_from_results(
+    task: str, results: Sequence[tuple[float, int, Any, Any]], labels: Sequence[str]
+) -> dict[str, Any]:
+    """The task's metrics from per-example results in example order (see ``inference``)."""
+    loss_sum = sum(r[0] for r in results)
+    count = sum(r[1] for r in results)
+    metrics: dict[str, Any]
+    if task == "classification":
+        metrics = classification_metrics([r[3] for r in results], [r[2] for r in results], labels)
+        metrics["loss"] = loss_sum / max(count, 1)
+    elif task == "token_classification":
+        gold = [[labels[t] for t in r[3]] for r in results]
+        pred = [[labels[t] for t in r[2]] for r in results]
+        metrics = {**entity_metrics(gold, pred), "loss": loss_sum / max(count, 1)}
+    else:
+        metrics = lm_metrics(loss_sum, count)
+    metrics["n_examples"] = len(results)
+    return metrics

@@ -141,6 +141,11 @@ def submitit_rank() -> tuple[int, int, str] | None:
     return env.global_rank, env.num_tasks, str(env.job_id)
 
 
+def mpi_launched() -> bool:
+    """Whether an MPI launcher (mpirun, srun --mpi=pmix) started this process."""
+    return mpi_world_size() > 1 or "PMIX_RANK" in os.environ
+
+
 def mpi_world_size() -> int:
     """World size announced by an MPI launcher's environment (1 without one)."""
     for var in MPI_SIZE_VARS:
@@ -156,10 +161,12 @@ def communicator(rendezvous_parent: Path) -> Communicator:
         rendezvous_parent: directory on a filesystem shared by all ranks, under which
             file-based ranks meet (``.rendezvous-JOBID``).
     """
+    if mpi_launched():  # mpirun, or srun --mpi=pmix (also inside a submitit job)
+        mpi = MPICommunicator()
+        if mpi.world_size > 1:
+            return mpi
     found = submitit_rank()
     if found is not None and found[1] > 1:
         rank, world, job_id = found
         return FileCommunicator(rendezvous_parent / f".rendezvous-{job_id}", rank, world)
-    if mpi_world_size() > 1:
-        return MPICommunicator()
     return SingleProcess()

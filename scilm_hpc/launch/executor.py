@@ -108,6 +108,10 @@ def run_job(job_callable: Callable[[], Any], job: JobConfig, wait: bool = False)
 
     ranks = job.cluster.nodes * job.cluster.tasks_per_node
     run_dir = Path(job.run.dir)
+    if backend == "local" and job.job == "evaluate" and ranks > 1:
+        from scilm_hpc.launch.mpi import run_with_mpirun
+
+        return run_with_mpirun(job, ranks)
     if backend == "local":
         executor = submitit.LocalExecutor(folder=str(submitit_folder(job)))
         executor.update_parameters(tasks_per_node=ranks, timeout_min=job.cluster.time_min)

@@ -106,6 +106,8 @@ def slurm_executor(job: JobConfig, folder: Path) -> Any:
         max_num_timeout=job.cluster.max_requeues,
     )
     executor.update_parameters(**slurm_parameters(job.cluster, job.run.name))
+    if job.job == "evaluate":  # evaluation ranks talk through MPI (PMIx)
+        executor.update_parameters(srun_args=["--mpi=pmix"])
     return executor
 
 

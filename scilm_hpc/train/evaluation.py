@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from scilm_hpc.data.dataset import ShardDataset
-from scilm_hpc.data.encode import IGNORE_INDEX
 from scilm_hpc.data.sampler import collate
-from scilm_hpc.evaluate.metrics import classification_metrics, entity_metrics, lm_metrics
+from scilm_hpc.evaluate.inference import example_results
+from scilm_hpc.evaluate.metrics import metrics_from_results
 
 LOWER_IS_BETTER = ("loss", "perplexity")
 
@@ -36,30 +35,6 @@ def is_better(value: float | None, best: float | None, metric: str) -> bool:
 def rank_slice(n: int, rank: int, world: int) -> range:
     """Contiguous, balanced slice of ``range(n)`` for ``rank``."""
     return range(rank * n // world, (rank + 1) * n // world)
-
-
-def _example_results(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str
-) -> list[tuple[float, int, Any, Any]]:
-    """(loss sum, counted targets, prediction, gold) per example of a batch."""
-    out = []
-    labels = batch["labels"]
-    if task == "classification":
-        losses = F.cross_entropy(logits.float(), labels, reduction="none")
-        preds = logits.argmax(-1)
-        return [(losses[i].item(), 1, int(preds[i]), int(labels[i])) for i in range(len(labels))]
-    if task == "causal_lm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    losses = F.cross_entropy(
-        logits.float().transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX
-    )
-    preds = logits.argmax(-1)
-    for i in range(len(labels)):
-        keep = labels[i] != IGNORE_INDEX
-        pred = preds[i][keep].tolist() if task == "token_classification" else None
-        gold = labels[i][keep].tolist() if task == "token_classification" else None
-        out.append((losses[i][keep].sum().item(), int(keep.sum()), pred, gold))
-    return out
 
 
 @torch.no_grad()
@@ -89,7 +64,7 @@ def evaluate_split(
         batch = collate([dataset[int(i)] for i in chunk], pad_id, task)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if real:
-            results += list(zip(chunk.tolist(), _example_results(logits, batch, task), strict=True))
+            results += list(zip(chunk.tolist(), example_results(logits, batch, task), strict=True))
     gathered: list[Any] = [None] * world if world > 1 else [results]
     if world > 1:
         dist.all_gather_object(gathered, results)
@@ -97,18 +72,4 @@ def evaluate_split(
         return None
     merged = sorted((item for part in gathered for item in part), key=lambda x: x[0])
     assert len(merged) == len(dataset), (len(merged), len(dataset))
-    loss_sum = sum(r[1][0] for r in merged)
-    count = sum(r[1][1] for r in merged)
-    if task == "classification":
-        metrics = classification_metrics(
-            [r[1][3] for r in merged], [r[1][2] for r in merged], labels
-        )
-        metrics["loss"] = loss_sum / count
-    elif task == "token_classification":
-        gold = [[labels[t] for t in r[1][3]] for r in merged]
-        pred = [[labels[t] for t in r[1][2]] for r in merged]
-        metrics = {**entity_metrics(gold, pred), "loss": loss_sum / max(count, 1)}
-    else:
-        metrics = lm_metrics(loss_sum, count)
-    metrics["n_examples"] = len(merged)
-    return metrics
+    return metrics_from_results(task, [r[1] for r in merged], labels)

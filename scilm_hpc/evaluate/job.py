@@ -1,0 +1,127 @@
+"""The evaluate job: dense (or compressed) models on a split of the shards, over MPI ranks.
+
+Each rank takes a contiguous, token-balanced range of the split's examples, runs
+batched inference (length-sorted, dynamic padding), and sends its per-example results
+to rank 0, which orders them by example and only then computes metrics, so the
+metrics are identical for any number of ranks. Rank 0 writes ``eval.json``,
+``eval.md``, ``plots/confusion_matrix.png`` (classification) and, if asked,
+``predictions.jsonl``. Every input check (split, tokenizer, label map) runs before
+any inference.
+
+    mpirun -n 2 python -m scilm_hpc.evaluate.job RUN_DIR/evaluate.config.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scilm_hpc.data.dataset import ShardDataset
+from scilm_hpc.errors import UserError
+from scilm_hpc.evaluate.inference import predict, token_balanced_ranges
+from scilm_hpc.evaluate.metrics import metrics_from_results
+from scilm_hpc.evaluate.report import write_reports
+from scilm_hpc.launch.dist import communicator
+from scilm_hpc.model_source import load_tokenizer, resolve_model_path
+from scilm_hpc.schema import JobConfig
+from scilm_hpc.train.model import auto_class
+
+
+def load_for_eval(name: str, task: str, dataset: ShardDataset) -> tuple[Any, Any]:
+    """Tokenizer and model of ``name``, checked against the shards before any inference.
+
+    Raises:
+        UserError: if the tokenizer differs from the shards' or the label maps disagree.
+    """
+    tokenizer = load_tokenizer(name)
+    dataset.check_tokenizer(tokenizer, name)
+    try:
+        model = auto_class(task).from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.name_or_path: cannot load '{name}' for {task} ({exc})") from None
+    if task != "causal_lm":
+        model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        if model_labels != dataset.label_names:
+            raise UserError(
+                f"model.name_or_path: '{name}' predicts labels {model_labels}, the "
+                f"shards' label map is {dataset.label_names}; evaluate a model "
+                f"fine-tuned on these shards"
+            )
+    return tokenizer, model.eval()
+
+
+class EvaluateJob:
+    """Submitit- and mpirun-callable evaluation (one call per rank)."""
+
+    def __init__(self, job: JobConfig) -> None:
+        self.job = job
+
+    def __call__(self) -> dict[str, Any]:
+        job = self.job
+        run_dir = Path(job.run.dir)
+        comm = communicator(run_dir.absolute())
+        if comm.world_size > 1:
+            torch.set_num_threads(max(1, job.cluster.cpus_per_task))
+        dataset = ShardDataset(job.data.shards, job.eval.split)
+        if dataset.task != job.task:
+            raise UserError(
+                f"task: the shards were prepared for '{dataset.task}', the job says '{job.task}'"
+            )
+        names = [job.model.name_or_path, *job.eval.models]
+        loaded = [load_for_eval(name, job.task, dataset) for name in names]
+        mine = token_balanced_ranges(dataset.lengths(), comm.world_size)[comm.rank]
+        evaluations = []
+        for name, (tokenizer, model) in zip(names, loaded, strict=True):
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            start = time.perf_counter()
+            results = predict(model, dataset, mine, job.task, pad_id, job.eval.batch_size)
+            seconds = time.perf_counter() - start
+            gathered = comm.gather((results, seconds))
+            if comm.rank == 0:
+                assert gathered is not None
+                merged = sorted(
+                    (item for part, _ in gathered for item in part), key=lambda item: item[0]
+                )
+                if [i for i, _ in merged] != list(range(len(dataset))):
+                    raise RuntimeError("ranks returned duplicated or missing examples")
+                wall = max(s for _, s in gathered)
+                evaluations.append(
+                    {
+                        "model": name,
+                        "metrics": metrics_from_results(
+                            job.task, [r for _, r in merged], dataset.label_names
+                        ),
+                        "examples_per_s": len(dataset) / wall if wall else None,
+                        "predictions": [r for _, r in merged],
+                    }
+                )
+        summary: dict[str, Any] = {}
+        if comm.rank == 0:
+            summary = write_reports(run_dir, job, dataset, evaluations, comm.world_size)
+        comm.close()
+        return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scilm_hpc.evaluate.job CONFIG.yaml``: one MPI rank of an evaluation."""
+    from scilm_hpc.config import load_and_validate
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        summary = EvaluateJob(load_and_validate(args[0], args[1:], job="evaluate"))()
+    except UserError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    if summary:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
