@@ -1,0 +1,160 @@
+"""evaluate: identical metrics for any number of MPI ranks, reports, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+from .conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+SCILM = str(Path(sys.executable).with_name("scilm"))
+EVALUATE = str(REPO / "jobs" / "evaluate.yaml")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SCILM, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, minilm_path: str):
+    """Shards with a 53-example test split in 8 shards, and MiniLM with a random 3-label head
+    (a real encoder: its predictions vary across inputs with clear margins)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from scilm_hpc.data.demo_corpus import write_demo_corpus
+
+    root = tmp_path_factory.mktemp("eval")
+    corpus = write_demo_corpus(root / "corpus", train=30, dev=6, test=53)
+    done = run(
+        "prepare",
+        str(REPO / "jobs/prepare.yaml"),
+        "cluster=none",
+        f"run.dir={root}",
+        f"data.train={corpus['train']}",
+        f"data.test={corpus['test']}",
+        f"model.name_or_path={tiny_model_dir}",
+        "data.examples_per_shard=7",
+    )
+    assert done.returncode == 0, done.stderr
+    labels = ["background", "method", "result"]
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        minilm_path,
+        num_labels=3,
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
+    with torch.no_grad():  # make predictions spread over the classes
+        model.classifier.weight.normal_(0, 1.0)
+    model.save_pretrained(root / "model")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "model")
+    return root / "shards", root / "model"
+
+
+def evaluate(run_dir: Path, shards: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run(
+        "evaluate",
+        EVALUATE,
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        f"model.name_or_path={model}",
+        "eval.batch_size=4",
+        *extra,
+    )
+
+
+def test_metrics_identical_for_1_2_and_3_ranks(tmp_path, eval_setup):
+    shards, model = eval_setup
+    reports = {}
+    for ranks in (1, 2, 3):
+        cluster = ["cluster=none"] if ranks == 1 else [f"cluster.tasks_per_node={ranks}"]
+        done = evaluate(tmp_path / str(ranks), shards, model, *cluster, "eval.predictions=true")
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports[ranks] = json.loads((tmp_path / str(ranks) / "eval.json").read_text())
+        assert reports[ranks]["ranks"] == ranks and reports[ranks]["n_examples"] == 53
+    preds = {
+        r: [
+            (json.loads(x)["pred"], json.loads(x)["gold"])
+            for x in (tmp_path / str(r) / "predictions.jsonl").read_text().splitlines()
+        ]
+        for r in (1, 2, 3)
+    }
+    assert preds[1] == preds[2] == preds[3] and len(preds[1]) == 53
+    assert len({p for p, _ in preds[1]}) >= 2  # a model that predicts more than one class
+    for ranks in (2, 3):
+        a, b = dict(reports[1]["metrics"]), dict(reports[ranks]["metrics"])
+        # the loss is summed in another order of batches: equal to float rounding
+        assert a.pop("loss") == pytest.approx(b.pop("loss"), rel=1e-6)
+        assert a == b
+    gold = [g for _, g in preds[1]]
+    pred = [p for p, _ in preds[1]]
+    metrics = reports[1]["metrics"]
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(gold, pred, average="macro"))
+    assert metrics["weighted_f1"] == pytest.approx(f1_score(gold, pred, average="weighted"))
+    assert (tmp_path / "1" / "plots" / "confusion_matrix.png").stat().st_size > 1000
+    table = (tmp_path / "1" / "eval.md").read_text()
+    assert "| background |" in table and f"{metrics['macro_f1']:.4f}" in table
+
+
+def test_two_models_side_by_side(tmp_path, eval_setup):
+    shards, model = eval_setup
+    done = evaluate(tmp_path, shards, model, "cluster=none", f"eval.models=[{model}]")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert [m["model"] for m in report["models"]] == [str(model), str(model)]
+    assert report["models"][0]["metrics"] == report["models"][1]["metrics"]
+    assert (tmp_path / "eval.md").read_text().count(f"| `{model}` |") == 2
+
+
+@pytest.mark.parametrize("case", ["labels", "tokenizer", "split"])
+def test_bad_input_is_refused_before_inference(
+    tmp_path, eval_setup, tiny_model_dir, other_tokenizer_model_dir, case
+):
+    shards, model = eval_setup
+    extra = {
+        "labels": [f"model.name_or_path={tiny_model_dir}"],
+        "tokenizer": [f"model.name_or_path={other_tokenizer_model_dir}"],
+        "split": ["eval.split=dev"],
+    }[case]
+    done = evaluate(tmp_path, shards, model, "cluster.tasks_per_node=2", *extra)
+    assert done.returncode == 2, done.stderr[-2000:]
+    expected = {
+        "labels": "shards' label map is ['background', 'method', 'result']",
+        "tokenizer": "differs from the tokenizer",
+        "split": "split 'dev' is not in",
+    }
+    assert expected[case] in done.stderr
+    assert not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.slurm
+def test_evaluate_under_srun_pmix(slurm_cluster, tmp_path, eval_setup):
+    shards, model = eval_setup
+    local = evaluate(tmp_path / "local", shards, model, "cluster=none")
+    assert local.returncode == 0, local.stderr[-2000:]
+    done = evaluate(
+        tmp_path / "slurm", shards, model, "cluster=dev", "cluster.tasks_per_node=2", "--wait"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "slurm" / "eval.json").read_text())
+    assert report["ranks"] == 2
+    reference = json.loads((tmp_path / "local" / "eval.json").read_text())["metrics"]
+    assert report["metrics"]["macro_f1"] == reference["macro_f1"]
+    assert report["metrics"]["confusion_matrix"] == reference["confusion_matrix"]
