@@ -28,6 +28,15 @@ echo "     (the first DeepSpeed run on a machine compiles a CPU op: about 30-90 
 scilm finetune jobs/finetune.yaml run.dir="$RUN_DIR" data.shards="$RUN_DIR/shards" \
     train.micro_batch_size=16 train.lr=1e-4 \
     train.eval_every=10 train.checkpoint_every=10 train.log_every=5 "${CLUSTER[@]}"
+if command -v mpirun >/dev/null; then
+    EVAL=(cluster=local cluster.tasks_per_node=2 cluster.cpus_per_task=1); EWHERE="2 MPI ranks (mpirun)"
+else
+    EVAL=(cluster=none); EWHERE="1 process (no mpirun here: apt-get install openmpi-bin for MPI ranks)"
+fi
+echo "== 5. evaluate the export on the test split, $EWHERE"
+scilm evaluate jobs/evaluate.yaml run.dir="$RUN_DIR" model.name_or_path="$RUN_DIR/export" \
+    data.shards="$RUN_DIR/shards" "${EVAL[@]}" >/dev/null
+cat "$RUN_DIR/eval.md"
 echo
 echo "demo done:"
 echo "  shards + manifest   $RUN_DIR/shards/"
@@ -35,6 +44,7 @@ echo "  checkpoints         $RUN_DIR/checkpoints/ (latest: $(cat "$RUN_DIR/check
 echo "  metrics             $RUN_DIR/metrics.jsonl"
 echo "  loss curve          $RUN_DIR/plots/loss.png"
 echo "  exported model      $RUN_DIR/export/  (AutoModelForSequenceClassification.from_pretrained)"
+echo "  evaluation          $RUN_DIR/eval.json, $RUN_DIR/eval.md, $RUN_DIR/plots/confusion_matrix.png"
 python - "$RUN_DIR" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl")]
