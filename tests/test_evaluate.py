@@ -158,3 +158,65 @@ def test_evaluate_under_srun_pmix(slurm_cluster, tmp_path, eval_setup):
     reference = json.loads((tmp_path / "local" / "eval.json").read_text())["metrics"]
     assert report["metrics"]["macro_f1"] == reference["macro_f1"]
     assert report["metrics"]["confusion_matrix"] == reference["confusion_matrix"]
+
+
+def test_token_classification_entity_metrics_match_seqeval(tmp_path, tiny_model_dir):
+    """NER through the evaluate job: entity-level scores equal seqeval's on its predictions."""
+    import torch
+    from seqeval.metrics import f1_score as seq_f1
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    conll = tmp_path / "ner.conll"
+    sentences = [
+        [("Familial", "B-Disease"), ("polyposis", "I-Disease"), ("is", "O"), ("rare", "O")],
+        [("BRCA1", "O"), ("causes", "O"), ("breast", "B-Disease"), ("cancer", "I-Disease")],
+        [("No", "O"), ("disease", "O")],
+    ]
+    conll.write_text(
+        "\n\n".join("\n".join(f"{w}\tNN\tO\t{t}" for w, t in s) for s in sentences * 5) + "\n"
+    )
+    done = run(
+        "prepare",
+        str(REPO / "jobs/prepare.yaml"),
+        "cluster=none",
+        f"run.dir={tmp_path}",
+        f"data.train={conll}",
+        f"data.test={conll}",
+        "data.format=conll",
+        "task=token_classification",
+        f"model.name_or_path={tiny_model_dir}",
+        "data.examples_per_shard=4",
+    )
+    assert done.returncode == 0, done.stderr
+    labels = ["B-Disease", "I-Disease", "O"]
+    torch.manual_seed(1)
+    model = AutoModelForTokenClassification.from_pretrained(
+        tiny_model_dir,
+        num_labels=3,
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 5.0)
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "model")
+    result = run(
+        "evaluate",
+        EVALUATE,
+        f"run.dir={tmp_path / 'eval'}",
+        "cluster=none",
+        f"data.shards={tmp_path / 'shards'}",
+        "task=token_classification",
+        f"model.name_or_path={tmp_path / 'model'}",
+        "eval.predictions=true",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    lines = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    gold = [[labels[t] for t in r["gold"]] for r in rows]
+    pred = [[labels[t] for t in r["pred"]] for r in rows]
+    assert gold == [[t for _, t in s] for s in sentences * 5]  # one tag per word, in order
+    assert report["metrics"]["f1"] == pytest.approx(seq_f1(gold, pred))
+    assert set(report["metrics"]) >= {"precision", "recall", "f1", "token_accuracy"}
