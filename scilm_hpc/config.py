@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import fields, is_dataclass
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -367,15 +367,3 @@ def load_and_validate(
     if problems:
         raise ConfigError(problems)
     return job_cfg
-
-
-def dataclass_keys(obj: Any, prefix: str = "") -> list[str]:
-    """Every dotted leaf key of a schema dataclass (for docs and tests)."""
-    keys: list[str] = []
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if is_dataclass(value):
-            keys += dataclass_keys(value, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys

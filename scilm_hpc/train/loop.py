@@ -8,7 +8,6 @@ loss curve. A run directory with a complete checkpoint resumes from it.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -336,8 +335,3 @@ class _Trainer:
         )
         if self.rank == 0:
             print(f"checkpoint step_{step} saved", flush=True)
-
-
-def load_json_lines(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
