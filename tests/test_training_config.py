@@ -295,7 +295,10 @@ def test_latest_tag(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_best_checkpoint_survives_and_early_stopping(tmp_path, shards, tiny_model_dir):
+@pytest.mark.parametrize(
+    "cluster", [["cluster=none"], ["cluster=local", "cluster.tasks_per_node=2"]]
+)
+def test_best_checkpoint_survives_and_early_stopping(tmp_path, shards, tiny_model_dir, cluster):
     run = tmp_path / "run"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("SCILM_FAULT", None)
@@ -304,7 +307,7 @@ def test_best_checkpoint_survives_and_early_stopping(tmp_path, shards, tiny_mode
             str(Path(sys.executable).with_name("scilm")),
             "finetune",
             str(FINETUNE),
-            "cluster=none",
+            *cluster,
             f"run.dir={run}",
             f"data.shards={shards}",
             f"model.name_or_path={tiny_model_dir}",
@@ -330,7 +333,8 @@ def test_best_checkpoint_survives_and_early_stopping(tmp_path, shards, tiny_mode
     assert state["state"] == "completed"
     assert "early stopping" in state["reason"]
     assert state["step"] == last_step
-    assert f"early stopping at step {last_step}" in done.stdout
+    logs = done.stdout + "".join(p.read_text() for p in run.glob("submitit/*_0_log.out"))
+    assert f"early stopping at step {last_step}" in logs
 
     dev = [(r["step"], r["dev_loss"]) for r in rows if "dev_loss" in r]
     assert [s for s, _ in dev] == list(range(2, last_step + 1, 2))

@@ -211,16 +211,26 @@ class _Trainer:
             stop = False
             if t.eval_every and step % t.eval_every == 0 and self.dev_set is not None:
                 metrics = self._evaluate(engine, step)
-                if metrics is not None and t.best_metric:
-                    value = metrics.get(t.best_metric)
-                    if is_better(value, best["value"], t.best_metric):
-                        best = {"tag": f"step_{step}", "value": value}
-                        patience_left = t.early_stopping_patience
+                if t.best_metric:
+                    # metrics exist on rank 0 only: it decides, every rank follows (saving
+                    # and stopping are collective)
+                    decision: list[Any] = [None]
+                    if self.rank == 0:
+                        assert metrics is not None
+                        value = metrics.get(t.best_metric)
+                        improved = is_better(value, best["value"], t.best_metric)
+                        if improved:
+                            best = {"tag": f"step_{step}", "value": value}
+                            patience_left = t.early_stopping_patience
+                        elif t.early_stopping_patience:
+                            patience_left -= 1
+                            stop = patience_left <= 0
+                        decision = [(best, patience_left, improved, stop)]
+                    dist.broadcast_object_list(decision, src=0)
+                    best, patience_left, improved, stop = decision[0]
+                    if improved:
                         self._save(engine, step, position, best, patience_left)
                         last_saved = step
-                    elif t.early_stopping_patience:
-                        patience_left -= 1
-                        stop = patience_left <= 0
             if t.checkpoint_every and step % t.checkpoint_every == 0 and last_saved != step:
                 self._save(engine, step, position, best, patience_left)
                 last_saved = step
