@@ -71,6 +71,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return cmd_job(args)
 
 
+def _print_sbatch(job: JobConfig, array: int = 0) -> None:
+    """For a Slurm profile: the exact sbatch script (of a job array of ``array``)."""
+    if job.cluster.backend != "slurm":
+        return
+    from scilm_hpc.launch.executor import submitit_folder
+    from scilm_hpc.launch.slurm import sbatch_script
+
+    print("# ---- sbatch script (not submitted) ----")
+    print(sbatch_script(job, submitit_folder(job), array=array), end="")
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     """``scilm prepare|... JOB.yaml [key=value ...]``."""
     from scilm_hpc.launch.executor import run_job
@@ -80,12 +91,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     job = load_and_validate(args.job_file, args.overrides, job=args.command)
     if args.dry_run:
         print(to_yaml(job), end="")
-        if job.cluster.backend == "slurm":
-            from scilm_hpc.launch.executor import submitit_folder
-            from scilm_hpc.launch.slurm import sbatch_script
-
-            print("# ---- sbatch script (not submitted) ----")
-            print(sbatch_script(job, submitit_folder(job)), end="")
+        _print_sbatch(job)
         return 0
     _save_config(job)
     result = run_job(JOB_FACTORIES[args.command](job), job, wait=args.wait)
@@ -111,12 +117,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         for i, m in enumerate(members):
             print(f"# member {member_dir(parent.run.dir, i)}: {' '.join(m)}")
-        if parent.cluster.backend == "slurm":
-            from scilm_hpc.launch.executor import submitit_folder
-            from scilm_hpc.launch.slurm import sbatch_script
-
-            print("# ---- sbatch script (not submitted) ----")
-            print(sbatch_script(parent, submitit_folder(parent), array=len(jobs)), end="")
+        _print_sbatch(parent, array=len(jobs))
         return 0
     write_sweep_index(Path(parent.run.dir), members)
     for job in jobs:

@@ -322,7 +322,7 @@ def validate(job: JobConfig) -> list[str]:
         )
     if t.early_stopping_patience and t.best_metric is None:
         p.append("train.early_stopping_patience: needs train.best_metric (e.g. dev_loss)")
-    ranks = 1 if job.cluster.backend == "none" else job.cluster.nodes * job.cluster.tasks_per_node
+    ranks = job.cluster.world_size()
     if (
         t.global_batch_size is not None
         and t.micro_batch_size * t.gradient_accumulation * ranks != t.global_batch_size

@@ -136,6 +136,10 @@ class ClusterConfig:
     signal_delay_s: int = 120
     max_requeues: int = 3
 
+    def world_size(self) -> int:
+        """Ranks this section asks for (one in this process with ``backend=none``)."""
+        return 1 if self.backend == "none" else self.nodes * self.tasks_per_node
+
 
 @dataclass
 class CompressStep:

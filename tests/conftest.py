@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+SCILM = str(Path(sys.executable).with_name("scilm"))
+
+
+def scilm_run(
+    *args: str, fault: str | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run the ``scilm`` console script in a subprocess (``fault``: ``SCILM_FAULT``)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("SCILM_FAULT", None)
+    if fault:
+        env["SCILM_FAULT"] = fault
+    return subprocess.run([SCILM, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")
@@ -110,27 +124,18 @@ def scilm(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, s
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """Demo-corpus shards made with the tiny model's tokenizer (once per module)."""
-    import subprocess
-    import sys
-
     from scilm_hpc.data.demo_corpus import write_demo_corpus
 
     root = tmp_path_factory.mktemp("ft-data")
     corpus = write_demo_corpus(root / "corpus", train=96, dev=30, test=10)
-    done = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("scilm")),
-            "prepare",
-            str(REPO / "jobs/prepare.yaml"),
-            "cluster=none",
-            f"run.dir={root}",
-            f"data.train={corpus['train']}",
-            f"data.dev={corpus['dev']}",
-            f"model.name_or_path={tiny_model_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = scilm_run(
+        "prepare",
+        str(REPO / "jobs/prepare.yaml"),
+        "cluster=none",
+        f"run.dir={root}",
+        f"data.train={corpus['train']}",
+        f"data.dev={corpus['dev']}",
+        f"model.name_or_path={tiny_model_dir}",
     )
     assert done.returncode == 0, done.stderr
     return root / "shards"

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from .conftest import REPO
+from .conftest import REPO, scilm_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-SCILM = str(Path(sys.executable).with_name("scilm"))
 EVALUATE = str(REPO / "jobs" / "evaluate.yaml")
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SCILM, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**__import__("os").environ, "TOKENIZERS_PARALLELISM": "false"},
-    )
+run = scilm_run
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,21 +12,10 @@ from safetensors.torch import load_file
 
 from scilm_hpc.train.checkpoint import consolidated_weights, latest_tag, read_state
 
-from .conftest import REPO
+from .conftest import REPO, scilm_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-SCILM = str(Path(sys.executable).with_name("scilm"))
 FINETUNE = str(REPO / "jobs" / "finetune.yaml")
-
-
-def scilm_run(
-    *args: str, fault: str | None = None, timeout: int = 300
-) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("SCILM_FAULT", None)
-    if fault:
-        env["SCILM_FAULT"] = fault
-    return subprocess.run([SCILM, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def finetune(

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .test_finetune import FINETUNE, assert_same_weights, export_weights, losses, scilm_run
+from .conftest import scilm_run
+from .test_finetune import FINETUNE, assert_same_weights, export_weights, losses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -125,15 +126,17 @@ def test_usr2_requeues_and_resumes_exactly(slurm_cluster, tmp_path, shards, tiny
 
 def test_time_limit_requeues_until_done(slurm_cluster, tmp_path, shards, tiny_model_dir):
     run = tmp_path / "limited"
-    # 1-minute limit, USR2 50 s before it: each allocation gets ~10-30 s (Slurm checks
-    # time limits periodically); training needs more than one allocation.
+    # 1-minute limit, USR2 55 s before it: each allocation gets ~5-30 s (Slurm checks
+    # time limits periodically). 900 steps of 3 micro-batches take ~55 s on an idle
+    # 2-core machine, so training needs more than one allocation however fast it runs.
     args = (
         "zero.stage=2",
         "train.max_steps=900",
         "train.micro_batch_size=16",
+        "train.gradient_accumulation=3",
         "train.checkpoint_every=0",
         "cluster.time_min=1",
-        "cluster.signal_delay_s=50",
+        "cluster.signal_delay_s=55",
         "cluster.max_requeues=8",
     )
     submitted = scilm_run("finetune", *common(run, shards, tiny_model_dir, *args), "cluster=dev")

@@ -64,6 +64,7 @@ class ShardDataset:
         self._start_list: list[int] = self._starts.tolist()  # bisect beats searchsorted here
         self._cache_size = max(1, cache_shards)
         self._cache: OrderedDict[int, ShardArrays] = OrderedDict()
+        self._lengths: np.ndarray | None = None
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -108,11 +109,13 @@ class ShardDataset:
         return item
 
     def lengths(self) -> np.ndarray:
-        """Token count of every example (reads each shard's offsets)."""
-        return np.concatenate(
-            [np.diff(self.shard(i).offsets) for i in range(len(self.shards))]
-            or [np.zeros(0, np.int64)]
-        )
+        """Token count of every example (each shard's offsets are read once)."""
+        if self._lengths is None:
+            self._lengths = np.concatenate(
+                [np.diff(self.shard(i).offsets) for i in range(len(self.shards))]
+                or [np.zeros(0, np.int64)]
+            )
+        return self._lengths
 
     def verify_checksums(self) -> None:
         """Compare each shard's SHA-256 with the manifest and read its counts.

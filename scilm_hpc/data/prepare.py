@@ -110,12 +110,15 @@ def build_label_map(task: str, splits: dict[str, list[Example]]) -> list[str]:
     return labels
 
 
-def plan_shards(splits: dict[str, list[Example]], per_shard: int) -> list[tuple[str, int, int]]:
-    """(split, first example, end) of every shard, in manifest order."""
+def plan_shards(
+    splits: dict[str, list[Example]], per_shard: int
+) -> list[tuple[str, int, int, int]]:
+    """(split, shard number in the split, first example, end) of every shard, in manifest
+    order."""
     plan = []
     for split, examples in splits.items():
-        for start in range(0, len(examples), per_shard):
-            plan.append((split, start, min(start + per_shard, len(examples))))
+        for number, start in enumerate(range(0, len(examples), per_shard)):
+            plan.append((split, number, start, min(start + per_shard, len(examples))))
     return plan
 
 
@@ -173,7 +176,7 @@ class PrepareJob:
                 unit="shard",
                 disable=None if comm.rank == 0 else True,
             ):
-                split, lo, hi = plan[index]
+                split, shard_no, lo, hi = plan[index]
                 ids, values = encode_examples(
                     tokenizer,
                     splits[split][lo:hi],
@@ -182,7 +185,6 @@ class PrepareJob:
                     job.data.max_length,
                     job.data.tokenize_batch_size,
                 )
-                shard_no = sum(1 for s, _, _ in plan[:index] if s == split)
                 written[index] = write_shard(
                     staging,
                     shard_name(split, shard_no),
@@ -221,7 +223,7 @@ class PrepareJob:
 
     def _manifest(
         self,
-        plan: list[tuple[str, int, int]],
+        plan: list[tuple[str, int, int, int]],
         infos: dict[int, ShardInfo],
         labels: list[str],
         tokenizer: Any,
@@ -229,7 +231,7 @@ class PrepareJob:
     ) -> dict[str, Any]:
         job = self.job
         splits: dict[str, Any] = {}
-        for index, (split, _, _) in enumerate(plan):
+        for index, (split, _, _, _) in enumerate(plan):
             entry = splits.setdefault(split, {"n_examples": 0, "n_tokens": 0, "shards": []})
             info = infos[index]
             entry["n_examples"] += info.n_examples

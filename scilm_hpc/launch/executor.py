@@ -89,6 +89,21 @@ def follow(submitted: Any, poll_s: float = 2.0, grace_s: float = 30.0) -> None:
         time.sleep(poll_s)
 
 
+def submitit_executor(job: JobConfig) -> Any:
+    """The submitit executor for ``cluster.backend`` ``local`` or ``slurm``."""
+    import submitit
+
+    from scilm_hpc.launch.slurm import slurm_executor
+
+    if job.cluster.backend == "local":
+        executor = submitit.LocalExecutor(folder=str(submitit_folder(job)))
+        executor.update_parameters(
+            tasks_per_node=job.cluster.world_size(), timeout_min=job.cluster.time_min
+        )
+        return executor
+    return slurm_executor(job, submitit_folder(job))
+
+
 def run_job(job_callable: Callable[[], Any], job: JobConfig, wait: bool = False) -> Any:
     """Run ``job_callable`` on ``job.cluster``.
 
@@ -99,32 +114,25 @@ def run_job(job_callable: Callable[[], Any], job: JobConfig, wait: bool = False)
     Raises:
         UserError: if any rank raised one.
     """
-    from scilm_hpc.launch.slurm import record_job, slurm_executor
+    from scilm_hpc.launch.slurm import record_job
 
     backend = job.cluster.backend
     if backend == "none":
         return job_callable()
-    import submitit
-
-    ranks = job.cluster.nodes * job.cluster.tasks_per_node
+    ranks = job.cluster.world_size()
     run_dir = Path(job.run.dir)
     if backend == "local" and job.job == "evaluate" and ranks > 1:
         from scilm_hpc.launch.mpi import run_with_mpirun
 
         return run_with_mpirun(job, ranks)
+    submitted = submitit_executor(job).submit(Guarded(job_callable))
+    record_job(run_dir, submitted.job_id, job.job, backend)
     if backend == "local":
-        executor = submitit.LocalExecutor(folder=str(submitit_folder(job)))
-        executor.update_parameters(tasks_per_node=ranks, timeout_min=job.cluster.time_min)
-        submitted = executor.submit(Guarded(job_callable))
-        record_job(run_dir, submitted.job_id, job.job, backend)
         print(
             f"local job {submitted.job_id}: {ranks} process(es), logs in {submitit_folder(job)}",
             flush=True,
         )
         return _results(submitted)
-    executor = slurm_executor(job, submitit_folder(job))
-    submitted = executor.submit(Guarded(job_callable))
-    record_job(run_dir, submitted.job_id, job.job, backend)
     print(
         f"submitted Slurm job {submitted.job_id}: {job.cluster.nodes} node(s) x "
         f"{job.cluster.tasks_per_node} task(s); run directory {run_dir}",
@@ -145,21 +153,12 @@ def run_jobs(
     Returns:
         Each member's result, or (Slurm without ``wait``) each member's job id and run dir.
     """
-    from scilm_hpc.launch.slurm import record_job, slurm_executor
+    from scilm_hpc.launch.slurm import record_job
 
     backend = parent.cluster.backend
     if backend == "none":
         return [fn() for fn in callables]
-    import submitit
-
-    if backend == "local":
-        executor: Any = submitit.LocalExecutor(folder=str(submitit_folder(parent)))
-        executor.update_parameters(
-            tasks_per_node=parent.cluster.nodes * parent.cluster.tasks_per_node,
-            timeout_min=parent.cluster.time_min,
-        )
-    else:
-        executor = slurm_executor(parent, submitit_folder(parent))
+    executor = submitit_executor(parent)
     with executor.batch():
         submitted = [executor.submit(Guarded(fn)) for fn in callables]
     for sub, job in zip(submitted, jobs, strict=True):

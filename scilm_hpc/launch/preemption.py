@@ -16,8 +16,6 @@ import signal
 import subprocess
 from types import FrameType
 
-import torch
-
 
 class StopFlag:
     """A flag set by USR2 / SIGTERM and agreed on by all ranks."""
@@ -33,14 +31,10 @@ class StopFlag:
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank has been signalled (a collective call)."""
-        import torch.distributed as dist
-
-        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def local_flag(self) -> float:
+        """1.0 if this rank has been signalled. The training loop sums it over ranks in the
+        all-reduce it already does each step: a sum > 0 means every rank stops."""
+        return 1.0 if self.signal_name else 0.0
 
 
 def restarts() -> int:

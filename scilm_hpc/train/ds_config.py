@@ -17,11 +17,6 @@ from scilm_hpc.schema import JobConfig
 SCHEDULERS = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR", "constant": "WarmupLR"}
 
 
-def world_size_of(job: JobConfig) -> int:
-    """Ranks the cluster section asks for."""
-    return 1 if job.cluster.backend == "none" else job.cluster.nodes * job.cluster.tasks_per_node
-
-
 def read_user_json(path: str) -> dict[str, Any]:
     """A user's DeepSpeed JSON.
 

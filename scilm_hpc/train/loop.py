@@ -182,17 +182,19 @@ class _Trainer:
         tick = time.perf_counter()
         while step < self.total_steps:
             position, micro_batches = next(stream)
-            loss_sum = torch.zeros(3, dtype=torch.float64)  # loss, tokens, examples
+            # loss, tokens, examples, stop flag: one all-reduce per step for all of them
+            loss_sum = torch.zeros(4, dtype=torch.float64)
             for indices in micro_batches:
                 batch = collate([self.train_set[int(i)] for i in indices], self.pad_id, job.task)
                 out = engine(**batch)
                 engine.backward(out.loss)
                 engine.step()
                 loss_sum += torch.tensor(
-                    [out.loss.item(), batch["attention_mask"].sum().item(), len(indices)],
+                    [out.loss.item(), batch["attention_mask"].sum().item(), len(indices), 0.0],
                     dtype=torch.float64,
                 )
             step += 1
+            loss_sum[3] = self.stop.local_flag()
             dist.all_reduce(loss_sum)
             elapsed = time.perf_counter() - tick
             if step % t.log_every == 0 or step == self.total_steps:
@@ -234,7 +236,7 @@ class _Trainer:
             if t.checkpoint_every and step % t.checkpoint_every == 0 and last_saved != step:
                 self._save(engine, step, position, best, patience_left)
                 last_saved = step
-            if self.stop.agreed():
+            if loss_sum[3].item() > 0:  # a rank was signalled before this step's all-reduce
                 if last_saved != step:
                     self._save(engine, step, position, best, patience_left)
                 return self._leave(step)
