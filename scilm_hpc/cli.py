@@ -39,6 +39,12 @@ def _finetune(job: JobConfig) -> Callable[[], Any]:
     return FinetuneJob(job)
 
 
+def _compress(job: JobConfig) -> Callable[[], Any]:
+    from scilm_hpc.compress.job import CompressJob
+
+    return CompressJob(job)
+
+
 def _evaluate(job: JobConfig) -> Callable[[], Any]:
     from scilm_hpc.evaluate.job import EvaluateJob
 
@@ -48,6 +54,7 @@ def _evaluate(job: JobConfig) -> Callable[[], Any]:
 JOB_FACTORIES: dict[str, Callable[[JobConfig], Callable[[], Any]]] = {
     "prepare": _prepare,
     "finetune": _finetune,
+    "compress": _compress,
     "evaluate": _evaluate,
 }
 
@@ -144,6 +151,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``scilm export RUN_DIR [--tag step_N]``: write RUN_DIR/export from a checkpoint."""
+    from scilm_hpc.train.export import export_checkpoint
+
+    out = export_checkpoint(args.run_dir, args.tag)
+    print(f"{out}: exported from {args.tag or 'the latest checkpoint'}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """``scilm validate JOB.yaml [key=value ...] [--data]``: check, submit nothing."""
     job = load_and_validate(args.job_file, args.overrides)
@@ -200,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("export", help="write RUN_DIR/export from a finetune checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_200 (default: latest)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("validate", help="check a job config (and with --data its shards)")
     p.add_argument("job_file")
     p.add_argument("overrides", nargs="*")

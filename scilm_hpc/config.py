@@ -103,6 +103,18 @@ def _merge(node: DictConfig, data: Any, path: str, source: str, problems: list[s
         if isinstance(child, DictConfig) and is_dataclass(object_type) and value is not None:
             _merge(child, value, full, source, problems)
             continue
+        if isinstance(child, ListConfig) and isinstance(value, dict):
+            # ``compress.steps.0.sparsity=0.6``: change one item of a list of sections
+            for index, item in value.items():
+                position = int(index) if str(index).isdigit() else -1
+                if not 0 <= position < len(child) or not isinstance(child[position], DictConfig):
+                    problems.append(
+                        f"{full}.{index}: no such item; {full} has {len(child)} item(s) "
+                        f"(0 to {len(child) - 1}) ({source})"
+                    )
+                    continue
+                _merge(child[position], item, f"{full}.{index}", source, problems)
+            continue
         try:
             node.merge_with({key: value})
         except OmegaConfBaseException as exc:
@@ -355,6 +367,90 @@ def validate(job: JobConfig) -> list[str]:
     p += unsafe_values(job)
     _choice(p, "eval.split", job.eval.split, schema.SPLITS)
     _at_least(p, "eval.batch_size", job.eval.batch_size, 1)
+    if job.job == "compress":
+        p += validate_compress(job)
+    return p
+
+
+def validate_compress(job: JobConfig) -> list[str]:
+    """Checks of a compress job: the recipe's steps, one task, a CPU-side ZeRO stage."""
+    p: list[str] = []
+    c = job.compress
+    _choice(p, "compress.eval_split", c.eval_split, schema.SPLITS)
+    for key in ("latency_batch", "latency_repeats"):
+        _at_least(p, f"compress.{key}", getattr(c, key), 1)
+    for key in ("eval_examples", "latency_threads"):
+        _at_least(p, f"compress.{key}", getattr(c, key), 0)
+    if not c.steps:
+        p.append(
+            f"compress.steps: the recipe '{c.name}' has no steps; pick one with compress=NAME "
+            f"(available: {', '.join(group_choices('compress')) or 'none'})"
+        )
+    if job.cluster.world_size() != 1:
+        p.append(
+            f"cluster: compress runs as one task, got {job.cluster.world_size()} "
+            f"(cluster.nodes x cluster.tasks_per_node); set cluster.tasks_per_node=1"
+        )
+    quantized = False
+    for i, step in enumerate(c.steps):
+        key = f"compress.steps.{i}"
+        _choice(p, f"{key}.kind", step.kind, schema.COMPRESS_KINDS)
+        if quantized:
+            p.append(f"{key}: comes after a quantize step; quantise last")
+        if step.kind == "prune":
+            _choice(p, f"{key}.method", step.method, schema.PRUNE_METHODS)
+            _choice(p, f"{key}.pattern", step.pattern, schema.PRUNE_PATTERNS)
+            _choice(p, f"{key}.scope", step.scope, schema.PRUNE_SCOPES)
+            _choice(p, f"{key}.schedule", step.schedule, schema.PRUNE_SCHEDULES)
+            _at_least(p, f"{key}.calibration_batches", step.calibration_batches, 1)
+            if step.pattern == "nm":
+                if step.n is None or step.m is None or not 0 < step.n < step.m:
+                    p.append(
+                        f"{key}: N:M pruning keeps n of every m weights and needs "
+                        f"0 < n < m, got n={step.n}, m={step.m} (e.g. n: 2, m: 4)"
+                    )
+            elif step.sparsity is None or not 0.0 <= step.sparsity < 1.0:
+                p.append(f"{key}.sparsity: got {step.sparsity}; allowed: 0 <= sparsity < 1")
+            if step.method == "wanda" and step.scope == "global" and step.pattern == "unstructured":
+                p.append(
+                    f"{key}.scope: Wanda compares weights within output rows; use scope: layer"
+                )
+            if step.schedule == "gradual":
+                if step.method != "magnitude" or step.pattern != "unstructured":
+                    p.append(
+                        f"{key}.schedule: gradual pruning is magnitude, unstructured; got "
+                        f"method {step.method}, pattern {step.pattern}"
+                    )
+                following = c.steps[i + 1].kind if i + 1 < len(c.steps) else None
+                if following != "recover":
+                    p.append(
+                        f"{key}.schedule: gradual pruning happens during a recover step, "
+                        f"which must follow it"
+                    )
+        elif step.kind == "recover":
+            if step.steps is None or step.steps < 1:
+                p.append(f"{key}.steps: got {step.steps}; a recover step needs steps >= 1")
+            if not 0.0 <= step.alpha <= 1.0:
+                p.append(f"{key}.alpha: got {step.alpha}; allowed: 0 to 1 (weight of the KD loss)")
+            if step.temperature <= 0:
+                p.append(f"{key}.temperature: got {step.temperature}; must be > 0")
+            if job.zero.stage == 3:
+                p.append(
+                    "zero.stage: recovery runs on one task; ZeRO-3 partitions nothing there "
+                    "and its gathered parameters break the fixed masks; use zero.stage <= 2"
+                )
+        elif step.kind == "quantize":
+            quantized = True
+            _choice(p, f"{key}.method", step.method, schema.QUANT_METHODS)
+            if step.method == "dynamic":
+                if step.bits not in (None, 8):
+                    p.append(f"{key}.bits: dynamic quantisation is int8; got {step.bits}")
+                if step.group_size is not None:
+                    p.append(f"{key}.group_size: dynamic int8 is per output channel; remove it")
+            elif step.method == "weight_only":
+                _choice(p, f"{key}.bits", step.bits, (8, 4))
+            if step.group_size is not None and step.group_size < 2:
+                p.append(f"{key}.group_size: got {step.group_size}; must be >= 2 (or unset)")
     return p
 
 

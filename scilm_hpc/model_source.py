@@ -38,6 +38,28 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or os.sep + os.sep in name or not _HUB_ID.match(name)
 
 
+def deepspeed_checkpoint_hint(path: Path) -> str | None:
+    """If ``path`` is a scilm run or DeepSpeed checkpoint directory: what it is and what to do."""
+    if (path / "checkpoints" / "latest").is_file():
+        run_dir = path
+    elif (path / "latest").is_file() and any(path.glob("step_*")):
+        run_dir = path.parent
+    elif any(path.glob("mp_rank_*_model_states.pt")) or any(path.glob("*zero_pp_rank_*")):
+        run_dir = path.parent.parent
+    else:
+        return None
+    export = run_dir / "export"
+    if (export / "config.json").is_file():
+        return (
+            f"a DeepSpeed checkpoint directory, not an exported model; the run's export "
+            f"is '{export}'"
+        )
+    return (
+        f"a DeepSpeed checkpoint directory, not an exported model; write an export "
+        f"from its latest checkpoint with: scilm export {run_dir} (then give {export})"
+    )
+
+
 def path_problem(name: str) -> str | None:
     """A validation problem for ``model.name_or_path`` that needs no loading, or None."""
     if name in MINILM_ALIASES:
@@ -47,6 +69,9 @@ def path_problem(name: str) -> str | None:
         if not path.is_dir():
             return f"model.name_or_path: '{name}' is a file; give a model directory"
         if not (path / "config.json").is_file():
+            checkpoint = deepspeed_checkpoint_hint(path)
+            if checkpoint:
+                return f"model.name_or_path: '{name}' is {checkpoint}"
             return (
                 f"model.name_or_path: '{name}' has no config.json; give a HF model "
                 f"directory (save_pretrained output), e.g. RUN_DIR/export"

@@ -141,27 +141,68 @@ class ClusterConfig:
         return 1 if self.backend == "none" else self.nodes * self.tasks_per_node
 
 
+#: Compression step kinds and the values their fields allow (checked by config.validate).
+COMPRESS_KINDS = ("prune", "recover", "quantize")
+PRUNE_METHODS = ("magnitude", "wanda")
+PRUNE_PATTERNS = ("unstructured", "nm", "ffn", "heads")
+PRUNE_SCOPES = ("layer", "global")
+PRUNE_SCHEDULES = ("oneshot", "gradual")
+QUANT_METHODS = ("dynamic", "weight_only")
+
+
 @dataclass
 class CompressStep:
-    """One step of a compression recipe (prune, recover, quantize)."""
+    """One step of a compression recipe.
+
+    ``prune``: ``method`` magnitude|wanda, ``pattern`` unstructured (``sparsity``,
+    ``scope`` layer|global) | nm (``n`` of every ``m`` kept) | ffn (``sparsity`` of
+    each layer's FFN neurons removed) | heads (``sparsity`` of each layer's attention
+    heads removed); ``schedule`` oneshot, or gradual (magnitude, unstructured: the
+    sparsity is reached during the next ``recover`` step). Wanda and activation-aware
+    structured scores use ``calibration_batches`` batches of the train split.
+    ``recover``: ``steps`` optimizer steps of distillation from the dense model
+    (``alpha`` x KD loss at ``temperature`` + (1 - alpha) x task loss) with the
+    ``train`` section's optimiser, masks fixed. ``quantize``: ``method`` dynamic
+    (int8 activations and weights, CPU) | weight_only (``bits`` 8|4, per output
+    channel or per ``group_size`` inputs); ``embeddings`` also quantises the word
+    embeddings (weight-only, per row).
+    """
 
     kind: str = MISSING
+    name: str | None = None
     method: str | None = None
+    pattern: str = "unstructured"
     sparsity: float | None = None
-    scope: str | None = None
+    scope: str = "layer"
+    schedule: str = "oneshot"
     n: int | None = None
     m: int | None = None
+    calibration_batches: int = 8
+    steps: int | None = None
+    alpha: float = 0.5
+    temperature: float = 2.0
     bits: int | None = None
     group_size: int | None = None
-    steps: int | None = None
+    embeddings: bool = False
 
 
 @dataclass
 class CompressConfig:
-    """A compression recipe: a name and its ordered steps."""
+    """A compression recipe (``configs/compress/NAME.yaml``) and how it is measured.
+
+    The report measures every step on ``eval_split`` of ``data.shards`` (at most
+    ``eval_examples`` examples; 0 = all) and its CPU latency as the median of
+    ``latency_repeats`` forward passes of one fixed batch of ``latency_batch``
+    examples, on ``latency_threads`` threads (0 = torch's default).
+    """
 
     name: str = "none"
     steps: list[CompressStep] = field(default_factory=list)
+    eval_split: str = "dev"
+    eval_examples: int = 0
+    latency_batch: int = 32
+    latency_repeats: int = 20
+    latency_threads: int = 0
 
 
 @dataclass

@@ -35,13 +35,20 @@ from scilm_hpc.train.model import auto_class
 def load_for_eval(name: str, task: str, dataset: ShardDataset) -> tuple[Any, Any]:
     """Tokenizer and model of ``name``, checked against the shards before any inference.
 
+    ``name`` may be a dense export or a directory written by the compress job.
+
     Raises:
         UserError: if the tokenizer differs from the shards' or the label maps disagree.
     """
     tokenizer = load_tokenizer(name)
     dataset.check_tokenizer(tokenizer, name)
+    from scilm_hpc.compress.saving import is_compressed_dir, load_compressed
+
     try:
-        model = auto_class(task).from_pretrained(resolve_model_path(name))
+        if is_compressed_dir(resolve_model_path(name)):
+            model: Any = load_compressed(resolve_model_path(name))
+        else:
+            model = auto_class(task).from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load '{name}' for {task} ({exc})") from None
     if task != "causal_lm":

@@ -39,3 +39,47 @@ def export_model(engine: Any, tokenizer: Any, out_dir: str | Path, zero_stage: i
 
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
+    """Write ``RUN_DIR/export`` from a checkpoint (default: the latest), without training.
+
+    For a run that stopped before its end (preempted, out of requeues): the
+    checkpoint's weights are consolidated from any ZeRO stage and any number of
+    ranks, then written like the export a finished run writes.
+
+    Raises:
+        UserError: if ``run_dir`` is not a finetune run or has no such checkpoint.
+    """
+    from scilm_hpc.config import load_config, resolve
+    from scilm_hpc.data.dataset import ShardDataset
+    from scilm_hpc.errors import UserError
+    from scilm_hpc.model_source import load_tokenizer
+    from scilm_hpc.train import checkpoint as ckpt
+    from scilm_hpc.train.model import build_model
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: no config.yaml; not a finetune run directory")
+    job = resolve(load_config(run / "config.yaml", [], "finetune"))
+    tag = tag or ckpt.latest_tag(run)
+    if tag is None or not (ckpt.checkpoint_root(run) / tag / ckpt.STATE).is_file():
+        raise UserError(f"{run_dir}: no complete checkpoint {tag or '(checkpoints/latest)'}")
+    state = ckpt.read_state(run, tag)
+    weights = ckpt.consolidated_weights(run, tag, state["zero_stage"])
+    labels = ShardDataset(job.data.shards, "train").label_names
+    model = build_model(
+        job.task, job.model.name_or_path, labels, job.model.revision, state_dict=weights
+    )
+    tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
+    out = run / "export"
+    tmp = out.with_name(out.name + ".tmp")
+    model.config.torch_dtype = "float32"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -54,7 +54,7 @@ class FinetuneJob:
         stop = StopFlag()
         stop.install()
         try:
-            return _Trainer(job, env.rank, env.world_size, on_gpu, stop).run()
+            return Trainer(job, env.rank, env.world_size, on_gpu, stop).run()
         except Exception as exc:
             if env.rank == 0:
                 write_run_state(
@@ -70,8 +70,13 @@ class FinetuneJob:
                 dist.destroy_process_group()
 
 
-class _Trainer:
-    """State of one rank's training run."""
+class Trainer:
+    """State of one rank's training run.
+
+    Subclasses change what is trained and how the loss is computed by overriding
+    ``build_model`` and ``compute_loss`` (compression recovery distils from a teacher
+    this way) and keep everything else: sampler, checkpoints, preemption, export.
+    """
 
     def __init__(self, job: JobConfig, rank: int, world: int, on_gpu: bool, stop: StopFlag) -> None:
         self.job, self.rank, self.world, self.on_gpu = job, rank, world, on_gpu
@@ -133,9 +138,7 @@ class _Trainer:
                 )
                 weights = ckpt.consolidated_weights(self.run_dir, resume_tag, state["zero_stage"])
         torch.manual_seed(job.train.seed)  # new heads start the same on every rank and run
-        model = build_model(
-            job.task, job.model.name_or_path, self.labels, job.model.revision, state_dict=weights
-        )
+        model = self.build_model(weights)
         config = deepspeed_config(job, self.total_steps, self.on_gpu)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -157,6 +160,17 @@ class _Trainer:
                 engine.global_steps = state["step"]
             ckpt.load_rng(self.run_dir, resume_tag, self.rank)
         return engine, state
+
+    def build_model(self, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+        """The model to train (``weights``: consolidated weights to start from instead)."""
+        job = self.job
+        return build_model(
+            job.task, job.model.name_or_path, self.labels, job.model.revision, state_dict=weights
+        )
+
+    def compute_loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of one micro-batch (the model's own task loss)."""
+        return engine(**batch).loss
 
     def run(self) -> dict[str, Any]:
         import torch.distributed as dist
@@ -186,11 +200,11 @@ class _Trainer:
             loss_sum = torch.zeros(4, dtype=torch.float64)
             for indices in micro_batches:
                 batch = collate([self.train_set[int(i)] for i in indices], self.pad_id, job.task)
-                out = engine(**batch)
-                engine.backward(out.loss)
+                loss = self.compute_loss(engine, batch)
+                engine.backward(loss)
                 engine.step()
                 loss_sum += torch.tensor(
-                    [out.loss.item(), batch["attention_mask"].sum().item(), len(indices), 0.0],
+                    [loss.item(), batch["attention_mask"].sum().item(), len(indices), 0.0],
                     dtype=torch.float64,
                 )
             step += 1

@@ -1,0 +1,303 @@
+"""The compress job: run a recipe's steps on an exported model, measure each, report.
+
+One task. The dense model (``model.name_or_path``, an export) is measured first;
+then each step of ``compress.steps`` changes the model in memory and is saved to
+``RUN_DIR/steps/NN-name/`` with its measurements (``step.json``, written last). A
+restarted job (requeued by Slurm, or the same command run again) loads the last
+finished step and goes on; a recovery step resumes from its own checkpoints.
+At the end the last step is copied to ``RUN_DIR/compressed`` and the report is
+written.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scilm_hpc.compress import measure
+from scilm_hpc.compress.calibration import calibration_batches, input_norms
+from scilm_hpc.compress.prune import apply_masks, nm_masks, unstructured_masks
+from scilm_hpc.compress.quantize import quantize_model
+from scilm_hpc.compress.recover import RecoveryTrainer, recovered_model, recovery_job
+from scilm_hpc.compress.report import with_ratios, write_report
+from scilm_hpc.compress.saving import load_compressed, save_compressed, weights_size
+from scilm_hpc.compress.structured import prune_structured
+from scilm_hpc.compress.targets import PRUNABLE_DESCRIPTION, prunable_linears
+from scilm_hpc.data.dataset import ShardDataset
+from scilm_hpc.errors import UserError
+from scilm_hpc.launch.env import export_rank_env, rank_env
+from scilm_hpc.launch.preemption import StopFlag
+from scilm_hpc.launch.status import write_run_state
+from scilm_hpc.model_source import resolve_model_path
+from scilm_hpc.schema import CompressStep, JobConfig
+
+STEP_RECORD = "step.json"
+
+
+def step_name(step: CompressStep) -> str:
+    """The step's ``name``, or one made from its settings (e.g. ``prune-wanda-50``)."""
+    if step.name:
+        return step.name
+    if step.kind == "prune":
+        amount = (
+            f"{step.n}of{step.m}" if step.pattern == "nm" else f"{100 * (step.sparsity or 0):g}"
+        )
+        pattern = "" if step.pattern == "unstructured" else f"-{step.pattern}"
+        gradual = "-gradual" if step.schedule == "gradual" else ""
+        return f"prune-{step.method}{pattern}-{amount}{gradual}"
+    if step.kind == "recover":
+        return f"recover-{step.steps}"
+    if step.method == "dynamic":
+        return "int8-dynamic"
+    group = f"-g{step.group_size}" if step.group_size else ""
+    return f"int{step.bits}-weight{group}{'-emb' if step.embeddings else ''}"
+
+
+class CompressJob:
+    """Submitit-callable compression job (one task)."""
+
+    def __init__(self, job: JobConfig) -> None:
+        self.job = job
+
+    def __call__(self) -> dict[str, Any]:
+        job = self.job
+        env = rank_env()
+        export_rank_env(env, False)
+        if job.cluster.backend != "none":
+            torch.set_num_threads(max(1, job.cluster.cpus_per_task))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        stop = StopFlag()
+        stop.install()
+        run_dir = Path(job.run.dir)
+        try:
+            return _Compression(job, stop).run()
+        except Exception as exc:
+            write_run_state(run_dir, "failed", reason=str(exc).splitlines()[0] if str(exc) else "")
+            raise
+        finally:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+class _Compression:
+    """One run of a recipe."""
+
+    def __init__(self, job: JobConfig, stop: StopFlag) -> None:
+        from scilm_hpc.evaluate.job import load_for_eval
+
+        self.job, self.stop = job, stop
+        self.run_dir = Path(job.run.dir)
+        self.steps_dir = self.run_dir / "steps"
+        c = job.compress
+        self.eval_set = ShardDataset(job.data.shards, c.eval_split)
+        if self.eval_set.task != job.task:
+            raise UserError(
+                f"task: the shards were prepared for '{self.eval_set.task}', the job says "
+                f"'{job.task}'"
+            )
+        self.tokenizer, self.dense = load_for_eval(job.model.name_or_path, job.task, self.eval_set)
+        prunable_linears(self.dense)  # unsupported layer types fail here, before any work
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self.batch = measure.latency_batch(self.eval_set, c.latency_batch, self.pad_id, job.task)
+        self.threads = c.latency_threads or torch.get_num_threads()
+
+    def _measured(self, model: Any, size_bytes: int, dense_prunable: int | None) -> dict:
+        c = self.job.compress
+        return {
+            **measure.weight_stats(model, dense_prunable),
+            "size_bytes": size_bytes,
+            "latency_ms": measure.latency_ms(model, self.batch, c.latency_repeats, self.threads),
+            "metrics": measure.task_metrics(
+                model,
+                self.eval_set,
+                self.job.task,
+                self.pad_id,
+                self.job.eval.batch_size,
+                c.eval_examples,
+            ),
+        }
+
+    def run(self) -> dict[str, Any]:
+        job, c = self.job, self.job.compress
+        write_run_state(self.run_dir, "running", recipe=c.name)
+        self.steps_dir.mkdir(parents=True, exist_ok=True)
+        baseline_file = self.steps_dir / "baseline.json"
+        if baseline_file.is_file():
+            baseline = json.loads(baseline_file.read_text())
+        else:
+            size = weights_size(resolve_model_path(job.model.name_or_path))
+            baseline = self._measured(self.dense, size, None)
+            baseline_file.write_text(json.dumps(baseline, indent=1))
+        model: Any = copy.deepcopy(self.dense)
+        model_dir = Path(resolve_model_path(job.model.name_or_path))
+        entries: list[dict[str, Any]] = []
+        gradual: CompressStep | None = None
+        for index, step in enumerate(c.steps):
+            name = step_name(step)
+            step_dir = self.steps_dir / f"{index + 1:02d}-{re.sub(r'[^A-Za-z0-9_.:-]', '_', name)}"
+            spec = dataclasses.asdict(step)
+            if step.kind == "prune" and step.schedule == "gradual":
+                gradual = step  # reached during the next recover step
+                continue
+            record = step_dir / STEP_RECORD
+            if record.is_file():
+                done = json.loads(record.read_text())
+                if done["spec"] != spec:
+                    raise UserError(
+                        f"run.dir: '{self.run_dir}' holds step {index + 1} of another recipe "
+                        f"({done['name']}); use a new run.dir"
+                    )
+                entries.append(done["entry"])
+                model, model_dir = load_compressed(step_dir), step_dir
+                gradual = None
+                print(f"step {index + 1} ({name}): done before, loaded", flush=True)
+                continue
+            start = time.perf_counter()
+            print(f"step {index + 1}/{len(c.steps)}: {name}", flush=True)
+            changed: list[str]
+            if step.kind == "recover":
+                result = self._recover(step, gradual, model_dir, step_dir)
+                if result is None:
+                    return {"run_dir": str(self.run_dir), "stopped": f"step {index + 1} ({name})"}
+                model, changed = result, []
+                gradual = None
+            elif step.kind == "prune":
+                changed = self._prune(model, step)
+            else:
+                changed = quantize_model(
+                    model,
+                    prunable_linears(model),
+                    step.method or "dynamic",
+                    step.bits or 8,
+                    step.group_size,
+                    step.embeddings,
+                )
+            info = {"recipe": c.name, "steps": [s["name"] for s in entries] + [name]}
+            save_compressed(model, self.tokenizer, step_dir, job.task, info)
+            entry = with_ratios(
+                baseline,
+                {
+                    "name": name,
+                    "kind": step.kind,
+                    **self._measured(model, weights_size(step_dir), baseline["prunable_params"]),
+                    "modules_changed": len(changed),
+                    "seconds": time.perf_counter() - start,
+                },
+            )
+            (step_dir / STEP_RECORD).write_text(
+                json.dumps({"name": name, "spec": spec, "entry": entry}, indent=1)
+            )
+            entries.append(entry)
+            model_dir = step_dir
+        return self._finish(baseline, entries, model_dir)
+
+    def _prune(self, model: Any, step: CompressStep) -> list[str]:
+        linears = prunable_linears(model)
+        for name, linear in linears.items():
+            if type(linear) is not nn.Linear:
+                raise UserError(
+                    f"compress: step prune after quantisation ('{name}' is "
+                    f"{type(linear).__name__}); prune first, quantise last"
+                )
+        norms = None
+        if step.method == "wanda":
+            train = ShardDataset(self.job.data.shards, "train")
+            batches = calibration_batches(
+                train,
+                self.job.task,
+                self.pad_id,
+                step.calibration_batches,
+                self.job.train.micro_batch_size,
+                self.job.train.seed,
+            )
+            norms = input_norms(model, linears, batches)
+        method = step.method or "magnitude"
+        if step.pattern in ("ffn", "heads"):
+            prune_structured(model, step.pattern, step.sparsity or 0.0, method, norms)
+            return list(prunable_linears(model))
+        weights = {n: m.weight.detach() for n, m in linears.items()}
+        if step.pattern == "nm":
+            assert step.n is not None and step.m is not None
+            masks = nm_masks(weights, step.n, step.m, method, norms)
+        else:
+            masks = unstructured_masks(weights, step.sparsity or 0.0, method, step.scope, norms)
+        apply_masks(linears, masks)
+        return list(masks)
+
+    def _recover(
+        self,
+        step: CompressStep,
+        gradual: CompressStep | None,
+        student_dir: Path,
+        step_dir: Path,
+    ) -> nn.Module | None:
+        """Distil into the model saved in ``student_dir``; None if stopped by a signal."""
+        run_dir = step_dir.with_name(step_dir.name + ".run")
+        job = recovery_job(self.job, run_dir, student_dir, step.steps or 0)
+        trainer = RecoveryTrainer(job, 0, 1, self.stop, self.dense, step, gradual)
+        result = trainer.run()
+        if "stopped" in result:
+            write_run_state(
+                self.run_dir, "stopped", reason=f"{result['stopped']} during {step_dir.name}"
+            )
+            return None
+        return recovered_model(student_dir, run_dir / "export", self.job.task, gradual is not None)
+
+    def _finish(
+        self, baseline: dict[str, Any], entries: list[dict[str, Any]], model_dir: Path
+    ) -> dict[str, Any]:
+        job, c = self.job, self.job.compress
+        out = self.run_dir / "compressed"
+        tmp = out.with_name("compressed.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns(STEP_RECORD))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        report = {
+            "recipe": c.name,
+            "model": job.model.name_or_path,
+            "task": job.task,
+            "prunable_modules": PRUNABLE_DESCRIPTION,
+            "eval": {"split": c.eval_split, "examples": baseline["metrics"]["n_examples"]},
+            "latency": {
+                "batch_size": int(self.batch["input_ids"].shape[0]),
+                "seq_len": int(self.batch["input_ids"].shape[1]),
+                "threads": self.threads,
+                "repeats": c.latency_repeats,
+            },
+            "baseline": baseline,
+            "steps": entries,
+            "compressed": str(out),
+        }
+        write_report(self.run_dir, report)
+        write_run_state(self.run_dir, "completed", reason=f"recipe {c.name}: {len(entries)} steps")
+        last = entries[-1] if entries else baseline
+        metric = measure.MAIN_METRIC[job.task][0]
+        return {
+            "run_dir": str(self.run_dir),
+            "compressed": str(out),
+            "report": str(self.run_dir / "compress_report.json"),
+            "size_ratio": last.get("size_ratio"),
+            "speedup": last.get("speedup"),
+            metric: last["metrics"].get(metric),
+            f"baseline_{metric}": baseline["metrics"].get(metric),
+        }

@@ -1,0 +1,122 @@
+"""What the compression report measures: weights, sparsity, size, CPU latency, metrics.
+
+* ``params``: weights the model computes with, quantised layers counted by their
+  logical (dense) size; ``nonzero_params``: those that are not zero.
+* ``sparsity``: zeros among the prunable weights (``targets.PRUNABLE_DESCRIPTION``),
+  relative to the dense model's prunable count, so weights removed by structured
+  pruning count as zeros.
+* ``latency_ms``: median wall time of a forward pass over one fixed batch on the
+  CPU, after two warm-up passes.
+* ``metrics``: the evaluate job's metrics (``evaluate.metrics``) on a split.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from scilm_hpc.compress.quantize import (
+    DynamicInt8Linear,
+    QuantizedEmbedding,
+    WeightOnlyLinear,
+    dense_weight,
+)
+from scilm_hpc.compress.targets import prunable_linears
+from scilm_hpc.data.dataset import ShardDataset
+from scilm_hpc.data.sampler import collate
+from scilm_hpc.evaluate.inference import predict
+from scilm_hpc.evaluate.metrics import metrics_from_results
+
+#: The metric each task's trade-off is judged by (and whether higher is better).
+MAIN_METRIC = {
+    "classification": ("macro_f1", True),
+    "token_classification": ("f1", True),
+    "causal_lm": ("perplexity", False),
+}
+
+
+def _module_weights(module: Any) -> list[tuple[torch.Tensor, bool]]:
+    """The weights ``module`` itself holds, each with whether it is a stored parameter
+    (which may be shared with another module) or computed from integers."""
+    if isinstance(module, DynamicInt8Linear | WeightOnlyLinear):
+        bias = module.bias() if isinstance(module, DynamicInt8Linear) else module.bias
+        return [(dense_weight(module), False)] + ([(bias, False)] if bias is not None else [])
+    if isinstance(module, QuantizedEmbedding):
+        return [(module.weight, False)]
+    return [(p.detach(), True) for p in module.parameters(recurse=False)]
+
+
+def weight_stats(model: Any, dense_prunable: int | None = None) -> dict[str, Any]:
+    """``params``, ``nonzero_params``, ``prunable_params`` and ``sparsity`` of ``model``.
+
+    Args:
+        model: the model.
+        dense_prunable: prunable weights of the dense model (None: this model is it).
+    """
+    params = nonzero = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        for tensor, stored in _module_weights(module):
+            if stored:  # tied parameters (e.g. input / output embeddings) count once
+                key = tensor.untyped_storage().data_ptr() + int(tensor.storage_offset())
+                if key in seen:
+                    continue
+                seen.add(key)
+            params += tensor.numel()
+            nonzero += int(torch.count_nonzero(tensor))
+    prunable = prunable_nonzero = 0
+    for module in prunable_linears(model).values():
+        weight = dense_weight(module)
+        prunable += weight.numel()
+        prunable_nonzero += int(torch.count_nonzero(weight))
+    reference = dense_prunable or prunable
+    return {
+        "params": params,
+        "nonzero_params": nonzero,
+        "prunable_params": prunable,
+        "sparsity": 1.0 - prunable_nonzero / reference,
+    }
+
+
+def latency_batch(dataset: ShardDataset, size: int, pad_id: int, task: str) -> dict[str, Any]:
+    """The fixed batch latency is measured on: the split's first ``size`` examples."""
+    batch = collate([dataset[i] for i in range(min(size, len(dataset)))], pad_id, task)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def latency_ms(model: Any, batch: dict[str, Any], repeats: int, threads: int) -> float:
+    """Median forward time in milliseconds of ``model`` on ``batch`` (CPU)."""
+    previous = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        model.eval()
+        for _ in range(2):
+            model(**batch)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(**batch)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return 1000.0 * statistics.median(times)
+
+
+def task_metrics(
+    model: Any,
+    dataset: ShardDataset,
+    task: str,
+    pad_id: int,
+    batch_size: int,
+    examples: int,
+) -> dict[str, Any]:
+    """Scalar metrics of ``model`` on ``dataset`` (its first ``examples``; 0 = all)."""
+    count = len(dataset) if examples <= 0 else min(examples, len(dataset))
+    results = predict(model.eval(), dataset, range(count), task, pad_id, batch_size)
+    metrics = metrics_from_results(task, [r for _, r in results], dataset.label_names)
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}

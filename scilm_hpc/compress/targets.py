@@ -1,0 +1,133 @@
+"""Which modules compression touches: the linear layers of the transformer blocks.
+
+The *prunable* modules are every linear layer inside the model's stack of
+transformer blocks (BERT ``encoder.layer``, Llama ``layers``): attention
+projections and the feed-forward network. Embeddings, the pooler and the task head
+are left dense: they are a small share of the compute (the word embedding is a
+lookup) and the head is what the metrics read. Structured pruning also needs to
+know which layers form a block's FFN and attention; ``block_layout`` says so for
+the layouts scilm knows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from scilm_hpc.errors import UserError
+
+PRUNABLE_DESCRIPTION = "torch.nn.Linear layers inside the transformer blocks (attention and FFN)"
+
+
+def transformer_blocks(model: Any) -> tuple[str, nn.ModuleList]:
+    """The qualified name and the ``ModuleList`` of the model's transformer blocks.
+
+    Raises:
+        UserError: if the model has no recognisable stack of blocks.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            first = type(module[0])
+            same = all(type(m) is first for m in module)
+            if same and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        raise UserError(
+            f"compress: {type(model).__name__} has no stack of transformer blocks "
+            f"(an nn.ModuleList of identical layers); scilm compresses encoder and "
+            f"decoder transformers such as BERT and Llama"
+        )
+    return best
+
+
+def prunable_linears(model: Any) -> dict[str, Any]:
+    """Qualified name -> linear module, for every linear layer of the transformer blocks.
+
+    Quantised replacements of ``nn.Linear`` made by this package count too, so
+    a later step finds the same modules.
+
+    Raises:
+        UserError: if a block holds a weight layer scilm cannot compress (e.g.
+            GPT-2's ``Conv1D``), naming the module and its type.
+    """
+    from scilm_hpc.compress.quantize import QUANTIZED_LINEAR_TYPES
+
+    prefix, blocks = transformer_blocks(model)
+    found: dict[str, Any] = {}
+    for index, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            full = f"{prefix}.{index}.{name}" if name else f"{prefix}.{index}"
+            if isinstance(module, (nn.Linear, *QUANTIZED_LINEAR_TYPES)):
+                found[full] = module
+            elif type(module).__name__ in ("Conv1D", "Conv1d", "Conv2d") or (
+                not list(module.children())
+                and getattr(module, "weight", None) is not None
+                and getattr(module.weight, "dim", lambda: 0)() == 2
+                and not isinstance(module, nn.Embedding)
+            ):
+                raise UserError(
+                    f"compress: module '{full}' is a {type(module).__name__}; scilm prunes "
+                    f"and quantises torch.nn.Linear layers only (GPT-2-style Conv1D layers "
+                    f"are not supported)"
+                )
+    if not found:
+        raise UserError(f"compress: the blocks under '{prefix}' hold no torch.nn.Linear layer")
+    return found
+
+
+@dataclass
+class BlockLayout:
+    """Names (relative to a block) of the layers structured pruning shrinks together."""
+
+    ffn_in: tuple[str, ...]  # produce the FFN neurons (rows removed)
+    ffn_out: str  # consumes them (columns removed)
+    heads_in: tuple[str, ...]  # query, key, value (rows of removed heads)
+    heads_out: str  # attention output projection (columns of removed heads)
+    head_attr: str  # the attention module holding the head size
+
+
+LAYOUTS = {
+    "bert": BlockLayout(
+        ffn_in=("intermediate.dense",),
+        ffn_out="output.dense",
+        heads_in=("attention.self.query", "attention.self.key", "attention.self.value"),
+        heads_out="attention.output.dense",
+        head_attr="attention.self",
+    ),
+    "llama": BlockLayout(
+        ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+        ffn_out="mlp.down_proj",
+        heads_in=(),  # grouped-query attention: heads are not pruned independently
+        heads_out="self_attn.o_proj",
+        head_attr="self_attn",
+    ),
+}
+
+
+def block_layout(model: Any, pattern: str) -> BlockLayout:
+    """The layout of the model's blocks for structured ``pattern`` (ffn or heads).
+
+    Raises:
+        UserError: for a model type whose layout scilm does not know.
+    """
+    _, blocks = transformer_blocks(model)
+    names = {n for n, _ in blocks[0].named_modules()}
+    for kind, layout in LAYOUTS.items():
+        wanted = layout.ffn_in + (layout.ffn_out,)
+        if pattern == "heads":
+            wanted = layout.heads_in + (layout.heads_out,) if layout.heads_in else ("-",)
+        if all(w in names for w in wanted):
+            return layout
+        if kind == "llama" and pattern == "heads" and layout.heads_out in names:
+            raise UserError(
+                "compress: pattern 'heads' on a Llama-style model is not supported "
+                "(grouped-query attention shares key/value heads); use pattern 'ffn'"
+            )
+    raise UserError(
+        f"compress: structured pattern '{pattern}' does not know the block layout of "
+        f"{type(model).__name__} (known: BERT-style encoders"
+        f"{', Llama-style decoders' if pattern == 'ffn' else ''})"
+    )
