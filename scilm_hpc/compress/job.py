@@ -138,6 +138,17 @@ class _Compression:
         job, c = self.job, self.job.compress
         write_run_state(self.run_dir, "running", recipe=c.name)
         self.steps_dir.mkdir(parents=True, exist_ok=True)
+        recipe = {"name": c.name, "steps": [dataclasses.asdict(s) for s in c.steps]}
+        recipe_file = self.steps_dir / "recipe.json"
+        if recipe_file.is_file():
+            before = json.loads(recipe_file.read_text())
+            if before != recipe:
+                raise UserError(
+                    f"run.dir: '{self.run_dir}' holds the steps of another recipe "
+                    f"({before['name']}); use a new run.dir, or delete it to start over"
+                )
+        else:
+            recipe_file.write_text(json.dumps(recipe, indent=1))
         baseline_file = self.steps_dir / "baseline.json"
         if baseline_file.is_file():
             baseline = json.loads(baseline_file.read_text())
