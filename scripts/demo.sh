@@ -33,9 +33,14 @@ if command -v mpirun >/dev/null; then
 else
     EVAL=(cluster=none); EWHERE="1 process (no mpirun here: apt-get install openmpi-bin for MPI ranks)"
 fi
-echo "== 5. evaluate the export on the test split, $EWHERE"
+echo "== 5. compress the export: dynamic int8 (recipe configs/compress/int8-dynamic.yaml)"
+scilm compress jobs/compress.yaml run.dir="$RUN_DIR/compress" model.name_or_path="$RUN_DIR/export" \
+    data.shards="$RUN_DIR/shards" cluster=none >/dev/null
+cat "$RUN_DIR/compress/compress_report.md"
+echo
+echo "== 6. evaluate dense and compressed side by side on the test split, $EWHERE"
 scilm evaluate jobs/evaluate.yaml run.dir="$RUN_DIR" model.name_or_path="$RUN_DIR/export" \
-    data.shards="$RUN_DIR/shards" "${EVAL[@]}" >/dev/null
+    eval.models="[$RUN_DIR/compress/compressed]" data.shards="$RUN_DIR/shards" "${EVAL[@]}" >/dev/null
 cat "$RUN_DIR/eval.md"
 echo
 echo "demo done:"
@@ -44,6 +49,8 @@ echo "  checkpoints         $RUN_DIR/checkpoints/ (latest: $(cat "$RUN_DIR/check
 echo "  metrics             $RUN_DIR/metrics.jsonl"
 echo "  loss curve          $RUN_DIR/plots/loss.png"
 echo "  exported model      $RUN_DIR/export/  (AutoModelForSequenceClassification.from_pretrained)"
+echo "  compressed (int8)   $RUN_DIR/compress/compressed/  (scilm_hpc.compress.load_compressed)"
+echo "  compression report  $RUN_DIR/compress/compress_report.{json,md}, plots/compression_tradeoff.png"
 echo "  evaluation          $RUN_DIR/eval.json, $RUN_DIR/eval.md, $RUN_DIR/plots/confusion_matrix.png"
 python - "$RUN_DIR" <<'PY'
 import json, sys
