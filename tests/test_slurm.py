@@ -127,11 +127,12 @@ def test_usr2_requeues_and_resumes_exactly(slurm_cluster, tmp_path, shards, tiny
 def test_time_limit_requeues_until_done(slurm_cluster, tmp_path, shards, tiny_model_dir):
     run = tmp_path / "limited"
     # 1-minute limit, USR2 55 s before it: each allocation gets ~5-30 s (Slurm checks
-    # time limits periodically). 900 steps of 3 micro-batches take ~55 s on an idle
-    # 2-core machine, so training needs more than one allocation however fast it runs.
+    # time limits periodically). 600 steps of 3 micro-batches take ~37 s on an idle
+    # 2-core machine, so training needs more than one allocation however fast it runs;
+    # fewer steps keep a loaded machine within the wait below.
     args = (
         "zero.stage=2",
-        "train.max_steps=900",
+        "train.max_steps=600",
         "train.micro_batch_size=16",
         "train.gradient_accumulation=3",
         "train.checkpoint_every=0",
@@ -150,7 +151,7 @@ def test_time_limit_requeues_until_done(slurm_cluster, tmp_path, shards, tiny_mo
     assert final["state"] == "completed", final
     assert int(final["jobs"][-1]["restarts"]) >= 1
     steps = [s for s, _ in losses(run)]
-    assert steps == list(range(1, 901))  # nothing lost, nothing replayed
+    assert steps == list(range(1, 601))  # nothing lost, nothing replayed
 
 
 def test_status_pending_cancelled_and_failed(
