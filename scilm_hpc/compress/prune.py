@@ -88,14 +88,12 @@ def scores(weight: torch.Tensor, method: str, norms: torch.Tensor | None) -> tor
     return score
 
 
-def _keep_top(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Mask keeping the ``1 - sparsity`` share of highest scores (exact count)."""
-    flat = score.reshape(-1)
-    n_prune = int(round(sparsity * flat.numel()))
-    mask = torch.ones_like(flat, dtype=torch.bool)
-    if n_prune:
-        mask[torch.topk(flat, n_prune, largest=False).indices] = False
-    return mask.reshape(score.shape)
+def _drop_lowest(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask dropping the ``count`` lowest scores of each row of ``score`` (exact count)."""
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if count:
+        keep.scatter_(-1, torch.topk(score, count, dim=-1, largest=False).indices, False)
+    return keep
 
 
 def unstructured_masks(
@@ -116,33 +114,26 @@ def unstructured_masks(
         norms: name -> input norms (Wanda).
     """
     if method == "wanda":
-        masks = {}
-        for name, w in weights.items():
-            s = scores(w, method, norms[name] if norms else None)
-            keep = torch.ones_like(s, dtype=torch.bool)
-            per_row = int(round(sparsity * s.shape[1]))
-            if per_row:
-                keep.scatter_(1, torch.topk(s, per_row, dim=1, largest=False).indices, False)
-            masks[name] = keep
-        return masks
+        return {
+            name: _drop_lowest(
+                scores(w, method, norms[name] if norms else None),
+                int(round(sparsity * w.shape[1])),
+            )
+            for name, w in weights.items()
+        }
     if scope == "layer":
-        return {name: _keep_top(scores(w, method, None), sparsity) for name, w in weights.items()}
+        return {
+            name: _drop_lowest(
+                scores(w, method, None).reshape(-1), int(round(sparsity * w.numel()))
+            ).reshape(w.shape)
+            for name, w in weights.items()
+        }
     flat = torch.cat([scores(w, method, None).reshape(-1) for w in weights.values()])
-    n_prune = int(round(sparsity * flat.numel()))
-    if n_prune == 0:
-        return {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights.items()}
-    threshold = torch.kthvalue(flat, n_prune).values
-    masks = {name: scores(w, method, None) > threshold for name, w in weights.items()}
-    # ties at the threshold: prune exactly n_prune overall
-    extra = n_prune - sum(int((~m).sum()) for m in masks.values())
-    for name, w in weights.items():
-        if extra <= 0:
-            break
-        ties = (scores(w, method, None) == threshold) & masks[name]
-        idx = ties.reshape(-1).nonzero().reshape(-1)[:extra]
-        masks[name].view(-1)[idx] = False
-        extra -= len(idx)
-    return masks
+    keep = _drop_lowest(flat, int(round(sparsity * flat.numel())))
+    parts = keep.split([w.numel() for w in weights.values()])
+    return {
+        name: part.reshape(w.shape) for (name, w), part in zip(weights.items(), parts, strict=True)
+    }
 
 
 def nm_masks(
@@ -166,9 +157,7 @@ def nm_masks(
                 f"'{name}' has {in_features} inputs"
             )
         s = scores(w, method, norms[name] if norms else None).reshape(out_features, -1, m)
-        keep = torch.zeros_like(s, dtype=torch.bool)
-        keep.scatter_(2, torch.topk(s, n, dim=2).indices, True)
-        masks[name] = keep.reshape(out_features, in_features)
+        masks[name] = _drop_lowest(s, m - n).reshape(out_features, in_features)
     return masks
 
 

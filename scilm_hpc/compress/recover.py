@@ -114,6 +114,9 @@ class RecoveryTrainer(Trainer):
         self.step = step
         self.gradual = gradual
         self.masks: dict[str, MaskedLinear] = {}
+        # sparsity the masks have reached; computed once, then kept (the masks change
+        # ten times in a recovery, the check runs every micro-batch)
+        self.mask_sparsity: float | None = None
 
     def build_model(self, weights: dict[str, torch.Tensor] | None) -> nn.Module:
         model = masked_student(self.job.model.name_or_path, self.job.task, self.gradual is not None)
@@ -126,10 +129,12 @@ class RecoveryTrainer(Trainer):
         """Gradual pruning: prune (by magnitude) up to the schedule's sparsity for this step."""
         assert self.gradual is not None and self.gradual.sparsity is not None
         target = gradual_sparsity(optimizer_step, self.total_steps, self.gradual.sparsity)
-        total = sum(m.mask.numel() for m in self.masks.values())
-        current = 1.0 - sum(float(m.mask.sum()) for m in self.masks.values()) / total
-        if target <= current + 1e-6:
+        if self.mask_sparsity is None:  # first call (fresh, or masks restored by a resume)
+            total = sum(m.mask.numel() for m in self.masks.values())
+            self.mask_sparsity = 1.0 - sum(float(m.mask.sum()) for m in self.masks.values()) / total
+        if target <= self.mask_sparsity + 1e-6:
             return
+        self.mask_sparsity = target
         with torch.no_grad():
             weights = {n: m.weight.detach() * m.mask for n, m in self.masks.items()}
             keep = unstructured_masks(weights, target, "magnitude", self.gradual.scope)

@@ -21,24 +21,33 @@ def gathered_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
-def export_model(engine: Any, tokenizer: Any, out_dir: str | Path, zero_stage: int) -> None:
-    """Write ``out_dir`` loadable with ``AutoModelFor*.from_pretrained`` and ``pipeline``."""
-    state = gathered_state_dict(engine, zero_stage)
-    if engine.global_rank != 0:
-        return
-    assert state is not None
+def write_export(
+    model: Any, tokenizer: Any, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``model`` (or ``state`` into its architecture) and ``tokenizer`` to ``out_dir``
+    in fp32 safetensors, through a temporary directory renamed into place."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
-    module = engine.module
-    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
-    module.config.torch_dtype = "float32"
-    module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    if state is not None:
+        state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
+    model.config.torch_dtype = "float32"
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     tmp.rename(out)
+    return out
+
+
+def export_model(engine: Any, tokenizer: Any, out_dir: str | Path, zero_stage: int) -> None:
+    """Write ``out_dir`` loadable with ``AutoModelFor*.from_pretrained`` and ``pipeline``."""
+    state = gathered_state_dict(engine, zero_stage)
+    if engine.global_rank != 0:
+        return
+    assert state is not None
+    write_export(engine.module, tokenizer, out_dir, state)
 
 
 def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
@@ -72,14 +81,4 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
         job.task, job.model.name_or_path, labels, job.model.revision, state_dict=weights
     )
     tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
-    out = run / "export"
-    tmp = out.with_name(out.name + ".tmp")
-    model.config.torch_dtype = "float32"
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return write_export(model, tokenizer, run / "export")
