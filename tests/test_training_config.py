@@ -71,7 +71,7 @@ def test_zero_stage_and_offload(overrides, on_gpu, expected):
     ("overrides", "bf16", "fp16"),
     [
         ([], False, False),
-        (["train.precision=bf16"], True, False),
+        (["train.precision=bf16"], False, False),
         (["train.precision=fp16", "cluster.gpus_per_node=1"], False, True),
     ],
     ids=["fp32", "bf16", "fp16"],

@@ -8,9 +8,12 @@ loss curve. A run directory with a complete checkpoint resumes from it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,45 @@ from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import load_tokenizer
 from scilm_hpc.schema import JobConfig
 from scilm_hpc.train import checkpoint as ckpt
-from scilm_hpc.train.ds_config import deepspeed_config
+from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.evaluation import evaluate_split, is_better
 from scilm_hpc.train.export import export_model
 from scilm_hpc.train.model import build_model
 from scilm_hpc.train.report import MetricsLog, plot_loss
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def usable_cores() -> int | None:
+    """Physical cores among the CPUs this process may run on (its affinity mask, e.g. a
+    Slurm allocation); None where Linux's topology files cannot tell."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(os.sched_getaffinity(0))
+    return len(cores) or None
+
+
+def cpu_threads(job: JobConfig) -> int | None:
+    """Intra-op threads of one CPU rank: the task's CPUs for local or scheduled ranks;
+    with ``cluster=none`` every physical core this process may run on (torch's default
+    counts the whole machine's cores, affinity mask or not), unless ``OMP_NUM_THREADS``
+    says otherwise. None: leave torch's setting."""
+    if job.cluster.backend != "none":
+        return max(1, job.cluster.cpus_per_task)
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return usable_cores()
 
 
 class FinetuneJob:
@@ -43,9 +80,10 @@ class FinetuneJob:
         env = rank_env()
         on_gpu = torch.cuda.is_available() and job.cluster.gpus_per_node > 0
         export_rank_env(env, on_gpu)
-        if not on_gpu and job.cluster.backend != "none":
+        threads = None if on_gpu else cpu_threads(job)
+        if threads:
             # one rank per task: use the task's CPUs, not every core of the node
-            torch.set_num_threads(max(1, job.cluster.cpus_per_task))
+            torch.set_num_threads(threads)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import deepspeed
@@ -172,6 +210,27 @@ class Trainer:
         """The loss of one micro-batch (the model's own task loss)."""
         return engine(**batch).loss
 
+    def _precision_context(self) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+        """What ``compute_loss`` runs in: bf16 autocast on CPU ranks with
+        ``train.precision=bf16`` (weights and optimizer stay fp32), else nothing."""
+        if not cpu_autocast(self.job, self.on_gpu):
+            return contextlib.nullcontext
+        if self.rank == 0 and not cpu_has_native_bf16():
+            warnings.warn(
+                "train.precision=bf16: this CPU has no native bf16 matrix multiply "
+                "(AVX-512 BF16 or AMX); bf16 is emulated and usually slower than fp32 here",
+                stacklevel=1,
+            )
+        return functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+
+    def _skip_lone_allreduce(self, engine: Any) -> None:
+        """One rank without ZeRO: skip DeepSpeed's gradient all-reduce, which would
+        flatten every gradient into one buffer, scale it by 1, "reduce" it over one
+        rank and copy it back each step (about a tenth of a CPU step; the gradients are
+        bit-identical without it). ZeRO stages 1-3 reduce inside their optimizer."""
+        if self.world == 1 and self.job.zero.stage == 0:
+            engine.enable_backward_allreduce = False
+
     def run(self) -> dict[str, Any]:
         import torch.distributed as dist
 
@@ -193,35 +252,45 @@ class Trainer:
         last_saved = step if resume_tag else -1
         stop = False
         stream = self.batches.step_batches(position)
+        lengths = self.train_set.lengths()  # real tokens per example, without padding
+        samples_per_epoch = self.batches.steps_per_epoch * self.batches.samples_per_step
+        precision = self._precision_context()
+        self._skip_lone_allreduce(engine)
         tick = time.perf_counter()
         while step < self.total_steps:
+            # time spent drawing indices, reading and collating (data_fraction in the log)
+            data_tick = tick
             position, micro_batches = next(stream)
-            # loss, tokens, examples, stop flag: one all-reduce per step for all of them
-            loss_sum = torch.zeros(4, dtype=torch.float64)
+            loss_total, tokens, data_s = 0.0, 0, 0.0
             for indices in micro_batches:
                 batch = collate([self.train_set[int(i)] for i in indices], self.pad_id, job.task)
-                loss = self.compute_loss(engine, batch)
+                data_s += time.perf_counter() - data_tick
+                with precision():
+                    loss = self.compute_loss(engine, batch)
                 engine.backward(loss)
                 engine.step()
-                loss_sum += torch.tensor(
-                    [loss.item(), batch["attention_mask"].sum().item(), len(indices), 0.0],
-                    dtype=torch.float64,
-                )
+                loss_total += loss.item()
+                tokens += int(lengths[indices].sum())
+                data_tick = time.perf_counter()
             step += 1
-            loss_sum[3] = self.stop.local_flag()
+            # loss, tokens, examples, stop flag: one all-reduce per step for all of them
+            loss_sum = torch.tensor(
+                [loss_total, tokens, sum(map(len, micro_batches)), self.stop.local_flag()],
+                dtype=torch.float64,
+            )
             dist.all_reduce(loss_sum)
             elapsed = time.perf_counter() - tick
             if step % t.log_every == 0 or step == self.total_steps:
                 self.log.write(
                     {
                         "step": step,
-                        "epoch": position.epoch
-                        + position.samples_in_epoch
-                        / (self.batches.steps_per_epoch * self.batches.samples_per_step),
+                        "epoch": position.epoch + position.samples_in_epoch / samples_per_epoch,
                         "loss": loss_sum[0].item() / (len(micro_batches) * self.world),
                         "lr": engine.get_lr()[0],
                         "samples_per_s": loss_sum[2].item() / elapsed,
                         "tokens_per_s": loss_sum[1].item() / elapsed,
+                        "data_s_per_step": data_s,
+                        "data_fraction": data_s / elapsed,
                     }
                 )
             stop = False

@@ -1,0 +1,563 @@
+"""Training throughput of ``scilm finetune`` against the plain HF Trainer, with MFU.
+
+In one run, on the same SciCite training examples (the shards ``scilm prepare`` makes,
+so every trainer sees identical token ids), for ``--epochs`` epochs of ``--samples``
+examples each:
+
+  (a) HF ``transformers.Trainer``, fp32, every example padded to max_length=128
+      (what most tutorials do);
+  (b) HF Trainer, fp32, dynamic padding (``DataCollatorWithPadding``);
+  (c) ``scilm finetune`` on one rank (``cluster=none``, every core, ``zero.stage=0``:
+      one rank has nothing to partition), length-bucketed batches, bf16 autocast where
+      the CPU multiplies bf16 natively, else fp32.
+
+Each trainer runs in its own process. Printed per trainer: samples/s and real
+(non-pad) tokens/s over the training loop (model loading, evaluation and saving
+excluded), peak RSS per rank (kernel high-water mark of every process of the run),
+model FLOP/s and MFU against the matrix-multiply peak this script measures (fp32 and
+bf16 ``torch.matmul``), and dev macro-F1 (sklearn, on the SciCite dev split, computed
+the same way for all three exported models). Then ZeRO-2 against ZeRO-3 for
+``--zero-steps`` steps on 2 local CPU ranks (1 thread each): samples/s and peak RSS per
+rank. For (c), the share of step time spent fetching and collating batches.
+
+Model FLOPs per trained example of n real tokens: 6 * N * n + 12 * L * d * n^2, where N
+counts the non-embedding parameters (encoder, pooler, classifier), L the layers and d
+the hidden size (the second term is attention scores and values, forward + backward;
+PaLM appendix B). Only real tokens count: padding is work, not model FLOPs.
+
+    python benchmarks/train_throughput.py [--samples N] [--epochs 1] [--zero-steps 20]
+        [--precision auto|fp32|bf16] [--zero-stage 0] [--out DIR]
+    quick check: --samples 256 --zero-steps 10 (about 3 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "scicite"
+SCILM = str(Path(sys.executable).with_name("scilm"))
+MAX_LENGTH = 128
+
+
+# ---------------------------------------------------------------- processes and memory
+
+
+def _tree_hwm_kb(root: int) -> dict[int, int]:
+    """VmHWM (kB) of ``root`` and every live descendant."""
+    import psutil
+
+    out: dict[int, int] = {}
+    try:
+        procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    except psutil.Error:
+        return out
+    for proc in procs:
+        try:
+            with open(f"/proc/{proc.pid}/status", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        out[proc.pid] = int(line.split()[1])
+        except OSError:
+            pass
+    return out
+
+
+def run_process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` (output to ``log``); returns wall seconds and the peak RSS (MiB) of
+    the largest process of its tree (polled VmHWM, and the kernel's figure for the
+    reaped tree from wait4)."""
+    peaks: dict[int, int] = {}
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.wait(0.2):
+                for pid, kb in _tree_hwm_kb(proc.pid).items():
+                    peaks[pid] = max(peaks.get(pid, 0), kb)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        done.set()
+        watcher.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
+    peak_kb = max([usage.ru_maxrss, *peaks.values()])  # ru_maxrss is in kB on Linux
+    return {"wall_s": wall, "peak_rss_mb": peak_kb / 1024}
+
+
+def scilm(*args: str, log: Path) -> dict[str, Any]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
+    return run_process([SCILM, *args], log, env)
+
+
+# ---------------------------------------------------------------- peak and model FLOPs
+
+
+def matmul_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 7) -> float:
+    """Best GFLOP/s of an n x n @ n x n ``torch.matmul`` in this process (all threads)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)  # warm-up: thread pool, packing buffers
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def model_shape(model_dir: str) -> dict[str, int]:
+    """Non-embedding parameters, layers and hidden size of the classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." in n)
+    return {
+        "params": total,
+        "params_non_embedding": total - embedding,
+        "layers": model.config.num_hidden_layers,
+        "hidden": model.config.hidden_size,
+    }
+
+
+def train_flops(lengths: np.ndarray, shape: dict[str, int]) -> float:
+    """Model FLOPs of one training pass (forward + backward) over examples of ``lengths``."""
+    n = lengths.astype(np.float64)
+    dense = 6.0 * shape["params_non_embedding"] * n.sum()
+    attention = 12.0 * shape["layers"] * shape["hidden"] * (n**2).sum()
+    return float(dense + attention)
+
+
+# ---------------------------------------------------------------- HF Trainer worker
+
+
+def hf_worker(args: argparse.Namespace) -> None:
+    """(a)/(b) in this process: HF Trainer on the train shards; writes a JSON result."""
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from scilm_hpc.data.dataset import ShardDataset
+    from scilm_hpc.model_source import resolve_model_path
+
+    source = resolve_model_path("minilm")
+    shards = ShardDataset(args.shards, "train")
+    labels = shards.label_names
+    examples = []
+    for i in range(len(shards)):
+        item = shards[i]
+        ids = item["input_ids"].tolist()
+        examples.append(
+            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": item["labels"]}
+        )
+
+    class Examples(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(examples)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return examples[i]
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.begin = 0.0
+            self.ends: list[float] = []
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    padded = args.hf == "padded"
+    collator = (
+        DataCollatorWithPadding(tokenizer, padding="max_length", max_length=MAX_LENGTH)
+        if padded
+        else DataCollatorWithPadding(tokenizer)
+    )
+    set_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    training = TrainingArguments(
+        output_dir=str(args.out / f"hf_{args.hf}" / "trainer"),
+        per_device_train_batch_size=args.micro_batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=args.lr,
+        weight_decay=0.01,
+        warmup_steps=0.1,  # a ratio of the training steps, as scilm's train.warmup_ratio
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        seed=args.seed,
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    clock = StepClock()
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=Examples(),
+        data_collator=collator,
+        callbacks=[clock],
+    )
+    trainer.train()
+    export = args.out / f"hf_{args.hf}" / "export"
+    trainer.save_model(str(export))
+    tokenizer.save_pretrained(str(export))
+    steps = np.diff([clock.begin, *clock.ends])
+    result = {
+        "threads": torch.get_num_threads(),
+        "optimizer": str(getattr(training.optim, "value", training.optim)),
+        "steps": len(steps),
+        "train_s": float(steps.sum()),
+        "step_s_median": float(np.median(steps)),
+        "train_samples": len(examples) * args.epochs,
+        "export": str(export),
+    }
+    (args.out / f"hf_{args.hf}" / "result.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- scilm runs
+
+
+def trained_lengths(shards: Path, config: dict[str, Any], steps: int) -> np.ndarray:
+    """Real lengths of the examples a scilm run trained on in ``steps`` steps (every
+    rank), drawn again from the same deterministic sampler."""
+    from scilm_hpc.data.dataset import ShardDataset
+    from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition
+
+    lengths = ShardDataset(shards, "train").lengths()
+    t, c = config["train"], config["cluster"]
+    world = c["nodes"] * c["tasks_per_node"]
+    picked = []
+    for rank in range(world):
+        batches = ResumableBatches(
+            lengths,
+            t["micro_batch_size"],
+            t["gradient_accumulation"],
+            world,
+            rank,
+            t["seed"],
+            t["length_bucketing"],
+        )
+        stream = batches.step_batches(SamplerPosition())
+        for _ in range(steps):
+            picked += [lengths[m] for m in next(stream)[1]]
+    return np.concatenate(picked)
+
+
+def scilm_finetune(
+    name: str, out: Path, shards: Path, overrides: list[str], shape: dict[str, int]
+) -> dict[str, Any]:
+    """Run ``scilm finetune`` with ``overrides``; figures from its metrics.jsonl (one row
+    per step: that step's samples/s, tokens/s and data-loading seconds)."""
+    import yaml
+
+    run_dir = out / name
+    proc = scilm(
+        "finetune",
+        str(REPO / "jobs/finetune.yaml"),
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+        *overrides,
+        log=out / f"{name}.log",
+    )
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "samples_per_s" in r]
+    lengths = trained_lengths(shards, config, len(steps))
+    per_step = len(lengths) // len(steps)
+    step_s = np.array([per_step / r["samples_per_s"] for r in steps])
+    train_s = float(step_s.sum())
+    data_s = np.array([r["data_s_per_step"] for r in steps])
+    return {
+        **proc,
+        "export": str(run_dir / "export"),
+        "ranks": config["cluster"]["nodes"] * config["cluster"]["tasks_per_node"],
+        "zero_stage": config["zero"]["stage"],
+        "precision": config["train"]["precision"],
+        "steps": len(steps),
+        "train_samples": len(lengths),
+        "train_tokens": int(lengths.sum()),
+        "train_s": train_s,
+        "samples_per_s": len(lengths) / train_s,
+        "samples_per_s_step_median": statistics.median(r["samples_per_s"] for r in steps),
+        "tokens_per_s": float(lengths.sum()) / train_s,
+        "model_gflops_per_s": train_flops(lengths, shape) / train_s / 1e9,
+        "data_s_per_step_median": float(np.median(data_s)),
+        "data_fraction": float(data_s.sum() / train_s),
+        "final_loss": steps[-1]["loss"],
+    }
+
+
+def hf_run(
+    kind: str, args: argparse.Namespace, shards: Path, shape: dict[str, int]
+) -> dict[str, Any]:
+    """(a) or (b) in a child process."""
+    from scilm_hpc.data.dataset import ShardDataset
+
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--hf-worker",
+        kind,
+        "--shards",
+        str(shards),
+        "--out",
+        str(args.out),
+        "--epochs",
+        str(args.epochs),
+        "--micro-batch-size",
+        str(args.micro_batch_size),
+        "--lr",
+        str(args.lr),
+        "--seed",
+        str(args.seed),
+    ]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
+    proc = run_process(cmd, args.out / f"hf_{kind}.log", env)
+    result = json.loads((args.out / f"hf_{kind}" / "result.json").read_text())
+    lengths = np.tile(ShardDataset(shards, "train").lengths(), args.epochs)
+    train_s = result["train_s"]
+    return {
+        **proc,
+        **result,
+        "ranks": 1,
+        "precision": "fp32",
+        "train_tokens": int(lengths.sum()),
+        "padded_tokens": (len(lengths) * MAX_LENGTH if kind == "padded" else None),
+        "samples_per_s": result["train_samples"] / train_s,
+        "tokens_per_s": float(lengths.sum()) / train_s,
+        "model_gflops_per_s": train_flops(lengths, shape) / train_s / 1e9,
+    }
+
+
+# ---------------------------------------------------------------- dev macro-F1
+
+
+def dev_macro_f1(model_dir: str, shards: Path) -> float:
+    """Macro-F1 (sklearn, in %) of an exported classifier on the dev shards, fp32."""
+    import torch
+    from sklearn.metrics import f1_score
+    from transformers import AutoModelForSequenceClassification
+
+    from scilm_hpc.data.dataset import ShardDataset
+    from scilm_hpc.data.sampler import collate
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    dev = ShardDataset(shards, "dev")
+    order = np.argsort(dev.lengths(), kind="stable")
+    gold = np.array([dev[int(i)]["labels"] for i in range(len(dev))])
+    pred = np.zeros(len(dev), dtype=np.int64)
+    with torch.no_grad():
+        for start in range(0, len(order), 64):
+            chunk = order[start : start + 64]
+            batch = collate([dev[int(i)] for i in chunk], 0, "classification")
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            pred[chunk] = logits.logits.argmax(-1).numpy()
+    return 100.0 * float(f1_score(gold, pred, average="macro"))
+
+
+# ---------------------------------------------------------------- main
+
+
+def prepare(out: Path, samples: int | None, seed: int) -> Path:
+    """SciCite shards (train cut to ``samples`` examples, a seeded random subset)."""
+    train = DATA / "train.jsonl"
+    if samples:
+        lines = train.read_text(encoding="utf-8").splitlines()
+        keep = np.sort(np.random.default_rng(seed).permutation(len(lines))[:samples])
+        train = out / "train.jsonl"
+        train.write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
+    scilm(
+        "prepare",
+        str(REPO / "jobs/prepare.yaml"),
+        "cluster=none",
+        f"run.dir={out}",
+        f"data.train={train}",
+        f"data.dev={DATA / 'dev.jsonl'}",
+        f"data.max_length={MAX_LENGTH}",
+        "data.overwrite=true",
+        log=out / "prepare.log",
+    )
+    return out / "shards"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=0, help="training examples (0: all)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="(c)'s train.precision; auto: bf16 where the CPU multiplies bf16 natively",
+    )
+    parser.add_argument(
+        "--zero-stage",
+        type=int,
+        default=0,
+        help="(c)'s zero.stage (default 0: one rank has nothing to partition)",
+    )
+    parser.add_argument(
+        "--zero-steps", type=int, default=20, help="steps of each ZeRO run (0: skip)"
+    )
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--hf-worker", choices=["padded", "dynamic"], help=argparse.SUPPRESS)
+    parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.hf_worker:
+        args.hf = args.hf_worker
+        hf_worker(args)
+        return
+    args.out = args.out or Path(tempfile.mkdtemp(prefix="scilm-bench-tput-"))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from scilm_hpc.model_source import resolve_model_path
+    from scilm_hpc.train.loop import cpu_has_native_bf16
+
+    native_bf16 = cpu_has_native_bf16()
+    precision = args.precision if args.precision != "auto" else "bf16" if native_bf16 else "fp32"
+    # the machine's peak: the best of a measurement before and one after the runs
+    peak = {"fp32": matmul_peak_gflops("float32"), "bf16": matmul_peak_gflops("bfloat16")}
+    shape = model_shape(resolve_model_path("minilm"))
+    shards = prepare(args.out, args.samples or None, args.seed)
+
+    runs: dict[str, dict[str, Any]] = {
+        "hf_padded": hf_run("padded", args, shards, shape),
+        "hf_dynamic": hf_run("dynamic", args, shards, shape),
+        "scilm": scilm_finetune(
+            "scilm",
+            args.out,
+            shards,
+            [
+                "cluster=none",
+                f"zero.stage={args.zero_stage}",
+                f"train.precision={precision}",
+                f"train.epochs={args.epochs}",
+                f"train.micro_batch_size={args.micro_batch_size}",
+                f"train.lr={args.lr}",
+                f"train.seed={args.seed}",
+                "train.warmup_ratio=0.1",
+            ],
+            shape,
+        ),
+    }
+    for run in runs.values():
+        run["dev_macro_f1"] = dev_macro_f1(run["export"], shards)
+    if args.zero_steps:
+        for stage in (2, 3):
+            runs[f"zero{stage}_2ranks"] = scilm_finetune(
+                f"zero{stage}",
+                args.out,
+                shards,
+                [
+                    "cluster=local",
+                    "cluster.tasks_per_node=2",
+                    "cluster.cpus_per_task=1",
+                    f"zero.stage={stage}",
+                    f"train.precision={precision}",
+                    f"train.max_steps={args.zero_steps}",
+                    f"train.micro_batch_size={args.micro_batch_size}",
+                    f"train.seed={args.seed}",
+                ],
+                shape,
+            )
+    peak = {
+        "fp32": max(peak["fp32"], matmul_peak_gflops("float32")),
+        "bf16": max(peak["bf16"], matmul_peak_gflops("bfloat16")),
+    }
+    for run in runs.values():
+        run["mfu"] = run["model_gflops_per_s"] / peak[run["precision"]]
+        run["mfu_vs_fp32_peak"] = run["model_gflops_per_s"] / peak["fp32"]
+        run.pop("export", None)
+
+    a, b, c = runs["hf_padded"], runs["hf_dynamic"], runs["scilm"]
+    figures: dict[str, Any] = {
+        "benchmark": "train_throughput",
+        "train_examples": c["train_samples"] // args.epochs if args.epochs else 0,
+        "epochs": args.epochs,
+        "micro_batch_size": args.micro_batch_size,
+        "cpu_native_bf16": native_bf16,
+        "matmul_peak_gflops_fp32": peak["fp32"],
+        "matmul_peak_gflops_bf16": peak["bf16"],
+        "params_non_embedding": shape["params_non_embedding"],
+        "flops_formula": "6*N_non_embedding*real_tokens + 12*layers*hidden*sum(len^2)",
+        "ratio_vs_hf_padded": c["samples_per_s"] / a["samples_per_s"],
+        "ratio_vs_hf_dynamic": c["samples_per_s"] / b["samples_per_s"],
+        "dev_macro_f1_vs_hf_padded": c["dev_macro_f1"] - a["dev_macro_f1"],
+        "scilm_data_fraction": c["data_fraction"],
+    }
+    if args.zero_steps:
+        z2, z3 = runs["zero2_2ranks"], runs["zero3_2ranks"]
+        figures["zero3_vs_zero2_samples_per_s"] = z3["samples_per_s"] / z2["samples_per_s"]
+        figures["zero3_vs_zero2_peak_rss"] = z3["peak_rss_mb"] / z2["peak_rss_mb"]
+    figures["runs"] = runs
+    print(f"{'':>12} " + " ".join(f"{name:>14}" for name in runs))
+    for key in (
+        "samples_per_s",
+        "tokens_per_s",
+        "peak_rss_mb",
+        "model_gflops_per_s",
+        "mfu",
+        "dev_macro_f1",
+        "data_fraction",
+    ):
+        cells = []
+        for run in runs.values():
+            value = run.get(key)
+            cells.append(f"{value:>14.3f}" if isinstance(value, float) else f"{'-':>14}")
+        print(f"{key:>12.12} " + " ".join(cells))
+    for key, value in figures.items():
+        if key != "runs":
+            print(f"{key:>32}: {value:.3f}" if isinstance(value, float) else f"{key:>32}: {value}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

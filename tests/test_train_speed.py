@@ -1,0 +1,256 @@
+"""Training throughput settings (issue 7): bf16 autocast on CPU ranks, optimizer choice,
+threads per rank, and the data-loading share of step time in metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scilm_hpc.config import load_and_validate
+from scilm_hpc.train.checkpoint import consolidated_weights
+from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
+from scilm_hpc.train.loop import cpu_threads
+
+from .conftest import REPO, scilm_run
+
+FINETUNE = REPO / "jobs" / "finetune.yaml"
+
+
+def ds(*overrides: str, on_gpu: bool = False) -> dict:
+    return deepspeed_config(load_and_validate(FINETUNE, list(overrides), "finetune"), 100, on_gpu)
+
+
+# ---------------------------------------------------------------- config (no training)
+
+
+def test_bf16_on_cpu_is_autocast_with_fp32_weights_and_fused_adamw():
+    job = load_and_validate(FINETUNE, ["train.precision=bf16"], "finetune")
+    assert cpu_autocast(job, on_gpu=False) and not cpu_autocast(job, on_gpu=True)
+    config = ds("train.precision=bf16")
+    assert config["bf16"] == {"enabled": False}  # DeepSpeed keeps fp32 weights
+    params = config["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True and "foreach" not in params
+
+
+def test_bf16_on_gpu_is_deepspeeds_own():
+    config = ds("train.precision=bf16", "cluster.gpus_per_node=1", on_gpu=True)
+    assert config["bf16"] == {"enabled": True}
+    assert "fused" not in config["optimizer"]["params"]
+
+
+def test_fp32_on_cpu_keeps_the_unfused_adamw():
+    # fp32 results must not change: foreach is bit-identical to the per-tensor loop,
+    # the fused kernel is not
+    params = ds()["optimizer"]["params"]
+    assert params["foreach"] is True and "fused" not in params
+    assert not cpu_autocast(load_and_validate(FINETUNE, [], "finetune"), on_gpu=False)
+
+
+def test_offload_keeps_deepspeeds_cpu_adam():
+    params = ds("train.precision=bf16", "zero.offload_optimizer=true")["optimizer"]["params"]
+    assert params["torch_adam"] is False and "fused" not in params and "foreach" not in params
+
+
+def test_user_json_can_still_choose_the_optimizer(tmp_path: Path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"optimizer": {"params": {"foreach": False, "fused": True}}}))
+    params = ds(f"zero.config_file={user}")["optimizer"]["params"]
+    assert params["fused"] is True and params["foreach"] is False
+
+
+def test_foreach_adamw_is_bit_identical_to_the_loop():
+    torch.manual_seed(0)
+    start = [torch.randn(64, 33), torch.randn(33)]
+    results = []
+    for foreach in (False, True):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_threads_per_rank(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    local = load_and_validate(FINETUNE, ["cluster=local", "cluster.cpus_per_task=3"], "finetune")
+    assert cpu_threads(local) == 3
+    alone = load_and_validate(FINETUNE, ["cluster=none"], "finetune")
+    cores = cpu_threads(alone)
+    assert cores is not None and 1 <= cores <= len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(alone) is None  # the user's setting wins
+    assert cpu_threads(local) == 3  # a rank always gets its task's CPUs
+
+
+@pytest.mark.parametrize(
+    ("world", "stage", "allreduce"), [(1, 0, False), (2, 0, True), (1, 2, True), (1, 3, True)]
+)
+def test_lone_rank_skips_the_gradient_allreduce(world, stage, allreduce):
+    from types import SimpleNamespace
+
+    from scilm_hpc.train.loop import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only what the helper reads
+    trainer.world = world
+    trainer.job = load_and_validate(FINETUNE, [f"zero.stage={stage}"], "finetune")
+    engine = SimpleNamespace(enable_backward_allreduce=True)
+    trainer._skip_lone_allreduce(engine)
+    assert engine.enable_backward_allreduce is allreduce
+
+
+# ---------------------------------------------------------------- real runs
+
+
+def finetune(
+    run_dir: Path, shards: Path, model: Path, *overrides: str, fault: str | None = None
+) -> subprocess.CompletedProcess:
+    return scilm_run(
+        "finetune",
+        str(FINETUNE),
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        f"model.name_or_path={model}",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        "train.seed=3",
+        "train.eval_every=0",
+        *overrides,
+        fault=fault,
+    )
+
+
+def rows(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def eight_examples(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """Shards of 8 training examples: one optimizer step sees all of them, so a model
+    that trains memorises them within a few steps (the tiny model learns the full demo
+    corpus too slowly for a short test)."""
+    from scilm_hpc.data.demo_corpus import write_demo_corpus
+
+    root = tmp_path_factory.mktemp("eight")
+    corpus = write_demo_corpus(root / "corpus", train=8, dev=6, test=3)
+    done = scilm_run(
+        "prepare",
+        str(REPO / "jobs/prepare.yaml"),
+        "cluster=none",
+        f"run.dir={root}",
+        f"data.train={corpus['train']}",
+        f"data.dev={corpus['dev']}",
+        f"model.name_or_path={tiny_model_dir}",
+    )
+    assert done.returncode == 0, done.stderr
+    return root / "shards"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "cluster",
+    [
+        ["cluster=none", "zero.stage=0", "train.micro_batch_size=8"],
+        ["cluster=local", "cluster.tasks_per_node=2", "zero=stage3"],
+    ],
+    ids=["1rank-stage0", "2ranks-stage3"],
+)
+def test_bf16_on_cpu_trains_and_exports_fp32(tmp_path, eight_examples, tiny_model_dir, cluster):
+    from transformers import AutoModelForSequenceClassification
+
+    common = ("train.max_steps=20", "train.lr=1e-2", "train.warmup_ratio=0", *cluster)
+    bf16 = finetune(
+        tmp_path / "bf16", eight_examples, tiny_model_dir, "train.precision=bf16", *common
+    )
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    fp32 = finetune(tmp_path / "fp32", eight_examples, tiny_model_dir, *common)
+    assert fp32.returncode == 0, fp32.stderr[-3000:]
+
+    losses = [r["loss"] for r in rows(tmp_path / "bf16")]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])  # it learns (memorises the 8 examples)
+    reference = [r["loss"] for r in rows(tmp_path / "fp32")]
+    # autocast really ran in bf16 (the losses differ from fp32) and stayed close to it
+    assert losses != reference
+    assert abs(losses[0] - reference[0]) < 0.05
+
+    exported = load_file(tmp_path / "bf16" / "export" / "model.safetensors")
+    stage = 3 if "zero=stage3" in cluster else 0
+    engine = consolidated_weights(tmp_path / "bf16", "step_20", stage)
+    for key, tensor in exported.items():
+        assert tensor.dtype == torch.float32, key
+        # the export is the fp32 weights themselves, not a bf16 copy of them
+        torch.testing.assert_close(tensor, engine[key], rtol=0, atol=0, msg=key)
+    assert any(
+        not torch.equal(t, t.to(torch.bfloat16).float())
+        for k, t in exported.items()
+        if k.startswith("bert.encoder")
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16" / "export")
+    assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_bf16_resume_after_kill_is_exact(tmp_path, shards, tiny_model_dir):
+    common = (
+        "cluster=none",
+        "zero.stage=2",
+        "train.precision=bf16",
+        "train.gradient_accumulation=2",
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+    )
+    straight = finetune(tmp_path / "straight", shards, tiny_model_dir, *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = finetune(
+        tmp_path / "killed", shards, tiny_model_dir, *common, fault="kill_after_checkpoint:4"
+    )
+    assert killed.returncode != 0
+    resumed = scilm_run("resume", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = rows(tmp_path / "straight"), rows(tmp_path / "killed")
+    assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_data_loading_share_is_logged(tmp_path, shards, tiny_model_dir):
+    from scilm_hpc.data.dataset import ShardDataset
+    from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition
+
+    done = finetune(
+        tmp_path / "run",
+        shards,
+        tiny_model_dir,
+        "cluster=local",
+        "cluster.tasks_per_node=2",
+        "train.gradient_accumulation=2",
+        "train.max_steps=4",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = rows(tmp_path / "run")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    # the real (unpadded) tokens of each step's examples, on both ranks
+    lengths = ShardDataset(shards, "train").lengths()
+    streams = [
+        ResumableBatches(lengths, 4, 2, 2, rank, 3, True).step_batches(SamplerPosition())
+        for rank in range(2)
+    ]
+    for row in logged:
+        step_s = 16 / row["samples_per_s"]  # 4 examples x 2 micro-batches x 2 ranks
+        assert 0 < row["data_fraction"] < 1
+        assert row["data_fraction"] == pytest.approx(row["data_s_per_step"] / step_s)
+        tokens = sum(int(lengths[m].sum()) for s in streams for m in next(s)[1])
+        assert row["tokens_per_s"] * step_s == pytest.approx(tokens)
