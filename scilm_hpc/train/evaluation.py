@@ -51,6 +51,7 @@ def evaluate_split(
     """Metrics of ``model`` on ``dataset``; the dict on rank 0, None on the others."""
     import torch.distributed as dist
 
+    device = getattr(model, "device", torch.device("cpu"))  # DeepSpeed engine or HF model
     mine = np.array(rank_slice(len(dataset), rank, world))
     lengths = dataset.lengths()[mine] if len(mine) else np.zeros(0)
     mine = mine[np.argsort(lengths, kind="stable")]  # similar lengths batch together
@@ -62,7 +63,10 @@ def evaluate_split(
         if not real:  # keep the collective forward passes in step across ranks
             chunk = np.array([0])
         batch = collate([dataset[int(i)] for i in chunk], pad_id, task)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        ).logits.cpu()
         if real:
             results += list(zip(chunk.tolist(), example_results(logits, batch, task), strict=True))
     gathered: list[Any] = [None] * world if world > 1 else [results]

@@ -69,6 +69,12 @@ def cpu_threads(job: JobConfig) -> int | None:
     return usable_cores()
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``batch`` on ``device`` (the same tensors where they are already there: CPU ranks
+    copy nothing)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 class FinetuneJob:
     """Submitit-callable fine-tuning job (one call per rank)."""
 
@@ -80,6 +86,9 @@ class FinetuneJob:
         env = rank_env()
         on_gpu = torch.cuda.is_available() and job.cluster.gpus_per_node > 0
         export_rank_env(env, on_gpu)
+        if on_gpu:
+            # before the process group: NCCL binds each rank to the current device
+            torch.cuda.set_device(env.local_rank)
         threads = None if on_gpu else cpu_threads(job)
         if threads:
             # one rank per task: use the task's CPUs, not every core of the node
@@ -256,6 +265,7 @@ class Trainer:
         samples_per_epoch = self.batches.steps_per_epoch * self.batches.samples_per_step
         precision = self._precision_context()
         self._skip_lone_allreduce(engine)
+        device = engine.device  # the rank's GPU, or the CPU
         tick = time.perf_counter()
         while step < self.total_steps:
             # time spent drawing indices, reading and collating (data_fraction in the log)
@@ -263,7 +273,10 @@ class Trainer:
             position, micro_batches = next(stream)
             loss_total, tokens, data_s = 0.0, 0, 0.0
             for indices in micro_batches:
-                batch = collate([self.train_set[int(i)] for i in indices], self.pad_id, job.task)
+                batch = to_device(
+                    collate([self.train_set[int(i)] for i in indices], self.pad_id, job.task),
+                    device,
+                )
                 data_s += time.perf_counter() - data_tick
                 with precision():
                     loss = self.compute_loss(engine, batch)
@@ -277,6 +290,7 @@ class Trainer:
             loss_sum = torch.tensor(
                 [loss_total, tokens, sum(map(len, micro_batches)), self.stop.local_flag()],
                 dtype=torch.float64,
+                device=device,  # NCCL reduces device tensors only
             )
             dist.all_reduce(loss_sum)
             elapsed = time.perf_counter() - tick
