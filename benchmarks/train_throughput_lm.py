@@ -105,7 +105,7 @@ def write_corpus(out: Path, model_dir: Path, seq_len: int) -> Path:
     budget = seq_len - 2  # [CLS] ... [SEP] added by the tokenizer
     docs, current, used = [], [], 0
     for line in (tt.DATA / "train.jsonl").read_text(encoding="utf-8").splitlines():
-        text = " ".join(json.loads(line)["string"].split())
+        text = " ".join(json.loads(line)["text"].split())
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if current and used + n > budget:
             docs.append(" ".join(current))
@@ -397,7 +397,8 @@ def main() -> None:
     hf_precision = "bf16" if gpu else "fp32"
     peak = {"bf16": matmul_peak_tflops("bfloat16"), "fp32": matmul_peak_tflops("float32")}
     args.model_dir = make_model(args.out, args.size, args.seq_len)
-    shards = prepare(args.out, args.model_dir, write_corpus(args.out, args.model_dir, args.seq_len))
+    corpus = write_corpus(args.out, args.model_dir, args.seq_len)
+    shards = prepare(args.out, args.model_dir, corpus, args.seq_len)
     from scilm_hpc.data.dataset import ShardDataset
 
     lengths = ShardDataset(shards, "train").lengths()
