@@ -153,6 +153,28 @@ def train_flops(lengths: np.ndarray, shape: dict[str, int]) -> float:
 # ---------------------------------------------------------------- HF Trainer worker
 
 
+def step_clock() -> Any:
+    """An HF ``TrainerCallback`` noting when training begins and when each optimizer step
+    ends (after a CUDA synchronize where a GPU runs it)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.begin = 0.0
+            self.ends: list[float] = []
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    return StepClock()
+
+
 def hf_worker(args: argparse.Namespace) -> None:
     """(a)/(b) in this process: HF Trainer on the train shards; writes a JSON result."""
     import torch
@@ -161,7 +183,6 @@ def hf_worker(args: argparse.Namespace) -> None:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
         set_seed,
     )
@@ -179,24 +200,6 @@ def hf_worker(args: argparse.Namespace) -> None:
         examples.append(
             {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": item["labels"]}
         )
-
-    class Examples(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(examples)
-
-        def __getitem__(self, i: int) -> dict[str, Any]:
-            return examples[i]
-
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.begin = 0.0
-            self.ends: list[float] = []
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            self.ends.append(time.perf_counter())
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     padded = args.hf == "padded"
@@ -229,11 +232,11 @@ def hf_worker(args: argparse.Namespace) -> None:
         disable_tqdm=True,
         dataloader_pin_memory=False,
     )
-    clock = StepClock()
+    clock = step_clock()
     trainer = Trainer(
         model=model,
         args=training,
-        train_dataset=Examples(),
+        train_dataset=examples,  # a list is a map-style dataset
         data_collator=collator,
         callbacks=[clock],
     )

@@ -187,7 +187,7 @@ def model_flops_per_token(model_dir: Path, seq_len: int) -> tuple[float, int]:
 def hf_worker(args: argparse.Namespace) -> None:
     """(a) in this process; writes its step end times to a JSON file."""
     import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from scilm_hpc.data.dataset import ShardDataset
     from scilm_hpc.data.sampler import collate
@@ -196,25 +196,9 @@ def hf_worker(args: argparse.Namespace) -> None:
     examples = [shards[i] for i in range(len(shards))]
     pad = 0
 
-    class Examples(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(examples)
-
-        def __getitem__(self, i: int) -> dict[str, Any]:
-            return examples[i]
-
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
-
     gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir)
-    clock = StepClock()
+    clock = tt.step_clock()
     training = TrainingArguments(
         output_dir=str(args.out / "hf" / "trainer"),
         per_device_train_batch_size=args.micro_batch_size,
@@ -235,7 +219,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     trainer = Trainer(
         model=model,
         args=training,
-        train_dataset=Examples(),
+        train_dataset=examples,  # a list is a map-style dataset
         data_collator=lambda items: collate(items, pad, "causal_lm"),
         callbacks=[clock],
     )

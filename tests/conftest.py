@@ -121,13 +121,12 @@ def scilm(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, s
     return run
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """Demo-corpus shards made with the tiny model's tokenizer (once per module)."""
+def prepare_demo_shards(root: Path, model_dir: Path, train: int, dev: int, test: int) -> Path:
+    """``scilm prepare`` of a demo corpus of that many examples with ``model_dir``'s
+    tokenizer; returns the shards directory."""
     from scilm_hpc.data.demo_corpus import write_demo_corpus
 
-    root = tmp_path_factory.mktemp("ft-data")
-    corpus = write_demo_corpus(root / "corpus", train=96, dev=30, test=10)
+    corpus = write_demo_corpus(root / "corpus", train=train, dev=dev, test=test)
     done = scilm_run(
         "prepare",
         str(REPO / "jobs/prepare.yaml"),
@@ -135,10 +134,16 @@ def shards(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Pa
         f"run.dir={root}",
         f"data.train={corpus['train']}",
         f"data.dev={corpus['dev']}",
-        f"model.name_or_path={tiny_model_dir}",
+        f"model.name_or_path={model_dir}",
     )
     assert done.returncode == 0, done.stderr
     return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """Demo-corpus shards made with the tiny model's tokenizer (once per module)."""
+    return prepare_demo_shards(tmp_path_factory.mktemp("ft-data"), tiny_model_dir, 96, 30, 10)
 
 
 from .slurm_fixtures import slurm_cluster  # noqa: E402,F401  (the `slurm` tier's cluster)

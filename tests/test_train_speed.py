@@ -17,7 +17,7 @@ from scilm_hpc.train.checkpoint import consolidated_weights
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.loop import cpu_threads
 
-from .conftest import REPO, scilm_run
+from .conftest import REPO, prepare_demo_shards, scilm_run
 
 FINETUNE = REPO / "jobs" / "finetune.yaml"
 
@@ -139,21 +139,7 @@ def eight_examples(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
     """Shards of 8 training examples: one optimizer step sees all of them, so a model
     that trains memorises them within a few steps (the tiny model learns the full demo
     corpus too slowly for a short test)."""
-    from scilm_hpc.data.demo_corpus import write_demo_corpus
-
-    root = tmp_path_factory.mktemp("eight")
-    corpus = write_demo_corpus(root / "corpus", train=8, dev=6, test=3)
-    done = scilm_run(
-        "prepare",
-        str(REPO / "jobs/prepare.yaml"),
-        "cluster=none",
-        f"run.dir={root}",
-        f"data.train={corpus['train']}",
-        f"data.dev={corpus['dev']}",
-        f"model.name_or_path={tiny_model_dir}",
-    )
-    assert done.returncode == 0, done.stderr
-    return root / "shards"
+    return prepare_demo_shards(tmp_path_factory.mktemp("eight"), tiny_model_dir, 8, 6, 3)
 
 
 @pytest.mark.integration
