@@ -57,10 +57,14 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_after_kill_is_exact(tmp_path, shards, tiny_model_dir, stage):
+@pytest.mark.parametrize(
+    "settings",
+    [("zero.stage=2",), ("zero.stage=3",), ("zero.stage=2", "train.precision=bf16")],
+    ids=["2", "3", "2-bf16"],  # bf16: CPU autocast with torch's fused AdamW
+)
+def test_resume_after_kill_is_exact(tmp_path, shards, tiny_model_dir, settings):
     common = (
-        f"zero.stage={stage}",
+        *settings,
         "train.gradient_accumulation=2",
         "train.max_steps=6",
         "train.checkpoint_every=2",

@@ -40,6 +40,7 @@ from scilm_hpc.launch.preemption import StopFlag
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import resolve_model_path
 from scilm_hpc.schema import CompressStep, JobConfig
+from scilm_hpc.train.loop import cpu_threads
 
 STEP_RECORD = "step.json"
 
@@ -73,8 +74,9 @@ class CompressJob:
         job = self.job
         env = rank_env()
         export_rank_env(env, False)
-        if job.cluster.backend != "none":
-            torch.set_num_threads(max(1, job.cluster.cpus_per_task))
+        threads = cpu_threads(job)  # the finetune job's rule: the task's CPUs or cores
+        if threads:
+            torch.set_num_threads(threads)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import deepspeed

@@ -44,11 +44,12 @@ def load_for_eval(name: str, task: str, dataset: ShardDataset) -> tuple[Any, Any
     dataset.check_tokenizer(tokenizer, name)
     from scilm_hpc.compress.saving import is_compressed_dir, load_compressed
 
+    source = resolve_model_path(name)
     try:
-        if is_compressed_dir(resolve_model_path(name)):
-            model: Any = load_compressed(resolve_model_path(name))
+        if is_compressed_dir(source):
+            model: Any = load_compressed(source)
         else:
-            model = auto_class(task).from_pretrained(resolve_model_path(name))
+            model = auto_class(task).from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load '{name}' for {task} ({exc})") from None
     if task != "causal_lm":
