@@ -27,6 +27,9 @@ from scilm_hpc.model_source import path_problem
 from scilm_hpc.schema import JobConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The least time between a Slurm job's start and its time-limit USR2
+#: (``time_min * 60 - signal_delay_s``): enough for Python to start and install the handler.
+MIN_SIGNAL_LEAD_S = 10
 
 
 def config_root() -> Path:
@@ -364,6 +367,14 @@ def validate(job: JobConfig) -> list[str]:
     _at_least(p, "cluster.gpus_per_node", c.gpus_per_node, 0)
     _at_least(p, "cluster.signal_delay_s", c.signal_delay_s, 0)
     _at_least(p, "cluster.max_requeues", c.max_requeues, 0)
+    if c.backend == "slurm" and c.time_min * 60 - c.signal_delay_s < MIN_SIGNAL_LEAD_S:
+        # Until Python has imported the job, USR2 still has its default action (terminate):
+        # a signal that early would fail the job instead of checkpointing it.
+        p.append(
+            f"cluster.signal_delay_s: {c.signal_delay_s} s before a {c.time_min}-minute "
+            f"limit (cluster.time_min) signals the job less than {MIN_SIGNAL_LEAD_S} s after "
+            f"it starts, before it can checkpoint; lower it or raise cluster.time_min"
+        )
     p += unsafe_values(job)
     _choice(p, "eval.split", job.eval.split, schema.SPLITS)
     _at_least(p, "eval.batch_size", job.eval.batch_size, 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,18 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _build_deepspeed_comm_op() -> None:
+    """Compile (or find in the torch extensions cache) DeepSpeed's CPU communication op
+    before any job runs: the time-limit tests give jobs allocations of seconds, and a
+    first JIT build (~90 s) inside one would outlast it."""
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, _tail(done.stderr + done.stdout)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """Bring the development cluster up (idempotent) and export SLURM_CONF."""
@@ -70,6 +83,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             f"`slurm/dev-cluster up` exited {proc.returncode}:\n{_tail(proc.stderr + proc.stdout)}"
         )
     cluster = SlurmCluster(conf=state / "slurm.conf", state=state)
+    _build_deepspeed_comm_op()
     patch = pytest.MonkeyPatch()
     patch.setenv("SLURM_CONF", str(cluster.conf))
     try:

@@ -126,6 +126,21 @@ def test_one_bad_override(
     assert not (tmp_path / "run").exists()
 
 
+def test_time_limit_signal_must_leave_time_to_start(scilm: Scilm, job_file: Path) -> None:
+    # USR2 5 s into a 1-minute job would arrive before Python has installed the handler
+    code, _, err = scilm(
+        "validate", job_file, "cluster=dev", "cluster.time_min=1", "cluster.signal_delay_s=55"
+    )
+    assert code == 2
+    (line,) = errors(err)
+    assert "cluster.signal_delay_s: 55 s before a 1-minute limit" in line
+    assert "less than 10 s after it starts" in line
+    ok = ("cluster=dev", "cluster.time_min=1", "cluster.signal_delay_s=50")
+    assert scilm("validate", job_file, *ok)[0] == 0
+    # without Slurm nothing sends the signal: no limit on the delay
+    assert scilm("validate", job_file, "cluster=local", "cluster.signal_delay_s=600")[0] == 0
+
+
 def test_unknown_key_in_job_file_names_file(scilm: Scilm, job_file: Path) -> None:
     body = yaml.safe_load(job_file.read_text(encoding="utf-8"))
     body["data"]["max_lenght"] = 64

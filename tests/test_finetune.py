@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,56 @@ def test_kill_mid_checkpoint_resumes_from_previous(tmp_path, shards, tiny_model_
     assert "from step_2" in resumed.stdout
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
     assert_same_weights(export_weights(tmp_path / "killed"), export_weights(tmp_path / "straight"))
+
+
+# A real USR2 delivered while the job is still starting (just before the process
+# group exists), in a process of its own: with the handler installed too late, its
+# default action would kill the job without a checkpoint.
+SIGNAL_IN_START_UP = """
+import os, signal, sys
+import deepspeed
+from scilm_hpc.cli import main
+
+init = deepspeed.init_distributed
+def signalled_init(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGUSR2)
+    return init(*args, **kwargs)
+deepspeed.init_distributed = signalled_init
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_signal_during_start_up_stops_at_the_first_step(tmp_path, shards, tiny_model_dir):
+    run = tmp_path / "run"
+    args = [
+        "finetune",
+        FINETUNE,
+        f"run.dir={run}",
+        f"data.shards={shards}",
+        f"model.name_or_path={tiny_model_dir}",
+        "cluster=none",
+        "zero.stage=0",
+        "train.max_steps=3",
+        "train.checkpoint_every=0",
+        "train.log_every=1",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "SCILM_FAULT"}
+    started = subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN_START_UP, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert "stopping at step 1 (SIGUSR2)" in started.stdout
+    state = json.loads((run / "state.json").read_text())
+    assert state["state"] == "stopped" and "SIGUSR2 at step 1" in state["reason"]
+    assert latest_tag(run) == "step_1" and not (run / "export").exists()
+    resumed = scilm_run("resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [s for s, _ in losses(run)] == [1, 2, 3]
+    assert (run / "export" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

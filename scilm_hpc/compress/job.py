@@ -72,6 +72,8 @@ class CompressJob:
 
     def __call__(self) -> dict[str, Any]:
         job = self.job
+        stop = StopFlag()  # first, as in the finetune job: a signal in start-up stops later
+        stop.install()
         env = rank_env()
         export_rank_env(env, False)
         threads = cpu_threads(job)  # the finetune job's rule: the task's CPUs or cores
@@ -82,8 +84,6 @@ class CompressJob:
             import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        stop = StopFlag()
-        stop.install()
         run_dir = Path(job.run.dir)
         try:
             return _Compression(job, stop).run()

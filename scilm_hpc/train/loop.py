@@ -83,6 +83,10 @@ class FinetuneJob:
 
     def __call__(self) -> dict[str, Any]:
         job = self.job
+        # first: a USR2 / SIGTERM during start-up (imports, a JIT build, the process
+        # group) must stop the run at its first step, not kill it through submitit
+        stop = StopFlag()
+        stop.install()
         env = rank_env()
         on_gpu = torch.cuda.is_available() and job.cluster.gpus_per_node > 0
         export_rank_env(env, on_gpu)
@@ -98,8 +102,6 @@ class FinetuneJob:
             import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-        stop = StopFlag()
-        stop.install()
         try:
             return Trainer(job, env.rank, env.world_size, on_gpu, stop).run()
         except Exception as exc:
