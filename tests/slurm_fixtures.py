@@ -1,11 +1,11 @@
 """Fixtures for tests marked ``slurm``: the one-machine development cluster.
 
-``slurm_cluster`` (session scope) runs ``slurm/dev-cluster up`` once and points
-``SLURM_CONF`` at the cluster for the rest of the session; the cluster is left
-running afterwards (``slurm/dev-cluster down`` stops it). Where the cluster
-cannot be brought up (not root, Slurm or munge not installed, a daemon that
-does not start) the tests are skipped with the reason, except in CI
-(``CI=true``), where that is a failure.
+``slurm_cluster`` (session scope) runs ``slurm/dev-cluster up`` once, builds the
+DeepSpeed JIT op the jobs need, and points ``SLURM_CONF`` at the cluster for the rest
+of the session; the cluster is left running afterwards (``slurm/dev-cluster down``
+stops it). Where the cluster cannot be brought up (not root, Slurm or munge not
+installed, a daemon that does not start) the tests are skipped with the reason,
+except in CI (``CI=true``), where that is a failure.
 
 Import it from ``conftest.py`` (``from tests.slurm_fixtures import slurm_cluster``).
 """
@@ -54,8 +54,8 @@ def _tail(text: str, lines: int = 15) -> str:
 
 def _build_deepspeed_comm_op() -> None:
     """Compile (or find in the torch extensions cache) DeepSpeed's CPU communication op
-    before any job runs: the time-limit tests give jobs allocations of seconds, and a
-    first JIT build (~90 s) inside one would outlast it."""
+    before any job runs: the time-limit test gives its job allocations of 1-2 minutes, and
+    a first JIT build (~90 s) inside one would use it up."""
     code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from scilm_hpc.launch.status import FINISHED
+
 from .conftest import scilm_run
 from .test_finetune import FINETUNE, assert_same_weights, export_weights, losses
 
@@ -133,7 +135,8 @@ def log_tail(run_dir: Path, lines: int = 30) -> str:
     return "\n".join(parts)
 
 
-ENDED = ("completed", "stopped", "failed", "cancelled", "timeout", "node_fail", "out_of_memory")
+#: ``scilm status`` states after which nothing more happens to a run
+ENDED = {"stopped", "failed"} | {state.lower() for state in FINISHED}
 
 
 def test_time_limit_requeues_until_done(slurm_cluster, tmp_path, shards, tiny_model_dir):
