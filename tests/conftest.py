@@ -31,6 +31,35 @@ def scilm_run(
     return subprocess.run([SCILM, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+# ``scilm`` with a real USR2 sent to itself while the job is still starting (just before
+# DeepSpeed forms the process group); it needs no Slurm and no timing from outside.
+SIGNAL_IN_START_UP = """
+import os, signal, sys
+import deepspeed
+from scilm_hpc.cli import main
+
+init = deepspeed.init_distributed
+def signalled_init(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGUSR2)
+    return init(*args, **kwargs)
+deepspeed.init_distributed = signalled_init
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def scilm_signalled_in_start_up(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``scilm ARGS`` (a job with ``cluster=none``) signalled with USR2 during start-up."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("SCILM_FAULT", None)
+    return subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN_START_UP, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The packaged MiniLM directory."""

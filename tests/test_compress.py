@@ -21,8 +21,9 @@ from scilm_hpc.compress.saving import save_compressed
 from scilm_hpc.compress.targets import prunable_linears
 from scilm_hpc.config import load_and_validate
 from scilm_hpc.errors import UserError
+from scilm_hpc.train.checkpoint import latest_tag
 
-from .conftest import REPO, scilm_run
+from .conftest import REPO, scilm_run, scilm_signalled_in_start_up
 
 COMPRESS = str(REPO / "jobs" / "compress.yaml")
 RECIPES = sorted(p.stem for p in (REPO / "configs" / "compress").glob("*.yaml"))
@@ -420,6 +421,33 @@ def test_prune_recover_keeps_the_masks_and_resumes_after_a_kill(tmp_path, shards
         other.returncode == 2
         and "holds the steps of another recipe (prune50-recover)" in other.stderr
     )
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_signal_during_start_up_stops_the_recovery_at_its_first_step(tmp_path, shards, export):
+    run = tmp_path / "run"
+    recipe = ("compress=prune50-recover", "compress.steps.1.steps=4", "train.checkpoint_every=0")
+    first = scilm_signalled_in_start_up(
+        "compress",
+        COMPRESS,
+        f"run.dir={run}",
+        f"data.shards={shards}",
+        f"model.name_or_path={export}",
+        "cluster=none",
+        "train.micro_batch_size=8",
+        "compress.latency_repeats=3",
+        *recipe,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert state["state"] == "stopped" and "during 02-recover-4" in state["reason"]
+    assert latest_tag(run / "steps" / "02-recover-4.run") == "step_1"
+    assert not (run / "compressed").exists()
+    again = compress(run, shards, export, *recipe)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from step_1" in again.stdout
+    assert (run / "compressed").is_dir()
 
 
 @pytest.mark.integration

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 
 from scilm_hpc.train.checkpoint import consolidated_weights, latest_tag, read_state
 
-from .conftest import REPO, scilm_run
+from .conftest import REPO, scilm_run, scilm_signalled_in_start_up
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 FINETUNE = str(REPO / "jobs" / "finetune.yaml")
@@ -112,23 +110,6 @@ def test_kill_mid_checkpoint_resumes_from_previous(tmp_path, shards, tiny_model_
     assert_same_weights(export_weights(tmp_path / "killed"), export_weights(tmp_path / "straight"))
 
 
-# A real USR2 delivered while the job is still starting (just before the process
-# group exists), in a process of its own: with the handler installed too late, its
-# default action would kill the job without a checkpoint.
-SIGNAL_IN_START_UP = """
-import os, signal, sys
-import deepspeed
-from scilm_hpc.cli import main
-
-init = deepspeed.init_distributed
-def signalled_init(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGUSR2)
-    return init(*args, **kwargs)
-deepspeed.init_distributed = signalled_init
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_signal_during_start_up_stops_at_the_first_step(tmp_path, shards, tiny_model_dir):
     run = tmp_path / "run"
     args = [
@@ -143,14 +124,7 @@ def test_signal_during_start_up_stops_at_the_first_step(tmp_path, shards, tiny_m
         "train.checkpoint_every=0",
         "train.log_every=1",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "SCILM_FAULT"}
-    started = subprocess.run(
-        [sys.executable, "-c", SIGNAL_IN_START_UP, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    started = scilm_signalled_in_start_up(*args)
     assert started.returncode == 0, started.stderr[-3000:]
     assert "stopping at step 1 (SIGUSR2)" in started.stdout
     state = json.loads((run / "state.json").read_text())
