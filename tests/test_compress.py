@@ -330,8 +330,16 @@ def export(tmp_path_factory, shards, tiny_model_dir) -> Path:
     return run / "export"
 
 
-def compress(run: Path, shards: Path, export: Path, *extra: str, fault: str | None = None):
-    return scilm_run(
+def compress(
+    run: Path,
+    shards: Path,
+    export: Path,
+    *extra: str,
+    fault: str | None = None,
+    signal: bool = False,
+):
+    """``scilm compress`` on the tiny export (``signal``: USR2 while it is starting)."""
+    args = (
         "compress",
         COMPRESS,
         f"run.dir={run}",
@@ -341,8 +349,8 @@ def compress(run: Path, shards: Path, export: Path, *extra: str, fault: str | No
         "train.micro_batch_size=8",
         "compress.latency_repeats=3",
         *extra,
-        fault=fault,
     )
+    return scilm_signalled_in_start_up(*args) if signal else scilm_run(*args, fault=fault)
 
 
 @pytest.mark.integration
@@ -428,17 +436,7 @@ def test_prune_recover_keeps_the_masks_and_resumes_after_a_kill(tmp_path, shards
 def test_signal_during_start_up_stops_the_recovery_at_its_first_step(tmp_path, shards, export):
     run = tmp_path / "run"
     recipe = ("compress=prune50-recover", "compress.steps.1.steps=4", "train.checkpoint_every=0")
-    first = scilm_signalled_in_start_up(
-        "compress",
-        COMPRESS,
-        f"run.dir={run}",
-        f"data.shards={shards}",
-        f"model.name_or_path={export}",
-        "cluster=none",
-        "train.micro_batch_size=8",
-        "compress.latency_repeats=3",
-        *recipe,
-    )
+    first = compress(run, shards, export, *recipe, signal=True)
     assert first.returncode == 0, first.stderr[-3000:]
     state = json.loads((run / "state.json").read_text())
     assert state["state"] == "stopped" and "during 02-recover-4" in state["reason"]
