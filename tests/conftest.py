@@ -20,17 +20,6 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SCILM = str(Path(sys.executable).with_name("scilm"))
 
 
-def scilm_run(
-    *args: str, fault: str | None = None, timeout: int = 300
-) -> subprocess.CompletedProcess:
-    """Run the ``scilm`` console script in a subprocess (``fault``: ``SCILM_FAULT``)."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("SCILM_FAULT", None)
-    if fault:
-        env["SCILM_FAULT"] = fault
-    return subprocess.run([SCILM, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
 # ``scilm`` with a real USR2 sent to itself while the job is still starting (just before
 # DeepSpeed forms the process group); it needs no Slurm and no timing from outside.
 SIGNAL_IN_START_UP = """
@@ -47,16 +36,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def scilm_signalled_in_start_up(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``scilm ARGS`` (a job with ``cluster=none``) signalled with USR2 during start-up."""
+def scilm_run(
+    *args: str, fault: str | None = None, timeout: int = 300, signal_in_start_up: bool = False
+) -> subprocess.CompletedProcess:
+    """Run the ``scilm`` console script in a subprocess (``fault``: ``SCILM_FAULT``;
+    ``signal_in_start_up``: USR2 while the job starts, for ``cluster=none`` jobs)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("SCILM_FAULT", None)
+    if fault:
+        env["SCILM_FAULT"] = fault
+    command = [sys.executable, "-c", SIGNAL_IN_START_UP] if signal_in_start_up else [SCILM]
     return subprocess.run(
-        [sys.executable, "-c", SIGNAL_IN_START_UP, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
+        [*command, *args], capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

@@ -23,7 +23,7 @@ from scilm_hpc.config import load_and_validate
 from scilm_hpc.errors import UserError
 from scilm_hpc.train.checkpoint import latest_tag
 
-from .conftest import REPO, scilm_run, scilm_signalled_in_start_up
+from .conftest import REPO, scilm_run
 
 COMPRESS = str(REPO / "jobs" / "compress.yaml")
 RECIPES = sorted(p.stem for p in (REPO / "configs" / "compress").glob("*.yaml"))
@@ -350,7 +350,7 @@ def compress(
         "compress.latency_repeats=3",
         *extra,
     )
-    return scilm_signalled_in_start_up(*args) if signal else scilm_run(*args, fault=fault)
+    return scilm_run(*args, fault=fault, signal_in_start_up=signal)
 
 
 @pytest.mark.integration

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from scilm_hpc.train.checkpoint import consolidated_weights, latest_tag, read_state
 
-from .conftest import REPO, scilm_run, scilm_signalled_in_start_up
+from .conftest import REPO, scilm_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 FINETUNE = str(REPO / "jobs" / "finetune.yaml")
@@ -124,7 +124,7 @@ def test_signal_during_start_up_stops_at_the_first_step(tmp_path, shards, tiny_m
         "train.checkpoint_every=0",
         "train.log_every=1",
     ]
-    started = scilm_signalled_in_start_up(*args)
+    started = scilm_run(*args, signal_in_start_up=True)
     assert started.returncode == 0, started.stderr[-3000:]
     assert "stopping at step 1 (SIGUSR2)" in started.stdout
     state = json.loads((run / "state.json").read_text())
