@@ -385,7 +385,7 @@ def dev_macro_f1(model_dir: str, shards: Path) -> float:
     from transformers import AutoModelForSequenceClassification
 
     from scilm_hpc.data.dataset import ShardDataset
-    from scilm_hpc.data.sampler import collate
+    from scilm_hpc.tasks import get_task
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     dev = ShardDataset(shards, "dev")
@@ -395,7 +395,7 @@ def dev_macro_f1(model_dir: str, shards: Path) -> float:
     with torch.no_grad():
         for start in range(0, len(order), 64):
             chunk = order[start : start + 64]
-            batch = collate([dev[int(i)] for i in chunk], 0, "classification")
+            batch = get_task("classification").collate([dev[int(i)] for i in chunk], 0)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             pred[chunk] = logits.logits.argmax(-1).numpy()
     return 100.0 * float(f1_score(gold, pred, average="macro"))

@@ -190,7 +190,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from scilm_hpc.data.dataset import ShardDataset
-    from scilm_hpc.data.sampler import collate
+    from scilm_hpc.tasks import get_task
 
     shards = ShardDataset(args.shards, "train")
     examples = [shards[i] for i in range(len(shards))]
@@ -220,7 +220,7 @@ def hf_worker(args: argparse.Namespace) -> None:
         model=model,
         args=training,
         train_dataset=examples,  # a list is a map-style dataset
-        data_collator=lambda items: collate(items, pad, "causal_lm"),
+        data_collator=lambda items: get_task("causal_lm").collate(items, pad),
         callbacks=[clock],
     )
     trainer.train()

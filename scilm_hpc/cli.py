@@ -28,25 +28,25 @@ def _save_config(job: JobConfig) -> None:
 
 
 def _prepare(job: JobConfig) -> Callable[[], Any]:
-    from scilm_hpc.data.prepare import PrepareJob
+    from scilm_hpc.jobs.prepare import PrepareJob
 
     return PrepareJob(job)
 
 
 def _finetune(job: JobConfig) -> Callable[[], Any]:
-    from scilm_hpc.train.loop import FinetuneJob
+    from scilm_hpc.jobs.finetune import FinetuneJob
 
     return FinetuneJob(job)
 
 
 def _compress(job: JobConfig) -> Callable[[], Any]:
-    from scilm_hpc.compress.job import CompressJob
+    from scilm_hpc.jobs.compress import CompressJob
 
     return CompressJob(job)
 
 
 def _evaluate(job: JobConfig) -> Callable[[], Any]:
-    from scilm_hpc.evaluate.job import EvaluateJob
+    from scilm_hpc.jobs.evaluate import EvaluateJob
 
     return EvaluateJob(job)
 

@@ -25,6 +25,7 @@ from scilm_hpc.errors import ConfigError
 from scilm_hpc.launch.slurm import unsafe_values
 from scilm_hpc.model_source import path_problem
 from scilm_hpc.schema import JobConfig
+from scilm_hpc.tasks import TASKS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The least time between a Slurm job's start and its time-limit USR2
@@ -279,22 +280,13 @@ def validate(job: JobConfig) -> list[str]:
         _at_least(p, f"data.{key}", getattr(d, key), 1)
     if d.compression == "gzip" and not 0 <= d.compression_level <= 9:
         p.append(f"data.compression_level: got {d.compression_level}; allowed: 0 to 9 for gzip")
-    fits = {
-        "conll": ("token_classification",),
-        "text": ("causal_lm",),
-        "jsonl": ("classification", "causal_lm"),
-        "csv": ("classification", "causal_lm"),
-    }
-    if (
-        job.job == "prepare"
-        and d.format in fits
-        and job.task in schema.TASKS
-        and job.task not in fits[d.format]
-    ):
-        p.append(
-            f"data.format: '{d.format}' cannot feed task '{job.task}'; "
-            f"'{d.format}' fits: {', '.join(fits[d.format])}"
-        )
+    if job.job == "prepare" and d.format in schema.DATA_FORMATS and job.task in TASKS:
+        fits = [name for name, task in TASKS.items() if d.format in task.formats]
+        if job.task not in fits:
+            p.append(
+                f"data.format: '{d.format}' cannot feed task '{job.task}'; "
+                f"'{d.format}' fits: {', '.join(fits)}"
+            )
     ratios = d.split.dev_ratio + d.split.test_ratio
     for key in ("dev_ratio", "test_ratio"):
         value = getattr(d.split, key)

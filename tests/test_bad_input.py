@@ -185,7 +185,7 @@ def test_missing_model_directory(
 def test_failure_while_writing_removes_staging(
     prepare: Callable[..., tuple], write_jsonl: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import scilm_hpc.data.prepare as prepare_module
+    import scilm_hpc.jobs.prepare as prepare_module
 
     real_write_shard = prepare_module.write_shard
     calls = []
@@ -259,7 +259,7 @@ def test_existing_directory_that_is_not_shards(
 def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
     """Shards prepared once (train + dev) with MiniLM's tokenizer, copied by each test."""
     from scilm_hpc.config import load_and_validate
-    from scilm_hpc.data.prepare import PrepareJob
+    from scilm_hpc.jobs.prepare import PrepareJob
 
     root = tmp_path_factory.mktemp("pristine")
     train = root / "train.jsonl"

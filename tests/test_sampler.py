@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from scilm_hpc.data.encode import IGNORE_INDEX
-from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition, collate, epoch_order
+from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition, epoch_order
+from scilm_hpc.tasks import get_task
 
 
 def random_lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -296,8 +297,8 @@ def item(ids: list[int], labels=None) -> dict:
 
 
 def test_collate_classification():
-    batch = collate(
-        [item([101, 5, 6, 102], 2), item([101, 7, 102], 0)], pad_id=0, task="classification"
+    batch = get_task("classification").collate(
+        [item([101, 5, 6, 102], 2), item([101, 7, 102], 0)], pad_id=0
     )
     assert batch["input_ids"].dtype == torch.long
     assert batch["input_ids"].tolist() == [[101, 5, 6, 102], [101, 7, 102, 0]]
@@ -307,10 +308,9 @@ def test_collate_classification():
 
 
 def test_collate_token_classification_pads_labels_with_ignore_index():
-    batch = collate(
+    batch = get_task("token_classification").collate(
         [item([101, 5, 102], [-100, 1, -100]), item([101, 5, 6, 7, 102], [-100, 2, 0, -100, -100])],
         pad_id=9,
-        task="token_classification",
     )
     assert IGNORE_INDEX == -100
     assert batch["input_ids"].tolist() == [[101, 5, 102, 9, 9], [101, 5, 6, 7, 102]]
@@ -321,13 +321,13 @@ def test_collate_token_classification_pads_labels_with_ignore_index():
 
 def test_collate_causal_lm_masks_padding_even_if_pad_id_is_a_real_token():
     # pad id 7 also occurs as a real token: only the padding positions are ignored
-    batch = collate([item([1, 7, 3]), item([1, 7, 3, 7, 5])], pad_id=7, task="causal_lm")
+    batch = get_task("causal_lm").collate([item([1, 7, 3]), item([1, 7, 3, 7, 5])], pad_id=7)
     assert batch["input_ids"].tolist() == [[1, 7, 3, 7, 7], [1, 7, 3, 7, 5]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[1, 7, 3, -100, -100], [1, 7, 3, 7, 5]]
 
 
 def test_collate_single_item_has_no_padding():
-    batch = collate([item([4, 5, 6])], pad_id=0, task="causal_lm")
+    batch = get_task("causal_lm").collate([item([4, 5, 6])], pad_id=0)
     assert batch["attention_mask"].tolist() == [[1, 1, 1]]
     assert batch["labels"].tolist() == [[4, 5, 6]]

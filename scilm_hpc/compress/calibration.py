@@ -15,21 +15,22 @@ import torch
 from torch import nn
 
 from scilm_hpc.data.dataset import ShardDataset
-from scilm_hpc.data.sampler import collate
+from scilm_hpc.tasks import Task, get_task
 
 
 def calibration_batches(
     dataset: ShardDataset,
-    task: str,
+    task: str | Task,
     pad_id: int,
     batches: int,
     batch_size: int,
     seed: int,
 ) -> list[dict[str, torch.Tensor]]:
     """``batches`` batches of ``batch_size`` examples drawn without replacement."""
+    task = get_task(task)
     order = np.random.default_rng(seed).permutation(len(dataset))[: batches * batch_size]
     return [
-        collate([dataset[int(i)] for i in order[s : s + batch_size]], pad_id, task)
+        task.collate([dataset[int(i)] for i in order[s : s + batch_size]], pad_id)
         for s in range(0, len(order), batch_size)
     ]
 

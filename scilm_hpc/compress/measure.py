@@ -7,7 +7,8 @@
   pruning count as zeros.
 * ``latency_ms``: median wall time of a forward pass over one fixed batch on the
   CPU, after two warm-up passes.
-* ``metrics``: the evaluate job's metrics (``evaluate.metrics``) on a split.
+
+The task metrics of each step come from ``evaluate.inference.dataset_metrics``.
 """
 
 from __future__ import annotations
@@ -26,16 +27,7 @@ from scilm_hpc.compress.quantize import (
 )
 from scilm_hpc.compress.targets import prunable_linears
 from scilm_hpc.data.dataset import ShardDataset
-from scilm_hpc.data.sampler import collate
-from scilm_hpc.evaluate.inference import predict
-from scilm_hpc.evaluate.metrics import metrics_from_results
-
-#: The metric each task's trade-off is judged by (and whether higher is better).
-MAIN_METRIC = {
-    "classification": ("macro_f1", True),
-    "token_classification": ("f1", True),
-    "causal_lm": ("perplexity", False),
-}
+from scilm_hpc.tasks import Task, get_task
 
 
 def _module_weights(module: Any) -> list[tuple[torch.Tensor, bool]]:
@@ -81,9 +73,11 @@ def weight_stats(model: Any, dense_prunable: int | None = None) -> dict[str, Any
     }
 
 
-def latency_batch(dataset: ShardDataset, size: int, pad_id: int, task: str) -> dict[str, Any]:
+def latency_batch(
+    dataset: ShardDataset, size: int, pad_id: int, task: str | Task
+) -> dict[str, Any]:
     """The fixed batch latency is measured on: the split's first ``size`` examples."""
-    batch = collate([dataset[i] for i in range(min(size, len(dataset)))], pad_id, task)
+    batch = get_task(task).collate([dataset[i] for i in range(min(size, len(dataset)))], pad_id)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
@@ -105,18 +99,3 @@ def latency_ms(model: Any, batch: dict[str, Any], repeats: int, threads: int) ->
     finally:
         torch.set_num_threads(previous)
     return 1000.0 * statistics.median(times)
-
-
-def task_metrics(
-    model: Any,
-    dataset: ShardDataset,
-    task: str,
-    pad_id: int,
-    batch_size: int,
-    examples: int,
-) -> dict[str, Any]:
-    """Scalar metrics of ``model`` on ``dataset`` (its first ``examples``; 0 = all)."""
-    count = len(dataset) if examples <= 0 else min(examples, len(dataset))
-    results = predict(model.eval(), dataset, range(count), task, pad_id, batch_size)
-    metrics = metrics_from_results(task, [r for _, r in results], dataset.label_names)
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from scilm_hpc.compress.measure import MAIN_METRIC
+from scilm_hpc.tasks import get_task
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -25,7 +25,7 @@ def with_ratios(baseline: dict[str, Any], step: dict[str, Any]) -> dict[str, Any
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    metric, _ = MAIN_METRIC[report["task"]]
+    metric, _ = get_task(report["task"]).main_metric
     base = report["baseline"]
     lines = [
         f"# Compression report: {report['recipe']}",
@@ -64,7 +64,7 @@ def plot_tradeoff(report: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, _ = MAIN_METRIC[report["task"]]
+    metric, _ = get_task(report["task"]).main_metric
     points = [("dense", report["baseline"])] + [(s["name"], s) for s in report["steps"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in (

@@ -157,7 +157,7 @@ def load_compressed(path: str | Path) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from scilm_hpc.train.model import auto_class
+    from scilm_hpc.tasks import get_task
 
     root = Path(path)
     if not is_compressed_dir(root):
@@ -173,7 +173,7 @@ def load_compressed(path: str | Path) -> nn.Module:
     config = AutoConfig.from_pretrained(root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = auto_class(meta["task"]).from_config(config)
+        model = get_task(meta["task"]).auto_class().from_config(config)
     tensors = load_file(str(root / WEIGHTS))
     for alias, source in meta["tied"].items():
         tensors[alias] = tensors[source]

@@ -99,14 +99,7 @@ class ShardDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard, local = self.locate(index)
-        arrays = self.shard(shard)
-        lo, hi = arrays.offsets[local], arrays.offsets[local + 1]
-        item: dict[str, Any] = {"input_ids": arrays.input_ids[lo:hi]}
-        if arrays.labels is not None:
-            item["labels"] = int(arrays.labels[local])
-        elif arrays.token_labels is not None:
-            item["labels"] = arrays.token_labels[lo:hi]
-        return item
+        return self.shard(shard).item(local)
 
     def lengths(self) -> np.ndarray:
         """Token count of every example (each shard's offsets are read once)."""

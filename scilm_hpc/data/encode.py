@@ -12,8 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from scilm_hpc.data.readers import Example
-
 IGNORE_INDEX = -100
 
 
@@ -53,34 +51,3 @@ def encode_words(
         ids_out.append(np.asarray(ids, dtype=np.int32))
         tags_out.append(aligned)
     return ids_out, tags_out
-
-
-def encode_examples(
-    tokenizer: Any,
-    examples: Sequence[Example],
-    task: str,
-    label_ids: dict[str, int],
-    max_length: int,
-    batch_size: int,
-) -> tuple[list[np.ndarray], list[Any]]:
-    """Encode examples in batches; returns token ids and labels (per example or per token).
-
-    For ``classification`` the labels are ints, for ``token_classification``
-    arrays aligned with the tokens, for ``causal_lm`` an empty list.
-    """
-    ids: list[np.ndarray] = []
-    labels: list[Any] = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        if task == "token_classification":
-            tag_ids = [[label_ids[t] for t in ex.tags or ()] for ex in batch]
-            batch_ids, batch_tags = encode_words(
-                tokenizer, [ex.words or () for ex in batch], tag_ids, max_length
-            )
-            ids += batch_ids
-            labels += batch_tags
-        else:
-            ids += encode_texts(tokenizer, [ex.text or "" for ex in batch], max_length)
-            if task == "classification":
-                labels += [label_ids[ex.label or ""] for ex in batch]
-    return ids, labels

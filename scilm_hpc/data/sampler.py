@@ -18,9 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-from scilm_hpc.data.encode import IGNORE_INDEX
 
 
 @dataclass
@@ -115,25 +112,3 @@ class ResumableBatches:
                 consumed += self.samples_per_step
                 yield SamplerPosition(epoch, consumed), micro_batches
             epoch, consumed = epoch + 1, 0
-
-
-def collate(items: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """Pad a list of shard items to the longest one (dynamic padding)."""
-    width = max(len(it["input_ids"]) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for i, it in enumerate(items):
-        n = len(it["input_ids"])
-        ids[i, :n] = torch.from_numpy(it["input_ids"].astype(np.int64))
-        mask[i, :n] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if task == "classification":
-        batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
-    elif task == "token_classification":
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        for i, it in enumerate(items):
-            labels[i, : len(it["labels"])] = torch.from_numpy(it["labels"].astype(np.int64))
-        batch["labels"] = labels
-    else:  # causal LM: predict every real token, never the padding
-        batch["labels"] = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    return batch

@@ -4,8 +4,10 @@ A shard ``SPLIT/shard-NNNNN.h5`` holds examples as flat token storage:
 
 - ``input_ids`` int32 [n_tokens]: every example's tokens, back to back (never padded);
 - ``offsets`` int64 [n_examples + 1]: example ``i`` is ``input_ids[offsets[i]:offsets[i+1]]``;
-- ``labels`` int64 [n_examples] (classification) or ``token_labels`` int32 [n_tokens]
-  (token classification, -100 where a token carries no tag); causal LM has neither.
+- the task's label columns (``tasks.base``): a column named ``token_*`` holds one
+  value per token, aligned with ``input_ids`` (``token_labels`` int32: token
+  classification, -100 where a token carries no tag); any other column one row per
+  example (``labels`` int64: classification). Causal LM stores none.
 
 ``manifest.json`` beside the split folders lists every shard with its example
 count, token count, byte size and SHA-256, plus the task, label map, tokenizer
@@ -56,11 +58,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+TOKEN_PREFIX = "token_"
+
+
 def write_shard(
     root: Path,
     name: str,
     input_ids: list[np.ndarray],
-    labels: list[Any],
+    columns: dict[str, list[Any]],
     task: str,
     compression: str = "gzip",
     level: int = 4,
@@ -71,9 +76,10 @@ def write_shard(
         root: the shard directory (the staging directory while prepare runs).
         name: relative file name, from ``shard_name``.
         input_ids: one int32 array per example.
-        labels: ints (classification), int32 arrays aligned with ``input_ids``
-            (token classification), or empty (causal LM).
-        task: the task, which decides how labels are stored.
+        columns: the task's label columns, one entry per example each: an array
+            aligned with the example's tokens for a ``token_*`` column, a number (or
+            a row of numbers) otherwise.
+        task: the task name, recorded in the file.
         compression: ``none``, ``gzip`` or ``lzf``.
         level: gzip level.
     """
@@ -93,11 +99,12 @@ def write_shard(
         fh.attrs["task"] = task
         fh.create_dataset("input_ids", data=flat, **opts)
         fh.create_dataset("offsets", data=offsets, track_times=False)
-        if task == "classification":
-            fh.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), track_times=False)
-        elif task == "token_classification":
-            flat_labels = np.concatenate(labels).astype(np.int32)
-            fh.create_dataset("token_labels", data=flat_labels, **opts)
+        for column, values in columns.items():
+            if column.startswith(TOKEN_PREFIX):
+                per_token = np.concatenate(values) if values else np.zeros(0, np.int32)
+                fh.create_dataset(column, data=per_token, **opts)
+            else:
+                fh.create_dataset(column, data=np.asarray(values), track_times=False)
     return ShardInfo(
         file=name,
         n_examples=len(input_ids),
@@ -109,12 +116,24 @@ def write_shard(
 
 @dataclass
 class ShardArrays:
-    """A shard read fully into memory."""
+    """A shard read fully into memory: token storage and the task's label columns."""
 
     input_ids: np.ndarray
     offsets: np.ndarray
-    labels: np.ndarray | None
-    token_labels: np.ndarray | None
+    columns: dict[str, np.ndarray]
+
+    def item(self, local: int) -> dict[str, Any]:
+        """Example ``local``: its ``input_ids`` and one entry per column (``token_``
+        dropped from per-token column names)."""
+        lo, hi = self.offsets[local], self.offsets[local + 1]
+        item: dict[str, Any] = {"input_ids": self.input_ids[lo:hi]}
+        for column, values in self.columns.items():
+            if column.startswith(TOKEN_PREFIX):
+                item[column[len(TOKEN_PREFIX) :]] = values[lo:hi]
+            else:
+                row = values[local]
+                item[column] = row.item() if row.ndim == 0 else row
+        return item
 
 
 def read_shard(path: Path, info: ShardInfo) -> ShardArrays:
@@ -128,8 +147,7 @@ def read_shard(path: Path, info: ShardInfo) -> ShardArrays:
         with h5py.File(path, "r") as fh:
             input_ids = fh["input_ids"][()]
             offsets = fh["offsets"][()]
-            labels = fh["labels"][()] if "labels" in fh else None
-            token_labels = fh["token_labels"][()] if "token_labels" in fh else None
+            columns = {k: fh[k][()] for k in fh if k not in ("input_ids", "offsets")}
     except (OSError, KeyError, ValueError) as exc:
         raise UserError(
             f"{path}: shard is corrupt or truncated ({exc}); prepare the shards "
@@ -142,12 +160,15 @@ def read_shard(path: Path, info: ShardInfo) -> ShardArrays:
             f"manifest says {info.n_examples} / {info.n_tokens}; the shard does "
             f"not match its manifest"
         )
-    if token_labels is not None and token_labels.size != input_ids.size:
-        raise UserError(
-            f"{path}: token_labels has {token_labels.size} entries for "
-            f"{input_ids.size} tokens; the shard is corrupt"
-        )
-    return ShardArrays(input_ids, offsets, labels, token_labels)
+    for column, values in columns.items():
+        expected = input_ids.size if column.startswith(TOKEN_PREFIX) else counts[0]
+        if len(values) != expected:
+            unit = "tokens" if column.startswith(TOKEN_PREFIX) else "examples"
+            raise UserError(
+                f"{path}: {column} has {len(values)} entries for {expected} "
+                f"{unit}; the shard is corrupt"
+            )
+    return ShardArrays(input_ids, offsets, columns)
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

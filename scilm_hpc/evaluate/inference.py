@@ -1,72 +1,122 @@
 """Batched inference over shard examples: per-example results, never per-batch averages.
 
-An example's result is ``(loss sum, counted targets, prediction, gold)``: for
-classification the predicted and gold class ids, for token classification the tag
-ids of the tagged (first sub-word) tokens, for causal LM only the summed token loss.
+One routine (``run_examples``) sorts a rank's examples by length, batches, collates
+(the task's own collation), forwards and turns the logits into per-example results
+(the task's ``example_results``: loss sum, counted targets, prediction, gold). The
+evaluate job, the finetune job's dev evaluation and the compression report all use
+it. ``evaluate_split`` runs it on the training ranks, keeping their forward passes
+in step (ZeRO-3 gathers parameters collectively) and gathering every example's
+result on rank 0 before any metric is computed, so metrics do not depend on the
+number of ranks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from scilm_hpc.data.dataset import ShardDataset
-from scilm_hpc.data.encode import IGNORE_INDEX
-from scilm_hpc.data.sampler import collate
-
-ExampleResult = tuple[float, int, Any, Any]
-
-
-def example_results(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str
-) -> list[ExampleResult]:
-    """Per-example results of one batch's logits."""
-    labels = batch["labels"]
-    if task == "classification":
-        losses = F.cross_entropy(logits.float(), labels, reduction="none")
-        preds = logits.argmax(-1)
-        return [(losses[i].item(), 1, int(preds[i]), int(labels[i])) for i in range(len(labels))]
-    if task == "causal_lm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    losses = F.cross_entropy(
-        logits.float().transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX
-    )
-    preds = logits.argmax(-1)
-    out = []
-    for i in range(len(labels)):
-        keep = labels[i] != IGNORE_INDEX
-        pred = preds[i][keep].tolist() if task == "token_classification" else None
-        gold = labels[i][keep].tolist() if task == "token_classification" else None
-        out.append((losses[i][keep].sum().item(), int(keep.sum()), pred, gold))
-    return out
+from scilm_hpc.evaluate.metrics import metrics_from_results
+from scilm_hpc.tasks import ExampleResult, Task, get_task
 
 
 @torch.no_grad()
+def run_examples(
+    model: Any,
+    dataset: ShardDataset,
+    indices: Sequence[int],
+    task: str | Task,
+    pad_id: int,
+    batch_size: int,
+    n_batches: int | None = None,
+) -> list[tuple[int, ExampleResult]]:
+    """(example index, result) for ``indices``, batched by similar length.
+
+    Args:
+        n_batches: forward passes to run in all; past the real batches, a discarded
+            one-example batch keeps this rank's collectives in step with the others
+            (None: just the real batches).
+    """
+    task = get_task(task)
+    device = getattr(model, "device", torch.device("cpu"))  # DeepSpeed engine or HF model
+    order = np.asarray(indices, dtype=np.int64)
+    if order.size:
+        order = order[np.argsort(dataset.lengths()[order], kind="stable")]
+    real = math.ceil(order.size / batch_size)
+    out: list[tuple[int, ExampleResult]] = []
+    for b in range(real if n_batches is None else n_batches):
+        chunk = order[b * batch_size : (b + 1) * batch_size] if b < real else np.array([0])
+        batch = task.collate([dataset[int(i)] for i in chunk], pad_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        ).logits.cpu()
+        if b < real:
+            out += list(zip(chunk.tolist(), task.example_results(logits, batch), strict=True))
+    return out
+
+
 def predict(
     model: Any,
     dataset: ShardDataset,
     indices: Sequence[int],
-    task: str,
+    task: str | Task,
     pad_id: int,
     batch_size: int,
 ) -> list[tuple[int, ExampleResult]]:
-    """(example index, result) for ``indices``, batched by similar length."""
-    order = np.asarray(indices, dtype=np.int64)
-    if order.size == 0:
-        return []
-    lengths = dataset.lengths()[order]
-    order = order[np.argsort(lengths, kind="stable")]
-    out: list[tuple[int, ExampleResult]] = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = collate([dataset[int(i)] for i in chunk], pad_id, task)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out += list(zip(chunk.tolist(), example_results(logits, batch, task), strict=True))
-    return out
+    """(example index, result) for ``indices`` (one rank, no collectives)."""
+    return run_examples(model, dataset, indices, task, pad_id, batch_size)
+
+
+def dataset_metrics(
+    model: Any,
+    dataset: ShardDataset,
+    task: str | Task,
+    pad_id: int,
+    batch_size: int,
+    examples: int,
+) -> dict[str, Any]:
+    """Scalar metrics of ``model`` on ``dataset`` (its first ``examples``; 0 = all)."""
+    count = len(dataset) if examples <= 0 else min(examples, len(dataset))
+    results = predict(model.eval(), dataset, range(count), task, pad_id, batch_size)
+    metrics = metrics_from_results(task, [r for _, r in results], dataset.label_names)
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def rank_slice(n: int, rank: int, world: int) -> range:
+    """Contiguous, balanced slice of ``range(n)`` for ``rank``."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def evaluate_split(
+    model: Any,
+    dataset: ShardDataset,
+    task: str | Task,
+    labels: list[str],
+    pad_id: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+) -> dict[str, Any] | None:
+    """Metrics of ``model`` on ``dataset`` over the training ranks; the dict on rank 0,
+    None on the others."""
+    import torch.distributed as dist
+
+    mine = rank_slice(len(dataset), rank, world)
+    n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
+    results = run_examples(model, dataset, mine, task, pad_id, batch_size, n_batches)
+    gathered: list[Any] = [None] * world if world > 1 else [results]
+    if world > 1:
+        dist.all_gather_object(gathered, results)
+    if rank != 0:
+        return None
+    merged = sorted((item for part in gathered for item in part), key=lambda x: x[0])
+    assert len(merged) == len(dataset), (len(merged), len(dataset))
+    return metrics_from_results(task, [r[1] for r in merged], labels)
 
 
 def token_balanced_ranges(lengths: np.ndarray, world: int) -> list[range]:

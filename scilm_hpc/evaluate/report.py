@@ -1,4 +1,4 @@
-"""Evaluation outputs: ``eval.json``, ``eval.md``, the confusion-matrix plot, predictions."""
+"""Evaluation outputs: ``eval.json``, ``eval.md``, the task's plots, predictions."""
 
 from __future__ import annotations
 
@@ -8,12 +8,7 @@ from typing import Any
 
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.schema import JobConfig
-
-HEADLINE = {
-    "classification": ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "loss"),
-    "token_classification": ("precision", "recall", "f1", "token_accuracy", "loss"),
-    "causal_lm": ("loss", "perplexity"),
-}
+from scilm_hpc.tasks import get_task
 
 
 def _markdown(
@@ -23,7 +18,8 @@ def _markdown(
     n_examples: int,
     ranks: int,
 ) -> str:
-    keys = HEADLINE[job.task]
+    task = get_task(job.task)
+    keys = task.headline
     lines = [
         f"# Evaluation: {job.task}, split `{job.eval.split}`, {n_examples} examples, "
         f"{ranks} rank(s)",
@@ -35,49 +31,8 @@ def _markdown(
         values = " | ".join(f"{ev['metrics'][k]:.4f}" for k in keys)
         speed = f"{ev['examples_per_s']:.1f}" if ev["examples_per_s"] else "-"
         lines.append(f"| `{ev['model']}` | {values} | {speed} |")
-    if job.task == "classification":
-        for ev in evaluations:
-            lines += [
-                "",
-                f"## Per class: `{ev['model']}`",
-                "",
-                "| class | precision | recall | f1 | support |",
-                "|---|---|---|---|---|",
-            ]
-            for name in labels:
-                c = ev["metrics"]["per_class"][name]
-                lines.append(
-                    f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | "
-                    f"{c['f1']:.4f} | {c['support']} |"
-                )
+    lines += task.report_sections(evaluations, labels)
     return "\n".join(lines) + "\n"
-
-
-def plot_confusion(evaluations: list[dict[str, Any]], labels: list[str], out: Path) -> None:
-    """One confusion matrix per model, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        1, len(evaluations), figsize=(4.5 * len(evaluations), 4), squeeze=False
-    )
-    for ax, ev in zip(axes[0], evaluations, strict=True):
-        cm = ev["metrics"]["confusion_matrix"]
-        ax.imshow(cm, cmap="Blues")
-        for i, row in enumerate(cm):
-            for j, value in enumerate(row):
-                ax.text(j, i, str(value), ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(Path(ev["model"]).name or ev["model"], fontsize=9)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def write_reports(
@@ -107,8 +62,7 @@ def write_reports(
     (run_dir / "eval.md").write_text(
         _markdown(job, evaluations, dataset.label_names, len(dataset), ranks)
     )
-    if job.task == "classification":
-        plot_confusion(evaluations, dataset.label_names, run_dir / "plots" / "confusion_matrix.png")
+    get_task(job.task).plots(evaluations, dataset.label_names, run_dir)
     if job.eval.predictions:
         with (run_dir / "predictions.jsonl").open("w") as fh:
             for ev in evaluations:

@@ -1,4 +1,4 @@
-"""Local MPI launch for the evaluate job: ``mpirun -n N python -m scilm_hpc.evaluate.job``."""
+"""Local MPI launch for the evaluate job: ``mpirun -n N python -m scilm_hpc.jobs.evaluate``."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def mpirun_command(config_file: Path, ranks: int) -> list[str]:
     command = [mpirun, "-n", str(ranks), "--oversubscribe"]
     if os.geteuid() == 0:
         command.append("--allow-run-as-root")
-    return [*command, sys.executable, "-m", "scilm_hpc.evaluate.job", str(config_file)]
+    return [*command, sys.executable, "-m", "scilm_hpc.jobs.evaluate", str(config_file)]
 
 
 def run_with_mpirun(job: JobConfig, ranks: int) -> dict[str, Any]:

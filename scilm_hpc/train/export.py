@@ -64,8 +64,8 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
     from scilm_hpc.data.dataset import ShardDataset
     from scilm_hpc.errors import UserError
     from scilm_hpc.model_source import load_tokenizer
+    from scilm_hpc.models import build_model
     from scilm_hpc.train import checkpoint as ckpt
-    from scilm_hpc.train.model import build_model
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():

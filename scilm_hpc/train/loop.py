@@ -1,6 +1,7 @@
-"""The finetune job: DeepSpeed engine, training loop, periodic evaluation, checkpoints, export.
+"""The training loop: DeepSpeed engine, steps, periodic evaluation, checkpoints, export.
 
-One process per rank. The loop runs whole optimizer steps (``gradient_accumulation``
+One ``Trainer`` per rank (the finetune job, ``jobs.finetune``, starts the rank).
+The loop runs whole optimizer steps (``gradient_accumulation``
 micro-batches each) drawn from ``ResumableBatches``; every ``checkpoint_every`` steps
 and at the end it checkpoints; at the end it exports a HF directory and plots the
 loss curve. A run directory with a complete checkpoint resumes from it.
@@ -20,18 +21,19 @@ from typing import Any
 import torch
 
 from scilm_hpc.data.dataset import ShardDataset
-from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition, collate
+from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition
 from scilm_hpc.errors import UserError
-from scilm_hpc.launch.env import export_rank_env, rank_env
+from scilm_hpc.evaluate.inference import evaluate_split
 from scilm_hpc.launch.preemption import StopFlag, requeue, restarts
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import load_tokenizer
+from scilm_hpc.models import build_model, pad_token_id
 from scilm_hpc.schema import JobConfig
+from scilm_hpc.tasks import get_task
 from scilm_hpc.train import checkpoint as ckpt
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
-from scilm_hpc.train.evaluation import evaluate_split, is_better
+from scilm_hpc.train.evaluation import is_better
 from scilm_hpc.train.export import export_model
-from scilm_hpc.train.model import build_model
 from scilm_hpc.train.report import MetricsLog, plot_loss
 
 
@@ -73,50 +75,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     """``batch`` on ``device`` (the same tensors where they are already there: CPU ranks
     copy nothing)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-class FinetuneJob:
-    """Submitit-callable fine-tuning job (one call per rank)."""
-
-    def __init__(self, job: JobConfig) -> None:
-        self.job = job
-
-    def __call__(self) -> dict[str, Any]:
-        job = self.job
-        # first: a USR2 / SIGTERM during start-up (imports, a JIT build, the process
-        # group) must stop the run at its first step, not kill it through submitit
-        stop = StopFlag()
-        stop.install()
-        env = rank_env()
-        on_gpu = torch.cuda.is_available() and job.cluster.gpus_per_node > 0
-        export_rank_env(env, on_gpu)
-        if on_gpu:
-            # before the process group: NCCL binds each rank to the current device
-            torch.cuda.set_device(env.local_rank)
-        threads = None if on_gpu else cpu_threads(job)
-        if threads:
-            # one rank per task: use the task's CPUs, not every core of the node
-            torch.set_num_threads(threads)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-        try:
-            return Trainer(job, env.rank, env.world_size, on_gpu, stop).run()
-        except Exception as exc:
-            if env.rank == 0:
-                write_run_state(
-                    Path(job.run.dir),
-                    "failed",
-                    reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                )
-            raise
-        finally:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 class Trainer:
@@ -161,11 +119,8 @@ class Trainer:
         self.total_steps = (
             t.max_steps if t.max_steps > 0 else t.epochs * self.batches.steps_per_epoch
         )
-        self.pad_id = (
-            self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else (self.tokenizer.eos_token_id or 0)
-        )
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.task = get_task(job.task)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=rank == 0)
         self._last_eval_step = -1
         self._last_eval: dict[str, Any] | None = None
@@ -276,7 +231,7 @@ class Trainer:
             loss_total, tokens, data_s = 0.0, 0, 0.0
             for indices in micro_batches:
                 batch = to_device(
-                    collate([self.train_set[int(i)] for i in indices], self.pad_id, job.task),
+                    self.task.collate([self.train_set[int(i)] for i in indices], self.pad_id),
                     device,
                 )
                 data_s += time.perf_counter() - data_tick
@@ -405,7 +360,7 @@ class Trainer:
         metrics = evaluate_split(
             engine,
             self.dev_set,
-            self.job.task,
+            self.task,
             self.labels,
             self.pad_id,
             self.job.eval.batch_size,

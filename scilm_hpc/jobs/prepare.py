@@ -21,7 +21,6 @@ from typing import Any
 from tqdm import tqdm
 
 from scilm_hpc import __version__
-from scilm_hpc.data.encode import encode_examples
 from scilm_hpc.data.readers import Example, read_corpus
 from scilm_hpc.data.shards import (
     FORMAT_VERSION,
@@ -37,12 +36,13 @@ from scilm_hpc.errors import UserError
 from scilm_hpc.launch.dist import Communicator, communicator
 from scilm_hpc.model_source import load_tokenizer, tokenizer_fingerprint
 from scilm_hpc.schema import SPLITS, JobConfig
+from scilm_hpc.tasks import Task, get_task
 
 
 def read_splits(job: JobConfig) -> dict[str, list[Example]]:
     """Read the configured corpus files and apply the ratio split, in a fixed order."""
     d = job.data
-    label_field = d.label_field if job.task == "classification" else None
+    label_field = get_task(job.task).label_field(d.label_field)
     splits: dict[str, list[Example]] = {}
     for split in SPLITS:
         path = getattr(d, split)
@@ -75,29 +75,23 @@ def read_splits(job: JobConfig) -> dict[str, list[Example]]:
     return splits
 
 
-def _labels_of(example: Example, task: str) -> tuple[str, ...]:
-    if task == "token_classification":
-        return example.tags or ()
-    return (example.label,) if example.label is not None else ()
-
-
-def build_label_map(task: str, splits: dict[str, list[Example]]) -> list[str]:
+def build_label_map(task: Task, splits: dict[str, list[Example]]) -> list[str]:
     """Sorted labels (or tags) of the training split; dev/test may not add new ones.
 
     Raises:
         UserError: naming file and line of a dev/test label absent from train.
     """
-    if task == "causal_lm":
+    if not task.has_label_map:
         return []
     train_labels: set[str] = set()
     for ex in splits["train"]:
-        train_labels.update(_labels_of(ex, task))
+        train_labels.update(task.example_labels(ex))
     labels = sorted(train_labels)
     known = set(labels)
     problems = []
     for split in ("dev", "test"):
         for ex in splits.get(split, []):
-            unknown = [v for v in _labels_of(ex, task) if v not in known]
+            unknown = [v for v in task.example_labels(ex) if v not in known]
             if unknown:
                 problems.append(
                     f"{ex.source}: {split} label '{unknown[0]}' does not occur in "
@@ -108,6 +102,27 @@ def build_label_map(task: str, splits: dict[str, list[Example]]) -> list[str]:
     if problems:
         raise UserError(problems)
     return labels
+
+
+def encode_batches(
+    task: Task,
+    tokenizer: Any,
+    examples: list[Example],
+    label_ids: dict[str, int],
+    max_length: int,
+    batch_size: int,
+) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Token ids and the task's shard columns of ``examples``, tokenized in batches."""
+    ids: list[Any] = []
+    columns: dict[str, list[Any]] = {}
+    for start in range(0, len(examples), batch_size):
+        batch_ids, batch_columns = task.encode(
+            tokenizer, examples[start : start + batch_size], label_ids, max_length
+        )
+        ids += batch_ids
+        for name, values in batch_columns.items():
+            columns.setdefault(name, []).extend(values)
+    return ids, columns
 
 
 def plan_shards(
@@ -137,8 +152,9 @@ class PrepareJob:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             os.environ.setdefault("RAYON_NUM_THREADS", "1")
         tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
+        task = get_task(job.task)
         splits = read_splits(job)
-        labels = build_label_map(job.task, splits)
+        labels = build_label_map(task, splits)
         label_ids = {name: i for i, name in enumerate(labels)}
         plan = plan_shards(splits, job.data.examples_per_shard)
 
@@ -177,10 +193,10 @@ class PrepareJob:
                 disable=None if comm.rank == 0 else True,
             ):
                 split, shard_no, lo, hi = plan[index]
-                ids, values = encode_examples(
+                ids, columns = encode_batches(
+                    task,
                     tokenizer,
                     splits[split][lo:hi],
-                    job.task,
                     label_ids,
                     job.data.max_length,
                     job.data.tokenize_batch_size,
@@ -189,7 +205,7 @@ class PrepareJob:
                     staging,
                     shard_name(split, shard_no),
                     ids,
-                    values,
+                    columns,
                     job.task,
                     job.data.compression,
                     job.data.compression_level,

@@ -8,7 +8,7 @@ metrics are identical for any number of ranks. Rank 0 writes ``eval.json``,
 ``predictions.jsonl``. Every input check (split, tokenizer, label map) runs before
 any inference.
 
-    mpirun -n 2 python -m scilm_hpc.evaluate.job RUN_DIR/evaluate.config.yaml
+    mpirun -n 2 python -m scilm_hpc.jobs.evaluate RUN_DIR/evaluate.config.yaml
 """
 
 from __future__ import annotations
@@ -21,46 +21,15 @@ from typing import Any
 
 import torch
 
+from scilm_hpc.config import load_and_validate
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.errors import UserError
 from scilm_hpc.evaluate.inference import predict, token_balanced_ranges
 from scilm_hpc.evaluate.metrics import metrics_from_results
 from scilm_hpc.evaluate.report import write_reports
 from scilm_hpc.launch.dist import communicator
-from scilm_hpc.model_source import load_tokenizer, resolve_model_path
+from scilm_hpc.models import load_for_eval, pad_token_id
 from scilm_hpc.schema import JobConfig
-from scilm_hpc.train.model import auto_class
-
-
-def load_for_eval(name: str, task: str, dataset: ShardDataset) -> tuple[Any, Any]:
-    """Tokenizer and model of ``name``, checked against the shards before any inference.
-
-    ``name`` may be a dense export or a directory written by the compress job.
-
-    Raises:
-        UserError: if the tokenizer differs from the shards' or the label maps disagree.
-    """
-    tokenizer = load_tokenizer(name)
-    dataset.check_tokenizer(tokenizer, name)
-    from scilm_hpc.compress.saving import is_compressed_dir, load_compressed
-
-    source = resolve_model_path(name)
-    try:
-        if is_compressed_dir(source):
-            model: Any = load_compressed(source)
-        else:
-            model = auto_class(task).from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load '{name}' for {task} ({exc})") from None
-    if task != "causal_lm":
-        model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        if model_labels != dataset.label_names:
-            raise UserError(
-                f"model.name_or_path: '{name}' predicts labels {model_labels}, the "
-                f"shards' label map is {dataset.label_names}; evaluate a model "
-                f"fine-tuned on these shards"
-            )
-    return tokenizer, model.eval()
 
 
 class EvaluateJob:
@@ -85,7 +54,7 @@ class EvaluateJob:
         mine = token_balanced_ranges(dataset.lengths(), comm.world_size)[comm.rank]
         evaluations = []
         for name, (tokenizer, model) in zip(names, loaded, strict=True):
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            pad_id = pad_token_id(tokenizer)
             start = time.perf_counter()
             results = predict(model, dataset, mine, job.task, pad_id, job.eval.batch_size)
             seconds = time.perf_counter() - start
@@ -116,8 +85,7 @@ class EvaluateJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m scilm_hpc.evaluate.job CONFIG.yaml``: one MPI rank of an evaluation."""
-    from scilm_hpc.config import load_and_validate
+    """``python -m scilm_hpc.jobs.evaluate CONFIG.yaml``: one MPI rank of an evaluation."""
 
     args = sys.argv[1:] if argv is None else argv
     try:

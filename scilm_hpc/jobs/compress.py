@@ -17,7 +17,6 @@ import json
 import re
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,22 @@ from scilm_hpc.compress import measure
 from scilm_hpc.compress.calibration import calibration_batches, input_norms
 from scilm_hpc.compress.prune import apply_masks, nm_masks, unstructured_masks
 from scilm_hpc.compress.quantize import quantize_model
-from scilm_hpc.compress.recover import RecoveryTrainer, recovered_model, recovery_job
+from scilm_hpc.compress.recover import recovered_model, recovery_job
 from scilm_hpc.compress.report import with_ratios, write_report
 from scilm_hpc.compress.saving import load_compressed, save_compressed, weights_size
 from scilm_hpc.compress.structured import prune_structured
 from scilm_hpc.compress.targets import PRUNABLE_DESCRIPTION, prunable_linears
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.errors import UserError
-from scilm_hpc.launch.env import export_rank_env, rank_env
+from scilm_hpc.evaluate.inference import dataset_metrics
+from scilm_hpc.jobs.startup import rank_session
 from scilm_hpc.launch.preemption import StopFlag
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import resolve_model_path
+from scilm_hpc.models import load_for_eval, pad_token_id
 from scilm_hpc.schema import CompressStep, JobConfig
-from scilm_hpc.train.loop import cpu_threads
+from scilm_hpc.tasks import get_task
+from scilm_hpc.train.recovery import RecoveryTrainer
 
 STEP_RECORD = "step.json"
 
@@ -71,38 +73,15 @@ class CompressJob:
         self.job = job
 
     def __call__(self) -> dict[str, Any]:
-        job = self.job
-        stop = StopFlag()  # first, as in the finetune job: a signal in start-up stops later
-        stop.install()
-        env = rank_env()
-        export_rank_env(env, False)
-        threads = cpu_threads(job)  # the finetune job's rule: the task's CPUs or cores
-        if threads:
-            torch.set_num_threads(threads)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        run_dir = Path(job.run.dir)
-        try:
-            return _Compression(job, stop).run()
-        except Exception as exc:
-            write_run_state(run_dir, "failed", reason=str(exc).splitlines()[0] if str(exc) else "")
-            raise
-        finally:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        # the finetune job's start-up (signals first, threads by the same rule), on the CPU
+        with rank_session(self.job, use_gpu=False) as rank:
+            return _Compression(self.job, rank.stop).run()
 
 
 class _Compression:
     """One run of a recipe."""
 
     def __init__(self, job: JobConfig, stop: StopFlag) -> None:
-        from scilm_hpc.evaluate.job import load_for_eval
-
         self.job, self.stop = job, stop
         self.run_dir = Path(job.run.dir)
         self.steps_dir = self.run_dir / "steps"
@@ -115,8 +94,7 @@ class _Compression:
             )
         self.tokenizer, self.dense = load_for_eval(job.model.name_or_path, job.task, self.eval_set)
         prunable_linears(self.dense)  # unsupported layer types fail here, before any work
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self.pad_id = pad_token_id(self.tokenizer)
         self.batch = measure.latency_batch(self.eval_set, c.latency_batch, self.pad_id, job.task)
         self.threads = c.latency_threads or torch.get_num_threads()
 
@@ -126,7 +104,7 @@ class _Compression:
             **measure.weight_stats(model, dense_prunable),
             "size_bytes": size_bytes,
             "latency_ms": measure.latency_ms(model, self.batch, c.latency_repeats, self.threads),
-            "metrics": measure.task_metrics(
+            "metrics": dataset_metrics(
                 model,
                 self.eval_set,
                 self.job.task,
@@ -304,7 +282,7 @@ class _Compression:
         write_report(self.run_dir, report)
         write_run_state(self.run_dir, "completed", reason=f"recipe {c.name}: {len(entries)} steps")
         last = entries[-1] if entries else baseline
-        metric = measure.MAIN_METRIC[job.task][0]
+        metric = get_task(job.task).main_metric[0]
         return {
             "run_dir": str(self.run_dir),
             "compressed": str(out),

@@ -1,0 +1,76 @@
+"""What every training-shaped rank does first and last (finetune, compress recovery).
+
+First the USR2 / SIGTERM handlers (a signal during start-up — imports, DeepSpeed's
+JIT build, the process group — must stop the run at its first step, not kill it
+through submitit), then the rank's environment, the GPU or the CPU thread count,
+DeepSpeed and the process group. On the way out: a failed run is recorded in the
+run directory's state, and the process group is destroyed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scilm_hpc.launch.env import RankEnv, export_rank_env, rank_env
+from scilm_hpc.launch.preemption import StopFlag
+from scilm_hpc.launch.status import write_run_state
+from scilm_hpc.schema import JobConfig
+from scilm_hpc.train.loop import cpu_threads
+
+
+@dataclass
+class RankSession:
+    """What a started rank knows: its stop flag, its place, and its device."""
+
+    stop: StopFlag
+    env: RankEnv
+    on_gpu: bool
+
+
+@contextmanager
+def rank_session(job: JobConfig, use_gpu: bool = True) -> Iterator[RankSession]:
+    """Start this rank (see module docstring); record a failure and tear down at the end.
+
+    Args:
+        job: the job's config.
+        use_gpu: whether the job may run on a GPU (one is used only where CUDA is
+            available and ``cluster.gpus_per_node`` > 0).
+    """
+    stop = StopFlag()
+    stop.install()
+    env = rank_env()
+    on_gpu = use_gpu and torch.cuda.is_available() and job.cluster.gpus_per_node > 0
+    export_rank_env(env, on_gpu)
+    if on_gpu:
+        # before the process group: NCCL binds each rank to the current device
+        torch.cuda.set_device(env.local_rank)
+    threads = None if on_gpu else cpu_threads(job)
+    if threads:
+        # one rank per task: use the task's CPUs, not every core of the node
+        torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    try:
+        yield RankSession(stop, env, on_gpu)
+    except Exception as exc:
+        if env.rank == 0:
+            write_run_state(
+                Path(job.run.dir),
+                "failed",
+                reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+        raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

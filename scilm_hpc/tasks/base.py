@@ -1,0 +1,129 @@
+"""The protocol every task module implements, and the pieces tasks share.
+
+A task decides everything that differs between, say, classifying a document and
+tagging its words: which fields a corpus record needs, how a record is encoded and
+what a shard stores beside the token ids, how items are collated into a batch,
+which ``transformers`` auto class builds the model, which positions the
+distillation loss looks at, how per-example results are made from logits and
+turned into metrics, and what the evaluation report shows. The jobs, the trainer,
+evaluation and compression ask the task object (``scilm_hpc.tasks.get_task``)
+instead of branching on its name.
+
+Shard columns follow a naming rule the shard reader applies without knowing the
+task (``data.shards``): a column named ``token_*`` holds one value per token,
+aligned with ``input_ids``; any other column holds one row per example. The item
+key of a column drops the ``token_`` prefix, so ``token_labels`` and ``labels``
+both reach ``collate`` as ``labels``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from scilm_hpc.data.readers import Example
+
+#: An example's evaluation result: (loss sum, counted targets, prediction, gold).
+ExampleResult = tuple[float, int, Any, Any]
+
+
+def pad_inputs(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` padded to the longest item (dynamic padding) and the attention mask."""
+    width = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[i, :n] = torch.from_numpy(it["input_ids"].astype(np.int64))
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class Task(ABC):
+    """One task: a model head, its data, its loss and its metrics (see module docstring)."""
+
+    #: the value of the ``task`` key
+    name: ClassVar[str]
+    #: the ``transformers`` auto class that builds the model with this task's head
+    auto_class_name: ClassVar[str]
+    #: corpus formats (``data.format``) that can feed this task
+    formats: ClassVar[tuple[str, ...]]
+    #: whether the shards carry a label map (class or tag names)
+    has_label_map: ClassVar[bool] = True
+    #: metrics shown in the report's table, in order
+    headline: ClassVar[tuple[str, ...]]
+    #: the metric a trade-off is judged by, and whether higher is better
+    main_metric: ClassVar[tuple[str, bool]]
+
+    def auto_class(self) -> Any:
+        """The ``transformers`` ``AutoModelFor*`` class of this task."""
+        import transformers
+
+        return getattr(transformers, self.auto_class_name)
+
+    def model_kwargs(self, labels: list[str]) -> dict[str, Any]:
+        """Keyword arguments of ``from_pretrained`` that shape the head for ``labels``."""
+        if not self.has_label_map:
+            return {}
+        return {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+            "ignore_mismatched_sizes": True,
+        }
+
+    # --- prepare -------------------------------------------------------------------
+    def label_field(self, configured: str) -> str | None:
+        """The record field read as the label (``data.label_field``), or None."""
+        return None
+
+    def example_labels(self, example: Example) -> tuple[str, ...]:
+        """The label names one example contributes to the label map."""
+        return ()
+
+    @abstractmethod
+    def encode(
+        self,
+        tokenizer: Any,
+        examples: Sequence[Example],
+        label_ids: dict[str, int],
+        max_length: int,
+    ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """Token ids (int32, one array per example) and the shard columns of a batch.
+
+        Columns are lists with one entry per example: an int or float for a
+        per-example column, an array aligned with the tokens for a ``token_*`` one.
+        """
+
+    # --- training ------------------------------------------------------------------
+    @abstractmethod
+    def collate(self, items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        """A padded batch with ``labels`` in the form the model's own loss expects."""
+
+    def distill_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Which logits rows the distillation loss compares (None: every example)."""
+        return None
+
+    # --- evaluation ----------------------------------------------------------------
+    @abstractmethod
+    def example_results(
+        self, logits: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> list[ExampleResult]:
+        """Per-example results of one batch's logits."""
+
+    @abstractmethod
+    def metrics(self, results: Sequence[ExampleResult], labels: Sequence[str]) -> dict[str, Any]:
+        """The task's metrics from per-example results in example order."""
+
+    def report_sections(self, evaluations: list[dict[str, Any]], labels: list[str]) -> list[str]:
+        """Markdown lines ``eval.md`` shows after the headline table."""
+        return []
+
+    def plots(self, evaluations: list[dict[str, Any]], labels: list[str], run_dir: Path) -> None:
+        """Plots of the evaluation under ``run_dir/plots/`` (none by default)."""
+        return None

@@ -1,0 +1,80 @@
+"""Recovery training: the finetune ``Trainer`` on a masked student, distilled from a teacher.
+
+It keeps everything of the finetune job (DeepSpeed engine, resumable sampler,
+checkpoints, USR2 / time-limit requeue, export) and changes two things: the model
+is the pruned student whose pruned layers are ``MaskedLinear`` (masks fixed, or
+growing on the gradual schedule), and the loss is
+``compress.recover.distillation_loss`` mixed with the task loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from scilm_hpc.compress.prune import MaskedLinear, gradual_sparsity, unstructured_masks
+from scilm_hpc.compress.recover import distillation_loss, masked_student
+from scilm_hpc.launch.preemption import StopFlag
+from scilm_hpc.schema import CompressStep, JobConfig
+from scilm_hpc.train.loop import Trainer
+
+
+class RecoveryTrainer(Trainer):
+    """The finetune ``Trainer`` on a masked student with a distillation loss."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        rank: int,
+        world: int,
+        stop: StopFlag,
+        teacher: nn.Module,
+        step: CompressStep,
+        gradual: CompressStep | None,
+    ) -> None:
+        super().__init__(job, rank, world, False, stop)
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.step = step
+        self.gradual = gradual
+        self.masks: dict[str, MaskedLinear] = {}
+        # sparsity the masks have reached; computed once, then kept (the masks change
+        # ten times in a recovery, the check runs every micro-batch)
+        self.mask_sparsity: float | None = None
+
+    def build_model(self, weights: dict[str, torch.Tensor] | None) -> nn.Module:
+        model = masked_student(self.job.model.name_or_path, self.job.task, self.gradual is not None)
+        if weights is not None:
+            model.load_state_dict(weights, strict=False)
+        self.masks = {n: m for n, m in model.named_modules() if isinstance(m, MaskedLinear)}
+        return model
+
+    def _grow_masks(self, optimizer_step: int) -> None:
+        """Gradual pruning: prune (by magnitude) up to the schedule's sparsity for this step."""
+        assert self.gradual is not None and self.gradual.sparsity is not None
+        target = gradual_sparsity(optimizer_step, self.total_steps, self.gradual.sparsity)
+        if self.mask_sparsity is None:  # first call (fresh, or masks restored by a resume)
+            total = sum(m.mask.numel() for m in self.masks.values())
+            self.mask_sparsity = 1.0 - sum(float(m.mask.sum()) for m in self.masks.values()) / total
+        if target <= self.mask_sparsity + 1e-6:
+            return
+        self.mask_sparsity = target
+        with torch.no_grad():
+            weights = {n: m.weight.detach() * m.mask for n, m in self.masks.items()}
+            keep = unstructured_masks(weights, target, "magnitude", self.gradual.scope)
+            for name, module in self.masks.items():
+                module.mask.copy_(keep[name].to(module.mask.dtype))
+
+    def compute_loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.gradual is not None:
+            self._grow_masks(int(engine.global_steps))
+        out = engine(**batch)
+        with torch.no_grad():
+            teacher = self.teacher(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        kd = distillation_loss(out.logits, teacher, batch, self.job.task, self.step.temperature)
+        return self.step.alpha * kd + (1.0 - self.step.alpha) * out.loss

@@ -1,0 +1,163 @@
+"""The package's import graph: layers import downward only, and no package cycle.
+
+Every ``import`` / ``from ... import`` statement in ``scilm_hpc`` counts, those inside
+functions included (a function-level import hides a cycle, it does not remove it).
+The layers, lowest first, are the map in CONTRIBUTING.md ("Where code lives").
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "scilm_hpc"
+
+#: (layer, module prefixes), lowest first: a module may import its own layer and below.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "base",
+        (
+            "scilm_hpc",
+            "scilm_hpc.errors",
+            "scilm_hpc.schema",
+            "scilm_hpc.model_source",
+            "scilm_hpc.rundir",
+        ),
+    ),
+    ("launch", ("scilm_hpc.launch",)),
+    ("data", ("scilm_hpc.data",)),
+    ("tasks", ("scilm_hpc.tasks",)),
+    ("config", ("scilm_hpc.config",)),
+    ("compress", ("scilm_hpc.compress",)),
+    ("models", ("scilm_hpc.models",)),
+    ("evaluate", ("scilm_hpc.evaluate",)),
+    ("train", ("scilm_hpc.train",)),
+    ("jobs", ("scilm_hpc.jobs",)),
+    ("cli", ("scilm_hpc.cli",)),
+]
+
+#: Upward imports still to remove, each with why it is there (the list may only shrink).
+KNOWN_UPWARD = {
+    # `scilm status` reads the latest checkpoint's step; the run-directory module is to
+    # own the checkpoint pointer so that launch no longer reaches into train
+    ("scilm_hpc.launch.status", "scilm_hpc.train.checkpoint"),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> int:
+    """Index of the layer whose longest prefix matches ``module``."""
+    best, best_len = -1, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            matches = module == prefix or (
+                module.startswith(prefix + ".") and prefix != "scilm_hpc"
+            )
+            if matches and len(prefix) > best_len:
+                best, best_len = index, len(prefix)
+    return best
+
+
+def imports_of(path: Path) -> set[str]:
+    """The scilm_hpc modules ``path`` imports, wherever the statement sits."""
+    module = module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                name = f"{base}.{node.module}" if node.module else base
+            else:
+                name = node.module or ""
+            # `from scilm_hpc.compress import measure` imports the submodule `measure`
+            submodules = [f"{name}.{a.name}" for a in node.names if _is_module(f"{name}.{a.name}")]
+            found.update(submodules or [name])
+    return {name for name in found if name == "scilm_hpc" or name.startswith("scilm_hpc.")}
+
+
+def _is_module(name: str) -> bool:
+    relative = Path(*name.split("."))
+    root = PACKAGE.parent
+    return (root / relative).with_suffix(".py").is_file() or (root / relative).is_dir()
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def upward_imports(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    return {
+        (module, target)
+        for module, targets in graph.items()
+        for target in targets
+        if layer_of(target) > layer_of(module)
+    }
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in import_graph() if layer_of(m) < 0]
+    assert not unplaced, f"modules outside every layer (add them to LAYERS): {unplaced}"
+
+
+def test_no_upward_import():
+    upward = upward_imports(import_graph())
+    new = sorted(upward - KNOWN_UPWARD)
+    assert not new, "upward imports (lower layer importing a higher one):\n" + "\n".join(
+        f"  {a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})" for a, b in new
+    )
+    fixed = sorted(KNOWN_UPWARD - upward)
+    assert not fixed, f"remove these from KNOWN_UPWARD, they are gone: {fixed}"
+
+
+def test_no_package_cycle():
+    """Between top-level units (``data``, ``train``, ``models``, ...) imports form no cycle."""
+
+    def unit(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else "scilm_hpc"
+
+    edges: dict[str, set[str]] = {}
+    for module, targets in import_graph().items():
+        for target in targets:
+            if unit(module) != unit(target) and (module, target) not in KNOWN_UPWARD:
+                edges.setdefault(unit(module), set()).add(unit(target))
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in edges.get(start, ()):
+            if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                return True
+        return False
+
+    cycles = sorted(u for u in edges if reaches(u, u, {u}))
+    assert not cycles, f"package cycles through: {cycles}"
+
+
+def test_checker_sees_a_function_level_upward_import():
+    """An upward import hidden inside a function is found and reported."""
+    planted = PACKAGE / "data" / "_planted_upward_import.py"
+    planted.write_text("def f():\n    from scilm_hpc.train.loop import Trainer\n")
+    try:
+        upward = upward_imports(import_graph())
+    finally:
+        planted.unlink()
+    assert ("scilm_hpc.data._planted_upward_import", "scilm_hpc.train.loop") in upward
+
+
+@pytest.mark.parametrize("name", ["classification", "token_classification", "causal_lm"])
+def test_schema_task_names_are_the_registry(name):
+    from scilm_hpc import schema
+    from scilm_hpc.tasks import TASKS
+
+    assert tuple(TASKS) == schema.TASKS
+    assert TASKS[name].name == name
