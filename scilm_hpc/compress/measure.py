@@ -14,7 +14,6 @@ The task metrics of each step come from ``evaluate.inference.dataset_metrics``.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -83,19 +82,17 @@ def latency_batch(
 
 @torch.no_grad()
 def latency_ms(model: Any, batch: dict[str, Any], repeats: int, threads: int) -> float:
-    """Median forward time in milliseconds of ``model`` on ``batch`` (CPU)."""
-    previous = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        model.eval()
-        for _ in range(2):
-            model(**batch)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(**batch)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous)
-    return 1000.0 * statistics.median(times)
+    """Median time in milliseconds of ``repeats`` single forward passes of ``model`` on
+    ``batch`` after two warm-up passes, on ``threads`` threads (0: torch's current
+    setting), timed by ``torch.utils.benchmark.Timer`` (which sets and restores the
+    thread count)."""
+    from torch.utils.benchmark import Timer
+
+    model.eval()
+    timer = Timer(
+        stmt="model(**batch)",
+        globals={"model": model, "batch": batch},
+        num_threads=threads if threads > 0 else torch.get_num_threads(),
+    )
+    timer.timeit(2)
+    return 1000.0 * statistics.median(timer.timeit(1).median for _ in range(repeats))

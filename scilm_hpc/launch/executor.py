@@ -31,7 +31,9 @@ class UserFailure:
 class Guarded:
     """Wraps a job so that a UserError in any rank is returned, not raised.
 
-    Attributes other than the call (``checkpoint`` for submitit) pass through.
+    It deliberately has no ``checkpoint`` method: preemption and time limits are
+    handled inside the job (``launch.preemption``: every rank stops at the same
+    step, saves, and rank 0 requeues), not by submitit's rank-0-only hook.
     """
 
     def __init__(self, job: Callable[[], Any]) -> None:

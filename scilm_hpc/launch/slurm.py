@@ -103,7 +103,6 @@ def slurm_executor(job: JobConfig, folder: Path) -> Any:
     executor = submitit.SlurmExecutor(
         folder=str(folder),
         python=shlex.quote(sys.executable),
-        max_num_timeout=job.cluster.max_requeues,
     )
     executor.update_parameters(**slurm_parameters(job.cluster, job.run.name))
     if job.job == "evaluate":  # evaluation ranks talk through MPI (PMIx)
@@ -112,11 +111,25 @@ def slurm_executor(job: JobConfig, folder: Path) -> Any:
 
 
 def sbatch_script(job: JobConfig, folder: Path, array: int = 0) -> str:
-    """The exact sbatch script submitit would submit for ``job`` (as an array of ``array``)."""
+    """The exact sbatch script submitit would submit for ``job`` (as an array of ``array``).
+
+    submitit has no public call that returns the script without submitting it; this is
+    the one place that uses its private ``_make_submission_file_text``, and it fails
+    with a clear message (and the golden-file tests fail) if submitit changes it.
+    """
     executor = slurm_executor(job, folder)
     if array:
         executor.parameters["map_count"] = array
-    return str(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
+    make_text = getattr(executor, "_make_submission_file_text", None)
+    command = getattr(executor, "_submitit_command_str", None)
+    if make_text is None or command is None:
+        import submitit
+
+        raise RuntimeError(
+            f"submitit {submitit.__version__} no longer has the private calls --dry-run "
+            f"uses to print the sbatch script; pin submitit or update launch/slurm.py"
+        )
+    return str(make_text(command, "dry-run"))
 
 
 def record_job(run_dir: Path, job_id: str, kind: str, backend: str) -> None:

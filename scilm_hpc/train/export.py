@@ -13,12 +13,21 @@ import torch
 
 
 def gathered_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Full model weights on rank 0 (None on other ranks). Collective under ZeRO-3."""
-    if zero_stage == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    if engine.global_rank != 0:
-        return None
-    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    """Full model weights on rank 0 (None on other ranks). Collective under ZeRO-3.
+
+    Under ZeRO-3 the parameters are gathered with DeepSpeed's public
+    ``GatheredParameters`` (read-only: ``modifier_rank=None``), so every rank must call.
+    """
+    if zero_stage != 3:
+        if engine.global_rank != 0:
+            return None
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        if engine.global_rank != 0:
+            return None
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
 def write_export(
