@@ -227,7 +227,8 @@ def _missing_keys(cfg: DictConfig) -> list[str]:
 
 
 def resolve(cfg: DictConfig) -> JobConfig:
-    """Turn a merged config into a typed ``JobConfig`` with interpolations resolved.
+    """Turn a merged config into a typed ``JobConfig`` with interpolations resolved
+    and ``zero.stage`` auto replaced by the stage in effect (``ZeroConfig.stage_for``).
 
     Raises:
         ConfigError: for required values still missing or broken interpolations.
@@ -243,9 +244,13 @@ def resolve(cfg: DictConfig) -> JobConfig:
         )
     try:
         OmegaConf.resolve(cfg)
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        job: JobConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{getattr(exc, 'full_key', '')}: {exc}".strip(": ")) from None
+    # the one place ``zero.stage`` auto is decided: the saved config, the dry run, the
+    # DeepSpeed JSON and the checkpoints all see the stage in effect
+    job.zero.stage = job.zero.stage_for(job.cluster.world_size())
+    return job
 
 
 def to_yaml(job: JobConfig) -> str:

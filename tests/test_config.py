@@ -108,7 +108,7 @@ def test_valid_job_passes(scilm: Scilm, job_file: Path, tmp_path: Path) -> None:
             ],
         ),
         (
-            "zero.offload_params=true",
+            "zero.stage=2 zero.offload_params=true",
             ["zero.offload_params: parameter offload needs zero.stage=3, got zero.stage=2"],
         ),
     ],
@@ -116,7 +116,7 @@ def test_valid_job_passes(scilm: Scilm, job_file: Path, tmp_path: Path) -> None:
 def test_one_bad_override(
     scilm: Scilm, job_file: Path, tmp_path: Path, override: str, expected: list[str]
 ) -> None:
-    code, out, err = scilm("validate", job_file, override)
+    code, out, err = scilm("validate", job_file, *override.split())
     assert code == 2
     lines = errors(err)
     assert len(lines) == 1, err

@@ -36,11 +36,11 @@ from scilm_hpc.compress.targets import PRUNABLE_DESCRIPTION, prunable_linears
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.errors import UserError
 from scilm_hpc.launch.env import export_rank_env, rank_env
+from scilm_hpc.launch.hardware import cpu_threads, start_line, with_hardware_defaults
 from scilm_hpc.launch.preemption import StopFlag
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import resolve_model_path
 from scilm_hpc.schema import CompressStep, JobConfig
-from scilm_hpc.train.loop import cpu_threads
 
 STEP_RECORD = "step.json"
 
@@ -76,6 +76,7 @@ class CompressJob:
         stop.install()
         env = rank_env()
         export_rank_env(env, False)
+        job = with_hardware_defaults(job, on_gpu=False)
         threads = cpu_threads(job)  # the finetune job's rule: the task's CPUs or cores
         if threads:
             torch.set_num_threads(threads)
@@ -84,6 +85,7 @@ class CompressJob:
             import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        print(start_line(job, on_gpu=False), flush=True)
         run_dir = Path(job.run.dir)
         try:
             return _Compression(job, stop).run()
