@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,10 @@ def cmd_job(args: argparse.Namespace) -> int:
     """``scilm prepare|... JOB.yaml [key=value ...]``."""
     from scilm_hpc.launch.executor import run_job
 
+    if args.quiet:
+        from scilm_hpc.train.progress import QUIET_ENV
+
+        os.environ[QUIET_ENV] = "1"  # inherited by the local and Slurm ranks
     if args.sweep:
         return _sweep(args)
     job = load_and_validate(args.job_file, args.overrides, job=args.command)
@@ -182,6 +187,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines or bar (also: environment SCILM_QUIET=1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
     parser = argparse.ArgumentParser(prog="scilm", description=__doc__.splitlines()[0])
@@ -205,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="with a Slurm profile: follow the job and stream rank 0's log",
         )
+        _add_quiet(p)
         p.set_defaults(func=cmd_job)
     p = sub.add_parser("status", help="job ids, state, step, last checkpoint, last metrics")
     p.add_argument("run_dir")
@@ -215,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="resume a finetune run from its latest checkpoint")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*")
+    _add_quiet(p)
     p.set_defaults(func=cmd_resume)
     p = sub.add_parser("export", help="write RUN_DIR/export from a finetune checkpoint")
     p.add_argument("run_dir")

@@ -38,6 +38,7 @@ from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.evaluation import evaluate_split, is_better
 from scilm_hpc.train.export import export_model
 from scilm_hpc.train.model import build_model
+from scilm_hpc.train.progress import Progress
 from scilm_hpc.train.report import MetricsLog, plot_loss
 
 
@@ -243,6 +244,7 @@ class Trainer:
         precision = self._precision_context()
         self._skip_lone_allreduce(engine)
         device = engine.device  # the rank's GPU, or the CPU
+        progress = Progress(self.total_steps, step, enabled=self.rank == 0)
         tick = time.perf_counter()
         while step < self.total_steps:
             # time spent drawing indices, reading and collating (data_fraction in the log)
@@ -284,6 +286,7 @@ class Trainer:
                     "data_fraction": data_s / elapsed,
                 }
                 self.log.write(row)
+            progress.update(step, loss_sum[2].item(), row)
             stop = False
             if t.eval_every and step % t.eval_every == 0 and self.dev_set is not None:
                 metrics = self._evaluate(engine, step)
@@ -313,6 +316,7 @@ class Trainer:
             if loss_sum[3].item() > 0:  # a rank was signalled before this step's all-reduce
                 if last_saved != step:
                     self._save(engine, step, position, best, patience_left)
+                progress.close()
                 return self._leave(step)
             if stop:
                 print(
@@ -322,6 +326,7 @@ class Trainer:
                 )
                 break
             tick = time.perf_counter()
+        progress.close()
         if last_saved != step:
             self._save(engine, step, position, best, patience_left)
         final = None
