@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scilm_hpc.config import REPO_ROOT, config_root
+from scilm_hpc.config import config_root, shipped_root
 
 
 def jobs_root() -> Path:
-    """The directory of the ready-to-run job files (``jobs/``)."""
-    return REPO_ROOT / "jobs"
+    """The directory of the ready-to-run job files (``jobs/``; see ``shipped_root``)."""
+    return shipped_root() / "jobs"
 
 
 def description(path: Path) -> str:

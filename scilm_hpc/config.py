@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sysconfig
 from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MIN_SIGNAL_LEAD_S = 10
 
 
+def shipped_root() -> Path:
+    """Where the shipped ``configs/`` and ``jobs/`` are: the clone (editable install), or
+    ``PREFIX/share/scilm`` of a ``pip install .`` (``setup.cfg`` data_files)."""
+    if (REPO_ROOT / "configs").is_dir():
+        return REPO_ROOT
+    here = Path(__file__).resolve().parents  # PREFIX/lib/pythonX.Y/site-packages/scilm_hpc
+    for prefix in (Path(sysconfig.get_path("data")), *here[4:5]):
+        if (prefix / "share" / "scilm" / "configs").is_dir():
+            return prefix / "share" / "scilm"
+    return REPO_ROOT
+
+
 def config_root() -> Path:
     """The directory holding the config groups (``configs/``).
 
     ``SCILM_CONFIG_DIR`` points elsewhere, e.g. at a site's own collection.
     """
-    return Path(os.environ.get("SCILM_CONFIG_DIR", REPO_ROOT / "configs"))
+    return Path(os.environ.get("SCILM_CONFIG_DIR") or shipped_root() / "configs")
 
 
 def group_choices(group: str) -> list[str]:
@@ -179,7 +192,10 @@ def load_config(
     choices, dotted = _parse_overrides(list(overrides or []), problems)
     body: dict = {}
     if job_file is not None:
-        loaded = _read_yaml(Path(job_file), "job file")
+        path = Path(job_file)
+        if not path.is_file() and not path.is_absolute() and (shipped_root() / path).is_file():
+            path = shipped_root() / path  # jobs/finetune.yaml of an installed scilm
+        loaded = _read_yaml(path, "job file")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{job_file}: a job file must be a mapping of keys, got {loaded!r}")
         body = dict(loaded)
