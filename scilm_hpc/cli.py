@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,10 @@ def cmd_job(args: argparse.Namespace) -> int:
     """``scilm prepare|... JOB.yaml [key=value ...]``."""
     from scilm_hpc.launch.executor import run_job
 
+    if args.quiet:
+        from scilm_hpc.train.progress import QUIET_ENV
+
+        os.environ[QUIET_ENV] = "1"  # inherited by the local and Slurm ranks
     if args.sweep:
         return _sweep(args)
     job = load_and_validate(args.job_file, args.overrides, job=args.command)
@@ -182,16 +187,90 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    """``scilm list``: the shipped jobs, cluster profiles and compress recipes."""
+    from scilm_hpc.catalog import format_catalog
+
+    print(format_catalog(), end="")
+    return 0
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines or bar (also: environment SCILM_QUIET=1)",
+    )
+
+
+#: What each job does and one example, for ``scilm KIND --help``.
+JOB_HELP = {
+    "prepare": (
+        "tokenize a raw corpus (JSONL, CSV, CoNLL or plain text) into HDF5 shards",
+        "scilm prepare jobs/prepare.yaml data.train=corpus/train.jsonl run.dir=runs/demo",
+    ),
+    "finetune": (
+        "fine-tune a pretrained model on prepared shards (DeepSpeed, one or more ranks)",
+        "scilm finetune jobs/finetune.yaml data.shards=runs/demo/shards run.dir=runs/ft",
+    ),
+    "compress": (
+        "prune and/or quantise a fine-tuned model and report size, speed and metrics",
+        "scilm compress jobs/compress.yaml model.name_or_path=runs/ft/export "
+        "data.shards=runs/demo/shards run.dir=runs/ft/compress compress=int8-dynamic",
+    ),
+    "evaluate": (
+        "score a model (fine-tuned or compressed) on a split of prepared shards",
+        "scilm evaluate jobs/evaluate.yaml model.name_or_path=runs/ft/export "
+        "data.shards=runs/demo/shards run.dir=runs/ft/eval",
+    ),
+}
+OVERRIDES_HELP = (
+    "settings that replace the job file's, as key=value (e.g. train.lr=3e-5 cluster=dev "
+    "cluster.nodes=2); choose a cluster profile or compress recipe by name (see scilm list)"
+)
+RUN_DIR_HELP = "the run directory (run.dir of the job), e.g. runs/ft"
+
+
+def _sub(sub: Any, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
-    parser = argparse.ArgumentParser(prog="scilm", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in JOB_FACTORIES:
-        p = sub.add_parser(name, help=f"run the {name} job")
-        p.add_argument("job_file", help="job YAML (see jobs/)")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
+    from scilm_hpc import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="scilm",
+        description=(
+            "Prepare a scientific corpus, fine-tune a language model on it, compress and\n"
+            "evaluate the result: on this machine or on a Slurm cluster."
+        ),
+        epilog=(
+            "examples:\n"
+            "  scilm list                          jobs, cluster profiles, compress recipes\n"
+            "  scilm finetune jobs/finetune.yaml data.shards=runs/demo/shards run.dir=runs/ft\n"
+            "  scilm finetune jobs/finetune.yaml cluster=dev --dry-run\n"
+            "  scilm status runs/ft\n"
+            "\nscilm COMMAND --help shows each command's arguments and an example."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"scilm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (summary, example) in JOB_HELP.items():
+        p = _sub(sub, name, summary, example)
+        p.add_argument("job_file", help="the job file (YAML), e.g. one of jobs/ (see scilm list)")
+        p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
         p.add_argument(
-            "--dry-run", action="store_true", help="print the resolved config and run nothing"
+            "--dry-run",
+            action="store_true",
+            help="print the resolved config (and for Slurm the sbatch script); run nothing",
         )
         p.add_argument(
             "--sweep",
@@ -205,24 +284,59 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="with a Slurm profile: follow the job and stream rank 0's log",
         )
+        _add_quiet(p)
         p.set_defaults(func=cmd_job)
-    p = sub.add_parser("status", help="job ids, state, step, last checkpoint, last metrics")
-    p.add_argument("run_dir")
+    p = _sub(
+        sub, "list", "list the shipped jobs, cluster profiles and compress recipes", "scilm list"
+    )
+    p.set_defaults(func=cmd_list)
+    p = _sub(
+        sub,
+        "status",
+        "show a run's job ids, state, step, last checkpoint and last metrics",
+        "scilm status runs/ft",
+    )
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("cancel", help="cancel a run's queued or running Slurm jobs")
-    p.add_argument("run_dir")
+    p = _sub(
+        sub,
+        "cancel",
+        "cancel a run's Slurm jobs that are queued or running",
+        "scilm cancel runs/ft",
+    )
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.set_defaults(func=cmd_cancel)
-    p = sub.add_parser("resume", help="resume a finetune run from its latest checkpoint")
-    p.add_argument("run_dir")
-    p.add_argument("overrides", nargs="*")
+    p = _sub(
+        sub,
+        "resume",
+        "run a finetune again from its latest complete checkpoint",
+        "scilm resume runs/ft cluster.time_min=120",
+    )
+    p.add_argument("run_dir", help="the finetune's run directory (holds config.yaml)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value settings that replace the saved config's (e.g. cluster.time_min=120)",
+    )
+    _add_quiet(p)
     p.set_defaults(func=cmd_resume)
-    p = sub.add_parser("export", help="write RUN_DIR/export from a finetune checkpoint")
-    p.add_argument("run_dir")
+    p = _sub(
+        sub,
+        "export",
+        "write RUN_DIR/export (a Hugging Face model directory) from a finetune checkpoint",
+        "scilm export runs/ft --tag step_200",
+    )
+    p.add_argument("run_dir", help="the finetune's run directory")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_200 (default: latest)")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("validate", help="check a job config (and with --data its shards)")
-    p.add_argument("job_file")
-    p.add_argument("overrides", nargs="*")
+    p = _sub(
+        sub,
+        "validate",
+        "check a job file and its settings, run nothing (with --data also its shards)",
+        "scilm validate jobs/finetune.yaml data.shards=runs/demo/shards --data",
+    )
+    p.add_argument("job_file", help="the job file (YAML), e.g. one of jobs/ (see scilm list)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument(
         "--data",
         action="store_true",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sysconfig
 from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MIN_SIGNAL_LEAD_S = 10
 
 
+def shipped_root() -> Path:
+    """Where the shipped ``configs/`` and ``jobs/`` are: the clone (editable install), or
+    ``PREFIX/share/scilm`` of a ``pip install .`` (``setup.cfg`` data_files)."""
+    if (REPO_ROOT / "configs").is_dir():
+        return REPO_ROOT
+    here = Path(__file__).resolve().parents  # PREFIX/lib/pythonX.Y/site-packages/scilm_hpc
+    for prefix in (Path(sysconfig.get_path("data")), *here[4:5]):
+        if (prefix / "share" / "scilm" / "configs").is_dir():
+            return prefix / "share" / "scilm"
+    return REPO_ROOT
+
+
 def config_root() -> Path:
     """The directory holding the config groups (``configs/``).
 
     ``SCILM_CONFIG_DIR`` points elsewhere, e.g. at a site's own collection.
     """
-    return Path(os.environ.get("SCILM_CONFIG_DIR", REPO_ROOT / "configs"))
+    return Path(os.environ.get("SCILM_CONFIG_DIR") or shipped_root() / "configs")
 
 
 def group_choices(group: str) -> list[str]:
@@ -180,7 +193,10 @@ def load_config(
     choices, dotted = _parse_overrides(list(overrides or []), problems)
     body: dict = {}
     if job_file is not None:
-        loaded = _read_yaml(Path(job_file), "job file")
+        path = Path(job_file)
+        if not path.is_file() and not path.is_absolute() and (shipped_root() / path).is_file():
+            path = shipped_root() / path  # jobs/finetune.yaml of an installed scilm
+        loaded = _read_yaml(path, "job file")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{job_file}: a job file must be a mapping of keys, got {loaded!r}")
         body = dict(loaded)
@@ -228,7 +244,8 @@ def _missing_keys(cfg: DictConfig) -> list[str]:
 
 
 def resolve(cfg: DictConfig) -> JobConfig:
-    """Turn a merged config into a typed ``JobConfig`` with interpolations resolved.
+    """Turn a merged config into a typed ``JobConfig`` with interpolations resolved
+    and ``zero.stage`` auto replaced by the stage in effect (``ZeroConfig.stage_for``).
 
     Raises:
         ConfigError: for required values still missing or broken interpolations.
@@ -244,9 +261,13 @@ def resolve(cfg: DictConfig) -> JobConfig:
         )
     try:
         OmegaConf.resolve(cfg)
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        job: JobConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{getattr(exc, 'full_key', '')}: {exc}".strip(": ")) from None
+    # the one place ``zero.stage`` auto is decided: the saved config, the dry run, the
+    # DeepSpeed JSON and the checkpoints all see the stage in effect
+    job.zero.stage = job.zero.stage_for(job.cluster.world_size())
+    return job
 
 
 def to_yaml(job: JobConfig) -> str:

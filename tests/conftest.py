@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from .prerequisites import REPO, SHARED_DATA, shared_data  # noqa: F401  (tests import them here)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 SCILM = str(Path(sys.executable).with_name("scilm"))
 
 

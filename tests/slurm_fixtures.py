@@ -22,6 +22,8 @@ from typing import NoReturn
 
 import pytest
 
+from .prerequisites import skip_unless_ci
+
 REPO = Path(__file__).resolve().parents[1]
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
 DEFAULT_STATE = "/var/tmp/scilm-dev-cluster"
@@ -38,14 +40,8 @@ class SlurmCluster:
     nodes: tuple[str, ...] = ("node1", "node2")
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
 def _unavailable(reason: str) -> NoReturn:
-    if in_ci():
-        pytest.fail(f"development Slurm cluster unavailable in CI: {reason}", pytrace=False)
-    pytest.skip(f"development Slurm cluster unavailable: {reason}")
+    skip_unless_ci(f"development Slurm cluster unavailable: {reason}")
 
 
 def _tail(text: str, lines: int = 15) -> str:

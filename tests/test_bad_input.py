@@ -182,6 +182,41 @@ def test_missing_model_directory(
     assert not (tmp_path / "run").exists()  # refused by validation, before anything is written
 
 
+@pytest.mark.parametrize("name", ["ft/export", "runs-x/compressed"])
+def test_missing_run_model_folder_is_a_path_not_a_hub_id(name: str) -> None:
+    from scilm_hpc.model_source import looks_like_path, path_problem
+
+    assert looks_like_path(name)
+    problem = path_problem(name)
+    assert problem is not None and f"directory '{name}' does not exist" in problem
+
+
+@pytest.mark.parametrize("name", ["bert-base-uncased", "allenai/scibert_scivocab_uncased"])
+def test_hub_ids_stay_hub_ids(name: str) -> None:
+    from scilm_hpc.model_source import looks_like_path, path_problem
+
+    assert not looks_like_path(name)
+    assert path_problem(name) is None
+
+
+def test_local_model_directory_without_tokenizer_files(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from scilm_hpc.model_source import load_tokenizer
+
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", model / "config.json")
+    with pytest.raises(UserError) as caught:
+        load_tokenizer(str(model))
+    (problem,) = caught.value.problems
+    assert problem.startswith(
+        f"model.name_or_path: the local directory '{model}' holds no tokenizer files"
+    )
+    assert "save_pretrained" in problem
+    assert "network" not in problem and "hub" not in problem
+
+
 def test_failure_while_writing_removes_staging(
     prepare: Callable[..., tuple], write_jsonl: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -343,6 +378,45 @@ def test_truncated_shard_refused_by_reader(shard_job: tuple[Path, Path]) -> None
     with pytest.raises(UserError) as caught:
         read_shard(shard, info)
     assert caught.value.problems[0].startswith(f"{shard}: shard is corrupt or truncated")
+
+
+@pytest.fixture
+def first_shard(shard_job: tuple[Path, Path]) -> tuple[Path, ShardInfo]:
+    """The first train shard of ``shard_job`` and its manifest entry."""
+    _, shards = shard_job
+    manifest = json.loads((shards / MANIFEST).read_text(encoding="utf-8"))
+    info = ShardInfo(**manifest["splits"]["train"]["shards"][0])
+    return shards / info.file, info
+
+
+def test_missing_shard_file_is_not_called_corrupt(first_shard: tuple[Path, ShardInfo]) -> None:
+    shard, info = first_shard
+    shard.unlink()
+    with pytest.raises(UserError) as caught:
+        read_shard(shard, info)
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{shard}: shard file is missing")
+    assert "corrupt" not in problem
+
+
+def test_unreadable_shard_says_why_not_corrupt(
+    first_shard: tuple[Path, ShardInfo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shard, info = first_shard
+    opened = Path.open
+
+    def denied(self: Path, *args, **kwargs):
+        if self == shard:
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    # a chmod would not do: the tests may run as root, which reads any file
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(UserError) as caught:
+        read_shard(shard, info)
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{shard}: cannot read the shard (Permission denied)")
+    assert "corrupt" not in problem and "permissions" in problem
 
 
 def test_flipped_bytes_same_size(scilm: Scilm, shard_job: tuple[Path, Path]) -> None:

@@ -185,3 +185,31 @@ def test_resume_on_another_world_size(tmp_path, shards, tiny_model_dir, first, s
     assert not torch.equal(
         consolidated["classifier.weight"], export_weights(run)["classifier.weight"]
     )
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_lines_in_a_non_interactive_log(tmp_path, shards, tiny_model_dir, quiet):
+    done = scilm_run(
+        "finetune",
+        FINETUNE,
+        f"run.dir={tmp_path / 'run'}",
+        f"data.shards={shards}",
+        f"model.name_or_path={tiny_model_dir}",
+        "cluster=none",
+        "train.micro_batch_size=4",
+        "train.max_steps=6",
+        "train.log_every=2",
+        *(["--quiet"] if quiet else []),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "threads per rank, zero stage 0, precision " in done.stdout  # the auto defaults
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    if quiet:
+        assert lines == []
+        return
+    assert [line.split(" | ")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"]
+    for line in lines:
+        fields = dict(part.split(" ", 1) for part in line.split(" | ")[1:])
+        assert float(fields["loss"]) > 0
+        assert fields["ETA"].count(":") == 2 and fields["elapsed"].count(":") == 2
+    assert len(losses(tmp_path / "run")) == 3  # metrics.jsonl as before

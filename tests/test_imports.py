@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("launch", ("scilm_hpc.launch",)),
     ("data", ("scilm_hpc.data",)),
     ("tasks", ("scilm_hpc.tasks",)),
-    ("config", ("scilm_hpc.config",)),
+    ("config", ("scilm_hpc.config", "scilm_hpc.catalog")),
     ("compress", ("scilm_hpc.compress",)),
     ("models", ("scilm_hpc.models",)),
     ("evaluate", ("scilm_hpc.evaluate",)),

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.data.readers import read_corpus
 
-from .conftest import REPO, SHARED_DATA
+from .conftest import REPO, shared_data
 
 JOB = REPO / "jobs" / "prepare.yaml"
 
@@ -115,12 +115,13 @@ def test_token_classification_alignment(tmp_path, scilm, tiny_model_dir):
 
 @pytest.mark.integration
 def test_scicite_prepared_for_real(scilm, tmp_path):
+    data = shared_data("scicite")
     _prepare(
         scilm,
         f"run.dir={tmp_path}",
-        f"data.train={SHARED_DATA / 'scicite/train.jsonl'}",
-        f"data.dev={SHARED_DATA / 'scicite/dev.jsonl'}",
-        f"data.test={SHARED_DATA / 'scicite/test.jsonl'}",
+        f"data.train={data / 'train.jsonl'}",
+        f"data.dev={data / 'dev.jsonl'}",
+        f"data.test={data / 'test.jsonl'}",
     )
     counts = {s: len(ShardDataset(tmp_path / "shards", s)) for s in ("train", "dev", "test")}
     assert counts == {"train": 7320, "dev": 916, "test": 1861}
@@ -133,7 +134,7 @@ def test_scicite_prepared_for_real(scilm, tmp_path):
 
 @pytest.mark.integration
 def test_ncbi_disease_prepared_for_real(scilm, tmp_path):
-    data = SHARED_DATA / "ncbi-disease"
+    data = shared_data("ncbi-disease")
     _prepare(
         scilm,
         f"run.dir={tmp_path}",

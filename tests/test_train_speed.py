@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from scilm_hpc.config import load_and_validate
+from scilm_hpc.launch.hardware import cpu_threads
 from scilm_hpc.train.checkpoint import consolidated_weights
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
-from scilm_hpc.train.loop import cpu_threads
 
 from .conftest import REPO, prepare_demo_shards, scilm_run
 

@@ -38,7 +38,9 @@ def ds(*overrides: str, total: int = 100, on_gpu: bool = False) -> dict:
     ("overrides", "on_gpu", "expected"),
     [
         (["zero=stage0"], False, {"stage": 0}),
-        ([], False, {"stage": 2}),
+        (["zero=stage2"], False, {"stage": 2}),
+        ([], False, {"stage": 0}),
+        (["cluster.tasks_per_node=2"], False, {"stage": 2}),
         (
             ["zero.offload_optimizer=true"],
             False,
@@ -61,7 +63,16 @@ def ds(*overrides: str, total: int = 100, on_gpu: bool = False) -> dict:
             },
         ),
     ],
-    ids=["stage0", "stage2", "offload-cpu", "offload-gpu", "stage3", "stage3-offload"],
+    ids=[
+        "stage0",
+        "stage2",
+        "auto-1rank",
+        "auto-2ranks",
+        "offload-cpu",
+        "offload-gpu",
+        "stage3",
+        "stage3-offload",
+    ],
 )
 def test_zero_stage_and_offload(overrides, on_gpu, expected):
     assert ds(*overrides, on_gpu=on_gpu)["zero_optimization"] == expected
@@ -70,7 +81,7 @@ def test_zero_stage_and_offload(overrides, on_gpu, expected):
 @pytest.mark.parametrize(
     ("overrides", "bf16", "fp16"),
     [
-        ([], False, False),
+        (["train.precision=fp32"], False, False),
         (["train.precision=bf16"], False, False),
         (["train.precision=fp16", "cluster.gpus_per_node=1"], False, True),
     ],
@@ -80,6 +91,110 @@ def test_precision_flags(overrides, bf16, fp16):
     config = ds(*overrides)
     assert config["bf16"] == {"enabled": bf16}
     assert config["fp16"] == {"enabled": fp16}
+
+
+# ---------------------------------------------------------------- auto defaults
+
+
+@pytest.mark.parametrize(
+    ("stage", "offload_optimizer", "offload_params", "world", "expected"),
+    [
+        (None, False, False, 1, 0),
+        (None, False, False, 2, 2),
+        (None, False, False, 8, 2),
+        (None, True, False, 1, 2),
+        (None, False, True, 1, 3),
+        (1, False, False, 1, 1),
+        (2, False, False, 1, 2),
+        (3, False, False, 1, 3),
+        (0, False, False, 4, 0),
+    ],
+)
+def test_zero_stage_auto(stage, offload_optimizer, offload_params, world, expected):
+    from scilm_hpc.schema import ZeroConfig
+
+    zero = ZeroConfig(
+        stage=stage, offload_optimizer=offload_optimizer, offload_params=offload_params
+    )
+    assert zero.stage_for(world) == expected
+
+
+def test_shipped_finetune_job_resolves_to_stage_0_on_one_rank():
+    from scilm_hpc.config import to_yaml
+
+    one = job()
+    assert (one.cluster.world_size(), one.zero.stage) == (1, 0)
+    assert "stage: 0" in to_yaml(one)  # the saved config and the dry run show the stage in effect
+    assert job("cluster=none").zero.stage == 0
+    assert job("cluster.tasks_per_node=2").zero.stage == 2
+    assert job("zero.stage=2").zero.stage == 2  # asked for: kept on one rank
+    assert job("zero=stage3").zero.stage == 3
+
+
+@pytest.mark.parametrize(
+    ("backend", "cpus", "ranks", "cores", "omp", "expected"),
+    [
+        ("none", None, 1, 8, False, 8),  # auto: every usable physical core
+        ("local", None, 1, 8, False, 8),
+        ("local", None, 2, 8, False, 4),  # local ranks share the machine's cores
+        ("local", None, 3, 2, False, 1),
+        ("local", None, 1, 8, True, None),  # the user's OMP_NUM_THREADS wins over auto
+        ("local", None, 1, None, False, None),  # cores unknown: torch's default
+        ("local", 3, 1, 8, True, 3),  # asked for: always
+        ("none", 2, 1, 8, False, 2),
+        ("slurm", None, 1, 64, False, 1),  # what sbatch asked for
+        ("slurm", 6, 1, 64, False, 6),
+    ],
+)
+def test_cpu_threads_auto(backend, cpus, ranks, cores, omp, expected):
+    from scilm_hpc.launch.hardware import threads_for
+
+    assert threads_for(backend, cpus, ranks, cores, omp) == expected
+
+
+def test_shipped_finetune_job_uses_every_core(monkeypatch: pytest.MonkeyPatch):
+    from scilm_hpc.launch import hardware
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 6)
+    shipped = job()
+    assert shipped.cluster.cpus_per_task is None
+    assert hardware.cpu_threads(shipped) == 6
+    assert hardware.cpu_threads(job("cluster.tasks_per_node=2")) == 3
+    assert hardware.cpu_threads(job("cluster.cpus_per_task=1")) == 1
+
+
+@pytest.mark.parametrize(
+    ("requested", "native", "expected"),
+    [
+        ("auto", True, "bf16"),
+        ("auto", False, "fp32"),
+        ("fp32", True, "fp32"),
+        ("bf16", False, "bf16"),  # asked for: kept (the run warns it is emulated)
+        ("fp16", True, "fp16"),
+    ],
+)
+def test_precision_auto(requested, native, expected):
+    from scilm_hpc.launch.hardware import precision_for
+
+    assert precision_for(requested, native) == expected
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_shipped_finetune_job_precision_follows_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+):
+    from scilm_hpc.launch import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
+    shipped = job()
+    assert shipped.train.precision == "auto"
+    ran = hardware.with_hardware_defaults(shipped, on_gpu=False)
+    assert ran.train.precision == ("bf16" if native else "fp32")
+    assert shipped.train.precision == "auto"  # the config itself is left as written
+    line = hardware.start_line(ran, on_gpu=False)
+    assert f"zero stage 0, precision {ran.train.precision}" in line
+    assert "threads per rank" in line
 
 
 def test_batch_sizes_and_optimizer():
@@ -213,7 +328,7 @@ def test_user_json_merged_recursively_and_wins(tmp_path):
     )
     base = ds("train.lr=0.003")
     config = ds("train.lr=0.003", f"zero.config_file={user}")
-    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert config["zero_optimization"] == {"stage": 0, "reduce_bucket_size": 1000}
     assert config["gradient_clipping"] == 0.5
     assert config["optimizer"]["params"] == {**base["optimizer"]["params"], "eps": 1e-6}
     assert config["optimizer"]["params"]["lr"] == 0.003

@@ -144,6 +144,18 @@ def read_shard(path: Path, info: ShardInfo) -> ShardArrays:
             counts differ from the manifest.
     """
     try:
+        path.open("rb").close()  # the OS's reason first: h5py reports any failure as corrupt
+    except FileNotFoundError:
+        raise UserError(
+            f"{path}: shard file is missing (manifest.json lists it); prepare the shards "
+            f"again (scilm prepare ... data.overwrite=true)"
+        ) from None
+    except OSError as exc:
+        raise UserError(
+            f"{path}: cannot read the shard ({exc.strerror or exc}); check the file's "
+            f"permissions and the filesystem, the shard itself may be intact"
+        ) from None
+    try:
         with h5py.File(path, "r") as fh:
             input_ids = fh["input_ids"][()]
             offsets = fh["offsets"][()]

@@ -75,7 +75,7 @@ class CompressJob:
     def __call__(self) -> dict[str, Any]:
         # the finetune job's start-up (signals first, threads by the same rule), on the CPU
         with rank_session(self.job, use_gpu=False) as rank:
-            return _Compression(self.job, rank.stop).run()
+            return _Compression(rank.job, rank.stop).run()
 
 
 class _Compression:

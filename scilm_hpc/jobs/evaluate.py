@@ -28,6 +28,7 @@ from scilm_hpc.evaluate.inference import predict, token_balanced_ranges
 from scilm_hpc.evaluate.metrics import metrics_from_results
 from scilm_hpc.evaluate.report import write_reports
 from scilm_hpc.launch.dist import communicator
+from scilm_hpc.launch.hardware import cpu_threads
 from scilm_hpc.models import load_for_eval, pad_token_id
 from scilm_hpc.schema import JobConfig
 
@@ -43,7 +44,7 @@ class EvaluateJob:
         run_dir = Path(job.run.dir)
         comm = communicator(run_dir.absolute())
         if comm.world_size > 1:
-            torch.set_num_threads(max(1, job.cluster.cpus_per_task))
+            torch.set_num_threads(cpu_threads(job) or torch.get_num_threads())
         dataset = ShardDataset(job.data.shards, job.eval.split)
         if dataset.task != job.task:
             raise UserError(

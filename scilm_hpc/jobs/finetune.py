@@ -18,5 +18,5 @@ class FinetuneJob:
     def __call__(self) -> dict[str, Any]:
         with rank_session(self.job) as rank:
             return Trainer(
-                self.job, rank.env.rank, rank.env.world_size, rank.on_gpu, rank.stop
+                rank.job, rank.env.rank, rank.env.world_size, rank.on_gpu, rank.stop
             ).run()

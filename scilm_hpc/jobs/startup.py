@@ -18,19 +18,21 @@ from pathlib import Path
 import torch
 
 from scilm_hpc.launch.env import RankEnv, export_rank_env, rank_env
+from scilm_hpc.launch.hardware import cpu_threads, start_line, with_hardware_defaults
 from scilm_hpc.launch.preemption import StopFlag
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.schema import JobConfig
-from scilm_hpc.train.loop import cpu_threads
 
 
 @dataclass
 class RankSession:
-    """What a started rank knows: its stop flag, its place, and its device."""
+    """What a started rank knows: its stop flag, its place, its device, and the job with
+    the hardware's defaults filled in (threads, ZeRO stage, precision)."""
 
     stop: StopFlag
     env: RankEnv
     on_gpu: bool
+    job: JobConfig
 
 
 @contextmanager
@@ -46,6 +48,7 @@ def rank_session(job: JobConfig, use_gpu: bool = True) -> Iterator[RankSession]:
     stop.install()
     env = rank_env()
     on_gpu = use_gpu and torch.cuda.is_available() and job.cluster.gpus_per_node > 0
+    job = with_hardware_defaults(job, on_gpu)
     export_rank_env(env, on_gpu)
     if on_gpu:
         # before the process group: NCCL binds each rank to the current device
@@ -59,8 +62,10 @@ def rank_session(job: JobConfig, use_gpu: bool = True) -> Iterator[RankSession]:
         import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    if env.rank == 0:
+        print(start_line(job, on_gpu), flush=True)
     try:
-        yield RankSession(stop, env, on_gpu)
+        yield RankSession(stop, env, on_gpu, job)
     except Exception as exc:
         if env.rank == 0:
             write_run_state(

@@ -68,7 +68,7 @@ def slurm_parameters(cluster: ClusterConfig, name: str) -> dict[str, Any]:
         "job_name": name,
         "nodes": cluster.nodes,
         "ntasks_per_node": cluster.tasks_per_node,
-        "cpus_per_task": cluster.cpus_per_task,
+        "cpus_per_task": cluster.cpus_per_task or 1,
         "time": cluster.time_min,
         "signal_delay_s": cluster.signal_delay_s,
         "setup": list(cluster.setup),

@@ -24,6 +24,7 @@ from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition
 from scilm_hpc.errors import UserError
 from scilm_hpc.evaluate.inference import evaluate_split
+from scilm_hpc.launch.hardware import cpu_has_native_bf16
 from scilm_hpc.launch.preemption import StopFlag, requeue, restarts
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import load_tokenizer
@@ -34,41 +35,8 @@ from scilm_hpc.train import checkpoint as ckpt
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.evaluation import is_better
 from scilm_hpc.train.export import export_model
+from scilm_hpc.train.progress import Progress
 from scilm_hpc.train.report import MetricsLog, plot_loss
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def usable_cores() -> int | None:
-    """Physical cores among the CPUs this process may run on (its affinity mask, e.g. a
-    Slurm allocation); None where Linux's topology files cannot tell."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    cores = set()
-    for cpu in os.sched_getaffinity(0):
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            package = (topology / "physical_package_id").read_text().strip()
-            cores.add((package, (topology / "core_id").read_text().strip()))
-        except OSError:
-            return len(os.sched_getaffinity(0))
-    return len(cores) or None
-
-
-def cpu_threads(job: JobConfig) -> int | None:
-    """Intra-op threads of one CPU rank: the task's CPUs for local or scheduled ranks;
-    with ``cluster=none`` every physical core this process may run on (torch's default
-    counts the whole machine's cores, affinity mask or not), unless ``OMP_NUM_THREADS``
-    says otherwise. None: leave torch's setting."""
-    if job.cluster.backend != "none":
-        return max(1, job.cluster.cpus_per_task)
-    if "OMP_NUM_THREADS" in os.environ:
-        return None
-    return usable_cores()
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -194,7 +162,7 @@ class Trainer:
         flatten every gradient into one buffer, scale it by 1, "reduce" it over one
         rank and copy it back each step (about a tenth of a CPU step; the gradients are
         bit-identical without it). ZeRO stages 1-3 reduce inside their optimizer."""
-        if self.world == 1 and self.job.zero.stage == 0:
+        if self.world == 1 and self.job.zero.stage_for(self.world) == 0:
             engine.enable_backward_allreduce = False
 
     def run(self) -> dict[str, Any]:
@@ -223,6 +191,7 @@ class Trainer:
         precision = self._precision_context()
         self._skip_lone_allreduce(engine)
         device = engine.device  # the rank's GPU, or the CPU
+        progress = Progress(self.total_steps, step, enabled=self.rank == 0)
         tick = time.perf_counter()
         while step < self.total_steps:
             # time spent drawing indices, reading and collating (data_fraction in the log)
@@ -251,19 +220,20 @@ class Trainer:
             )
             dist.all_reduce(loss_sum)
             elapsed = time.perf_counter() - tick
+            row = None
             if step % t.log_every == 0 or step == self.total_steps:
-                self.log.write(
-                    {
-                        "step": step,
-                        "epoch": position.epoch + position.samples_in_epoch / samples_per_epoch,
-                        "loss": loss_sum[0].item() / (len(micro_batches) * self.world),
-                        "lr": engine.get_lr()[0],
-                        "samples_per_s": loss_sum[2].item() / elapsed,
-                        "tokens_per_s": loss_sum[1].item() / elapsed,
-                        "data_s_per_step": data_s,
-                        "data_fraction": data_s / elapsed,
-                    }
-                )
+                row = {
+                    "step": step,
+                    "epoch": position.epoch + position.samples_in_epoch / samples_per_epoch,
+                    "loss": loss_sum[0].item() / (len(micro_batches) * self.world),
+                    "lr": engine.get_lr()[0],
+                    "samples_per_s": loss_sum[2].item() / elapsed,
+                    "tokens_per_s": loss_sum[1].item() / elapsed,
+                    "data_s_per_step": data_s,
+                    "data_fraction": data_s / elapsed,
+                }
+                self.log.write(row)
+            progress.update(step, loss_sum[2].item(), row)
             stop = False
             if t.eval_every and step % t.eval_every == 0 and self.dev_set is not None:
                 metrics = self._evaluate(engine, step)
@@ -293,6 +263,7 @@ class Trainer:
             if loss_sum[3].item() > 0:  # a rank was signalled before this step's all-reduce
                 if last_saved != step:
                     self._save(engine, step, position, best, patience_left)
+                progress.close()
                 return self._leave(step)
             if stop:
                 print(
@@ -302,6 +273,7 @@ class Trainer:
                 )
                 break
             tick = time.perf_counter()
+        progress.close()
         if last_saved != step:
             self._save(engine, step, position, best, patience_left)
         final = None
@@ -309,7 +281,9 @@ class Trainer:
             final = (
                 self._last_eval if self._last_eval_step == step else self._evaluate(engine, step)
             )
-        export_model(engine, self.tokenizer, self.run_dir / "export", job.zero.stage)
+        export_model(
+            engine, self.tokenizer, self.run_dir / "export", job.zero.stage_for(self.world)
+        )
         if self.rank == 0:
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png")
             write_run_state(
@@ -390,7 +364,7 @@ class Trainer:
             "step": step,
             "position": vars(position),
             "world_size": self.world,
-            "zero_stage": self.job.zero.stage,
+            "zero_stage": self.job.zero.stage_for(self.world),
             "best": best,
             "patience_left": patience_left,
             "scheduler": engine.lr_scheduler.state_dict(),
