@@ -15,6 +15,7 @@ from typing import Any
 
 from scilm_hpc.config import load_and_validate, to_yaml
 from scilm_hpc.errors import UserError
+from scilm_hpc.rundir import write_text_atomic
 from scilm_hpc.schema import JobConfig
 
 EXIT_USER_ERROR = 2
@@ -24,7 +25,7 @@ def _save_config(job: JobConfig) -> None:
     run_dir = Path(job.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = "config.yaml" if job.job == "finetune" else f"{job.job}.config.yaml"
-    (run_dir / name).write_text(to_yaml(job), encoding="utf-8")
+    write_text_atomic(run_dir / name, to_yaml(job))
 
 
 def _prepare(job: JobConfig) -> Callable[[], Any]:
