@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from scilm_hpc import rundir
-from scilm_hpc.rundir import read_json, read_jsonl, replace_dir, write_json_atomic
+from scilm_hpc.errors import UserError
+from scilm_hpc.rundir import (
+    RunLock,
+    live_owner,
+    read_json,
+    read_jsonl,
+    read_owner,
+    replace_dir,
+    write_json_atomic,
+)
+
+from .conftest import REPO
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -97,3 +111,88 @@ def test_status_survives_damaged_state_jobs_and_metrics(tmp_path: Path, scilm) -
     status = json.loads(out)
     assert status["state"] == "unknown" and status["jobs"] == []
     assert status["step"] == 1 and status["last_metrics"] == {"step": 1, "loss": 2.0}
+
+
+# --- one run per directory ------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from scilm_hpc.rundir import RunLock
+RunLock(sys.argv[1], "finetune", job_id="4242").acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lock(run: Path) -> subprocess.Popen:
+    """Another process holding ``run``'s lock (as a running job's rank 0 does)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+@pytest.mark.timeout(60)
+def test_a_live_lock_is_refused_naming_its_owner_and_a_dead_one_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(UserError) as err:
+            RunLock(tmp_path, "compress").acquire()
+        message = str(err.value)
+        assert f"is in use by finetune job 4242 (pid {holder.pid} on {socket.gethostname()}" in (
+            message
+        )
+        assert live_owner(tmp_path)["pid"] == holder.pid
+    finally:
+        holder.kill()  # SIGKILL: no chance to release
+        holder.wait()
+    assert live_owner(tmp_path) is None
+    with RunLock(tmp_path, "finetune"):
+        assert f"taking over the lock of finetune job 4242 (pid {holder.pid}" in (
+            capsys.readouterr().out
+        )
+        assert read_owner(tmp_path)["pid"] == os.getpid()
+    assert read_owner(tmp_path)["released"] is True
+    with RunLock(tmp_path, "finetune"):  # after a clean release: no message
+        assert capsys.readouterr().out == ""
+
+
+@pytest.mark.timeout(60)
+def test_a_second_job_on_a_live_directory_is_refused_before_config_is_rewritten(
+    tmp_path: Path, scilm
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("the live run's config\n")
+    holder = hold_lock(run)
+    try:
+        code, _, err = scilm("finetune", REPO / "jobs" / "finetune.yaml", f"run.dir={run}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2
+    assert f"error: run.dir: '{run}' is in use by finetune job 4242 (pid {holder.pid}" in err
+    assert (run / "config.yaml").read_text() == "the live run's config\n"
+
+
+@pytest.mark.parametrize(
+    ("state", "refused"),
+    [("PENDING", True), ("RUNNING", True), ("COMPLETED", False), ("UNKNOWN", False)],
+)
+def test_a_recorded_slurm_job_still_queued_or_running_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str, refused: bool
+) -> None:
+    # scontrol's answer is faked here; the dev-cluster tier runs the real one
+    from scilm_hpc.launch import ownership, slurm
+
+    slurm.record_job(tmp_path, "77", "finetune", "slurm")
+    monkeypatch.setattr(slurm, "slurm_state", lambda job_id: {"state": state})
+    if refused:
+        with pytest.raises(UserError, match=f"belongs to Slurm job 77 \\(finetune, {state}\\)"):
+            ownership.refuse_if_busy(tmp_path, "compress")
+    else:
+        ownership.refuse_if_busy(tmp_path, "compress")
+    ownership.refuse_if_busy(tmp_path, "prepare")  # prepare takes no lock

@@ -35,6 +35,7 @@ from scilm_hpc.compress.targets import PRUNABLE_DESCRIPTION, prunable_linears
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.errors import UserError
 from scilm_hpc.launch.env import export_rank_env, rank_env
+from scilm_hpc.launch.ownership import take_run_lock
 from scilm_hpc.launch.preemption import StopFlag
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import resolve_model_path
@@ -85,12 +86,15 @@ class CompressJob:
 
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         run_dir = Path(job.run.dir)
+        lock = take_run_lock(run_dir, job.job, 0)  # refused: before anything is written
         try:
             return _Compression(job, stop).run()
         except Exception as exc:
             write_run_state(run_dir, "failed", reason=str(exc).splitlines()[0] if str(exc) else "")
             raise
         finally:
+            if lock is not None:
+                lock.release()
             import torch.distributed as dist
 
             if dist.is_initialized():

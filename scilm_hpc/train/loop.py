@@ -23,6 +23,7 @@ from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition, collate
 from scilm_hpc.errors import UserError
 from scilm_hpc.launch.env import export_rank_env, rank_env
+from scilm_hpc.launch.ownership import take_run_lock
 from scilm_hpc.launch.preemption import StopFlag, requeue, restarts
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import load_tokenizer
@@ -102,6 +103,8 @@ class FinetuneJob:
             import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+        # a refused second run leaves before it writes anything (no "failed" state)
+        lock = take_run_lock(job.run.dir, job.job, env.rank)
         try:
             return Trainer(job, env.rank, env.world_size, on_gpu, stop).run()
         except Exception as exc:
@@ -113,6 +116,8 @@ class FinetuneJob:
                 )
             raise
         finally:
+            if lock is not None:
+                lock.release()
             import torch.distributed as dist
 
             if dist.is_initialized():
@@ -246,14 +251,17 @@ class Trainer:
         import torch.distributed as dist
 
         job, t = self.job, self.job.train
-        resume_tag = ckpt.latest_tag(self.run_dir)
+        resume_tag = ckpt.agree_on_resume_tag(self.run_dir, self.rank)
         engine, state = self._engine(resume_tag)
         step = int(state.get("step", 0))
         position = SamplerPosition(**state["position"]) if state else SamplerPosition()
         best: dict[str, Any] = state.get("best", {"tag": None, "value": None})
         patience_left = int(state.get("patience_left", t.early_stopping_patience))
         if self.rank == 0:
-            self.log.truncate_after(step)
+            if resume_tag:
+                self.log.truncate_after(step)
+            else:
+                self.log.set_aside()
             write_run_state(self.run_dir, "running", step=step, restarts=restarts())
             if resume_tag:
                 print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,17 @@ class MetricsLog:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def set_aside(self) -> None:
+        """At a fresh start: keep an earlier run's rows as ``metrics.jsonl.before-TIME``
+        (never truncated), so the new run's log starts empty."""
+        if not self.enabled or not self.path.is_file() or self.path.stat().st_size == 0:
+            return
+        aside = self.path.with_name(f"{self.path.name}.before-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(self.path, aside)
+        print(
+            f"{self.path}: no checkpoint to resume from; earlier rows kept as {aside}", flush=True
+        )
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (by a run that died before checkpointing them)."""
