@@ -1,7 +1,9 @@
 """The ``scilm`` command: parse, validate, hand a job object to an executor.
 
 Exit status: 0 on success, 2 for any user mistake (bad config, bad corpus, bad
-shards, missing model), printed one line per problem; 1 for anything else.
+shards, missing model), printed one line per problem; 3 when the filesystem
+refused a write (disk full, quota, permission, read-only), naming the path; 1
+for anything else.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from scilm_hpc.config import load_and_validate, to_yaml
-from scilm_hpc.errors import UserError
+from scilm_hpc.errors import STORAGE_ERRNOS, StorageError, UserError, storage_error
+from scilm_hpc.rundir import write_text_atomic
 from scilm_hpc.schema import JobConfig
 
 EXIT_USER_ERROR = 2
+EXIT_STORAGE_ERROR = 3
 
 
 def _save_config(job: JobConfig) -> None:
     run_dir = Path(job.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = "config.yaml" if job.job == "finetune" else f"{job.job}.config.yaml"
-    (run_dir / name).write_text(to_yaml(job), encoding="utf-8")
+    write_text_atomic(run_dir / name, to_yaml(job))
 
 
 def _prepare(job: JobConfig) -> Callable[[], Any]:
@@ -62,17 +66,18 @@ JOB_FACTORIES: dict[str, Callable[[JobConfig], Callable[[], Any]]] = {
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """``scilm resume RUN_DIR [key=value ...]``: run a finetune again from its latest checkpoint."""
-    from scilm_hpc.train.checkpoint import latest_tag
+    from scilm_hpc.train.checkpoint import find_resume_tag
 
     config = Path(args.run_dir) / "config.yaml"
     if not config.is_file():
         raise UserError(f"{args.run_dir}: no config.yaml; not a finetune run directory")
-    tag = latest_tag(args.run_dir)
+    # sizes only here: the job verifies checksums (and may fall back further) on its ranks
+    tag, _ = find_resume_tag(args.run_dir, verify_checksums=False)
     if tag is None:
-        raise UserError(
-            f"{args.run_dir}: no complete checkpoint to resume from (checkpoints/latest is missing)"
-        )
-    print(f"resuming {args.run_dir} from {tag}", flush=True)
+        raise UserError(f"{args.run_dir}: no checkpoint to resume from (checkpoints/ is empty)")
+    print(
+        f"resuming {args.run_dir} from {tag} (or the newest checkpoint that verifies)", flush=True
+    )
     args.job_file, args.command, args.dry_run, args.sweep = config, "finetune", False, []
     args.wait = False
     args.overrides = [*args.overrides, f"run.dir={args.run_dir}"]
@@ -93,6 +98,7 @@ def _print_sbatch(job: JobConfig, array: int = 0) -> None:
 def cmd_job(args: argparse.Namespace) -> int:
     """``scilm prepare|... JOB.yaml [key=value ...]``."""
     from scilm_hpc.launch.executor import run_job
+    from scilm_hpc.launch.ownership import refuse_if_busy
 
     if args.quiet:
         from scilm_hpc.train.progress import QUIET_ENV
@@ -105,6 +111,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         print(to_yaml(job), end="")
         _print_sbatch(job)
         return 0
+    refuse_if_busy(Path(job.run.dir), job.job)  # before config.yaml is rewritten
     _save_config(job)
     result = run_job(JOB_FACTORIES[args.command](job), job, wait=args.wait)
     print(json.dumps(result, indent=1))
@@ -114,6 +121,7 @@ def cmd_job(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     """Validate every member first, then submit them together (one Slurm job array)."""
     from scilm_hpc.launch.executor import run_jobs
+    from scilm_hpc.launch.ownership import refuse_if_busy
     from scilm_hpc.launch.sweep import member_dir, parse_sweep, sweep_members, write_sweep_index
 
     parent = load_and_validate(args.job_file, args.overrides, job=args.command)
@@ -131,6 +139,8 @@ def _sweep(args: argparse.Namespace) -> int:
             print(f"# member {member_dir(parent.run.dir, i)}: {' '.join(m)}")
         _print_sbatch(parent, array=len(jobs))
         return 0
+    for job in jobs:
+        refuse_if_busy(Path(job.run.dir), job.job)
     write_sweep_index(Path(parent.run.dir), members)
     for job in jobs:
         _save_config(job)
@@ -362,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except (StorageError, OSError) as exc:
+        if isinstance(exc, OSError):
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            exc = storage_error(exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STORAGE_ERROR
 
 
 if __name__ == "__main__":

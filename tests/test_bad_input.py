@@ -3,7 +3,9 @@ naming the file (and line), and no shard or staging directory left behind."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -225,17 +227,22 @@ def test_failure_while_writing_removes_staging(
     real_write_shard = prepare_module.write_shard
     calls = []
 
+    # a disk that fills up at the second shard: the OSError the filesystem raises there,
+    # from the shard writer's call (a real full disk cannot be provoked for one shard)
     def failing_write_shard(*args: object, **kwargs: object) -> ShardInfo:
         calls.append(args[1])
         if len(calls) == 2:
-            raise UserError("disk full (simulated)")
+            path = Path(str(args[0])) / str(args[1])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_write_shard(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(prepare_module, "write_shard", failing_write_shard)
     train = write_jsonl("train.jsonl", TRAIN_ROWS)
     code, _, err, shards = prepare(f"data.train={train}", "data.examples_per_shard=2")
-    assert code == 2
-    assert errors(err) == ["error: disk full (simulated)"]
+    assert code == 3  # a storage error: neither success nor a user mistake
+    (line,) = errors(err)
+    assert line.startswith("error: No space left on device (ENOSPC) writing ")
+    assert "train/shard-00001.h5; " in line and " MiB free there" in line
     assert calls == ["train/shard-00000.h5", "train/shard-00001.h5"]
     assert_nothing_left(shards)
 

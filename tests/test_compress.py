@@ -389,6 +389,28 @@ def test_int8_job_report_and_evaluation_of_the_result(tmp_path, shards, export):
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
+def test_truncated_markers_are_redone_not_a_traceback(tmp_path, shards, export):
+    # what a kill or a full disk left before the markers were written atomically
+    run = tmp_path / "int8"
+    done = compress(run, shards, export, "compress=int8-dynamic")
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = run / "steps"
+    for name in ("recipe.json", "baseline.json", "01-int8-dynamic/step.json"):
+        text = (steps / name).read_text()
+        (steps / name).write_text(text[: len(text) // 2])
+    again = compress(run, shards, export, "compress=int8-dynamic")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Traceback" not in again.stderr
+    for name in ("recipe.json", "baseline.json", "step.json"):
+        assert f"{name}: unreadable JSON" in again.stderr
+    assert "step 1/1: int8-dynamic" in again.stdout  # redone, not "done before"
+    for name in ("recipe.json", "baseline.json", "01-int8-dynamic/step.json"):
+        json.loads((steps / name).read_text())
+    assert len(json.loads((run / "compress_report.json").read_text())["steps"]) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
 def test_prune_recover_keeps_the_masks_and_resumes_after_a_kill(tmp_path, shards, export):
     recipe = ("compress=prune50-recover", "compress.steps.1.steps=8", "train.checkpoint_every=4")
     straight = tmp_path / "straight"

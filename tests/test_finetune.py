@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -213,3 +216,109 @@ def test_progress_lines_in_a_non_interactive_log(tmp_path, shards, tiny_model_di
         assert float(fields["loss"]) > 0
         assert fields["ETA"].count(":") == 2 and fields["elapsed"].count(":") == 2
     assert len(losses(tmp_path / "run")) == 3  # metrics.jsonl as before
+
+
+def flip_byte(path: Path, offset: int = 1000) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def rank0_log(run_dir: Path) -> str:
+    """What rank 0 printed, over every local job of the run directory."""
+    return "".join(p.read_text() for p in sorted((run_dir / "submitit").glob("*_0_log.out")))
+
+
+def test_missing_latest_and_a_corrupt_checkpoint_never_start_over(tmp_path, shards, tiny_model_dir):
+    common = ("zero.stage=2", "train.max_steps=8", "train.checkpoint_every=2", "train.eval_every=0")
+    straight = finetune(tmp_path / "straight", shards, tiny_model_dir, *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "checkpoint step_2: " in rank0_log(tmp_path / "straight")  # with the manifest's cost
+    run = tmp_path / "run"
+    killed = finetune(run, shards, tiny_model_dir, *common, fault="kill_after_checkpoint:4")
+    assert killed.returncode != 0
+    # latest deleted: resumes from the newest complete checkpoint, keeps the earlier rows
+    (run / "checkpoints" / "latest").unlink()
+    again = scilm_run("resume", str(run), fault="kill_after_checkpoint:6")
+    assert again.returncode != 0
+    assert "checkpoints/latest is missing or unreadable; resuming from step_4" in rank0_log(run)
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+    # a flipped bit in the newest checkpoint's weights: named, skipped, kept on disk
+    weights = run / "checkpoints" / "step_6" / "mp_rank_00_model_states.pt"
+    flip_byte(weights)
+    corrupt = weights.read_bytes()
+    resumed = scilm_run("resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = rank0_log(run)
+    assert f"checkpoint step_6 skipped (kept on disk): {weights}: checksum" in log
+    assert "checkpoints/latest names step_6; resuming from step_4" in log
+    assert losses(run) == losses(tmp_path / "straight")  # rows 5-6 redone, bit for bit
+    assert_same_weights(export_weights(run), export_weights(tmp_path / "straight"))
+    kept = list((run / "checkpoints").glob("step_6.rejected-*"))
+    assert len(kept) == 1 and (kept[0] / weights.name).read_bytes() == corrupt
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Callable[[Path, int], None]]:
+    """``small_disk(path, kib)``: mount a tmpfs of that size at ``path`` (a really full
+    disk: writes fail with ENOSPC where they would on a cluster's scratch)."""
+    mounts: list[Path] = []
+
+    def mount(path: Path, kib: int) -> None:
+        path.mkdir(parents=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounts.append(path)
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_ends_every_rank_at_once_and_leaves_latest(
+    tmp_path, shards, tiny_model_dir, small_disk
+):
+    # checkpoints/ on its own small filesystem: submitit's logs and result files (in
+    # RUN_DIR/submitit) need room to report the error
+    common = ("zero.stage=2", "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=0")
+    straight = finetune(tmp_path / "straight", shards, tiny_model_dir, *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    checkpoint = tree_bytes(tmp_path / "straight" / "checkpoints" / "step_4")
+    run = tmp_path / "run"
+    small_disk(run / "checkpoints", checkpoint // 4096)  # a quarter of one checkpoint
+    start = time.monotonic()
+    failed = finetune(run, shards, tiny_model_dir, *common)
+    seconds = time.monotonic() - start
+    assert failed.returncode == 3, failed.stderr[-3000:]
+    (line,) = [x for x in failed.stderr.splitlines() if x.startswith("error: ")]
+    assert f"{run / 'checkpoints' / 'step_2'}" in line and "MiB free there" in line
+    assert not (run / "checkpoints" / "latest").exists()
+    assert seconds < 180, seconds  # both ranks ended, not one waiting for a timeout
+    # the same run on a roomy disk: starts again from the beginning, ends equal
+    roomy = tmp_path / "roomy"
+    shutil.copytree(run, roomy, symlinks=True)
+    again = finetune(roomy, shards, tiny_model_dir, *common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "no checkpoint was ever completed; starting from the beginning" in rank0_log(roomy)
+    assert losses(roomy) == losses(tmp_path / "straight")
+    assert_same_weights(export_weights(roomy), export_weights(tmp_path / "straight"))
+    # a later save that cannot fit is refused before it starts, on every rank
+    kept = tree_bytes(roomy / "checkpoints")
+    small = tmp_path / "small"
+    shutil.copytree(roomy, small, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    small_disk(small / "checkpoints", (kept + checkpoint // 2) // 1024)
+    shutil.copytree(roomy / "checkpoints", small / "checkpoints", dirs_exist_ok=True)
+    more = scilm_run("resume", str(small), "train.max_steps=6")
+    assert more.returncode == 3, more.stderr[-3000:]
+    assert "error: no space for checkpoint step_6 in " in more.stderr
+    assert "latest stays step_4" in more.stderr
+    assert latest_tag(small) == "step_4"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from scilm_hpc.rundir import write_json_atomic
 from scilm_hpc.tasks import get_task
 
 
@@ -90,6 +90,6 @@ def plot_tradeoff(report: dict[str, Any], out: Path) -> None:
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     """Write the JSON, the markdown table and the plot into ``run_dir``."""
-    (run_dir / "compress_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json_atomic(run_dir / "compress_report.json", report)
     (run_dir / "compress_report.md").write_text(_markdown(report))
     plot_tradeoff(report, run_dir / "plots" / "compression_tradeoff.png")

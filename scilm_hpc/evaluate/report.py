@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from scilm_hpc.data.dataset import ShardDataset
+from scilm_hpc.rundir import write_json_atomic
 from scilm_hpc.schema import JobConfig
 from scilm_hpc.tasks import get_task
 
@@ -58,7 +59,7 @@ def write_reports(
         summary["models"] = [
             {k: v for k, v in ev.items() if k != "predictions"} for ev in evaluations
         ]
-    (run_dir / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json_atomic(run_dir / "eval.json", summary)
     (run_dir / "eval.md").write_text(
         _markdown(job, evaluations, dataset.label_names, len(dataset), ranks)
     )

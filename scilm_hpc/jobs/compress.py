@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import re
 import shutil
 import time
@@ -40,6 +39,7 @@ from scilm_hpc.launch.preemption import StopFlag
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import resolve_model_path
 from scilm_hpc.models import load_for_eval, pad_token_id
+from scilm_hpc.rundir import read_json, replace_dir, write_json_atomic
 from scilm_hpc.schema import CompressStep, JobConfig
 from scilm_hpc.tasks import get_task
 from scilm_hpc.train.recovery import RecoveryTrainer
@@ -120,22 +120,21 @@ class _Compression:
         self.steps_dir.mkdir(parents=True, exist_ok=True)
         recipe = {"name": c.name, "steps": [dataclasses.asdict(s) for s in c.steps]}
         recipe_file = self.steps_dir / "recipe.json"
-        if recipe_file.is_file():
-            before = json.loads(recipe_file.read_text())
+        before = read_json(recipe_file)  # None: absent, or truncated by a kill
+        if before is not None:
             if before != recipe:
                 raise UserError(
                     f"run.dir: '{self.run_dir}' holds the steps of another recipe "
                     f"({before['name']}); use a new run.dir, or delete it to start over"
                 )
         else:
-            recipe_file.write_text(json.dumps(recipe, indent=1))
+            write_json_atomic(recipe_file, recipe)
         baseline_file = self.steps_dir / "baseline.json"
-        if baseline_file.is_file():
-            baseline = json.loads(baseline_file.read_text())
-        else:
+        baseline = read_json(baseline_file)
+        if baseline is None:
             size = weights_size(resolve_model_path(job.model.name_or_path))
             baseline = self._measured(self.dense, size, None)
-            baseline_file.write_text(json.dumps(baseline, indent=1))
+            write_json_atomic(baseline_file, baseline)
         model: Any = copy.deepcopy(self.dense)
         model_dir = Path(resolve_model_path(job.model.name_or_path))
         entries: list[dict[str, Any]] = []
@@ -147,9 +146,8 @@ class _Compression:
             if step.kind == "prune" and step.schedule == "gradual":
                 gradual = step  # reached during the next recover step
                 continue
-            record = step_dir / STEP_RECORD
-            if record.is_file():
-                done = json.loads(record.read_text())
+            done = read_json(step_dir / STEP_RECORD)  # None: not finished (or truncated)
+            if done is not None:
                 if done["spec"] != spec:
                     raise UserError(
                         f"run.dir: '{self.run_dir}' holds step {index + 1} of another recipe "
@@ -192,9 +190,7 @@ class _Compression:
                     "seconds": time.perf_counter() - start,
                 },
             )
-            (step_dir / STEP_RECORD).write_text(
-                json.dumps({"name": name, "spec": spec, "entry": entry}, indent=1)
-            )
+            write_json_atomic(step_dir / STEP_RECORD, {"name": name, "spec": spec, "entry": entry})
             entries.append(entry)
             model_dir = step_dir
         return self._finish(baseline, entries, model_dir)
@@ -260,9 +256,7 @@ class _Compression:
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns(STEP_RECORD))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
         report = {
             "recipe": c.name,
             "model": job.model.name_or_path,

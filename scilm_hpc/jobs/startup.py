@@ -3,8 +3,9 @@
 First the USR2 / SIGTERM handlers (a signal during start-up — imports, DeepSpeed's
 JIT build, the process group — must stop the run at its first step, not kill it
 through submitit), then the rank's environment, the GPU or the CPU thread count,
-DeepSpeed and the process group. On the way out: a failed run is recorded in the
-run directory's state, and the process group is destroyed.
+DeepSpeed and the process group, and the run directory's lock (one run per
+directory). On the way out: a failed run is recorded in the run directory's state,
+the lock released and the process group destroyed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from scilm_hpc.launch.env import RankEnv, export_rank_env, rank_env
 from scilm_hpc.launch.hardware import cpu_threads, start_line, with_hardware_defaults
+from scilm_hpc.launch.ownership import take_run_lock
 from scilm_hpc.launch.preemption import StopFlag
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.schema import JobConfig
@@ -64,6 +66,9 @@ def rank_session(job: JobConfig, use_gpu: bool = True) -> Iterator[RankSession]:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     if env.rank == 0:
         print(start_line(job, on_gpu), flush=True)
+    # one run per directory: a refused second run leaves before it writes anything
+    # (no "failed" state over the live run's)
+    lock = take_run_lock(job.run.dir, job.job, env.rank)
     try:
         yield RankSession(stop, env, on_gpu, job)
     except Exception as exc:
@@ -75,6 +80,8 @@ def rank_session(job: JobConfig, use_gpu: bool = True) -> Iterator[RankSession]:
             )
         raise
     finally:
+        if lock is not None:
+            lock.release()
         import torch.distributed as dist
 
         if dist.is_initialized():

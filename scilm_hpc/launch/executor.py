@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scilm_hpc.errors import UserError
+from scilm_hpc.errors import (
+    STORAGE_ERRNOS,
+    StorageError,
+    UserError,
+    free_space_note,
+    storage_error,
+)
 from scilm_hpc.schema import JobConfig
 
 
@@ -28,8 +34,16 @@ class UserFailure:
     problems: list[str]
 
 
+@dataclass
+class StorageFailure:
+    """A StorageError (or a disk-full / permission OSError) caught inside a rank."""
+
+    message: str
+
+
 class Guarded:
-    """Wraps a job so that a UserError in any rank is returned, not raised.
+    """Wraps a job so that a UserError or a storage error in any rank is returned, not
+    raised (and reaches the submitter as the same error, not a remote traceback).
 
     It deliberately has no ``checkpoint`` method: preemption and time limits are
     handled inside the job (``launch.preemption``: every rank stops at the same
@@ -44,6 +58,12 @@ class Guarded:
             return self.job()
         except UserError as exc:
             return UserFailure(exc.problems)
+        except StorageError as exc:
+            return StorageFailure(str(exc))
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            return StorageFailure(str(storage_error(exc)))
 
 
 def submitit_folder(job: JobConfig) -> Path:
@@ -52,10 +72,21 @@ def submitit_folder(job: JobConfig) -> Path:
 
 
 def _results(submitted: Any) -> Any:
-    results = submitted.results()
+    try:
+        results = submitted.results()
+    except Exception as exc:
+        # the rank could not even write its result into RUN_DIR/submitit
+        if "[Errno 28] No space left on device" not in str(exc):
+            raise
+        folder = submitted.paths.result_pickle.parent
+        raise StorageError(
+            f"No space left on device (ENOSPC) writing {folder}{free_space_note(folder)}"
+        ) from None
     for result in results:
         if isinstance(result, UserFailure):
             raise UserError(result.problems)
+        if isinstance(result, StorageFailure):
+            raise StorageError(result.message)
     return results[0]
 
 

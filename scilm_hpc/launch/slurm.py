@@ -7,7 +7,6 @@ job name, partition or extra option cannot inject shell lines.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scilm_hpc.rundir import read_json, write_json_atomic
 from scilm_hpc.schema import ClusterConfig, JobConfig
 
 #: Characters allowed in names and values that end up on ``#SBATCH`` lines.
@@ -135,7 +135,7 @@ def sbatch_script(job: JobConfig, folder: Path, array: int = 0) -> str:
 def record_job(run_dir: Path, job_id: str, kind: str, backend: str) -> None:
     """Append a submitted job to ``RUN_DIR/jobs.json`` (read by ``scilm status``)."""
     path = run_dir / JOBS_FILE
-    jobs = json.loads(path.read_text()) if path.is_file() else []
+    jobs = recorded_jobs(run_dir)
     jobs.append(
         {
             "job_id": job_id,
@@ -144,13 +144,13 @@ def record_job(run_dir: Path, job_id: str, kind: str, backend: str) -> None:
             "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
     )
-    path.write_text(json.dumps(jobs, indent=1) + "\n")
+    write_json_atomic(path, jobs)
 
 
 def recorded_jobs(run_dir: Path) -> list[dict[str, Any]]:
     """Jobs submitted for a run directory, oldest first."""
-    path = run_dir / JOBS_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    jobs = read_json(run_dir / JOBS_FILE, [])
+    return [j for j in jobs if isinstance(j, dict)] if isinstance(jobs, list) else []
 
 
 def slurm_state(job_id: str) -> dict[str, str]:

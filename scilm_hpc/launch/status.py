@@ -7,7 +7,6 @@ view of each recorded job id (``scontrol``, which needs no accounting database).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from scilm_hpc.errors import UserError
 from scilm_hpc.launch.slurm import recorded_jobs, slurm_state
+from scilm_hpc.rundir import read_json, read_jsonl, write_json_atomic
 
 STATE_FILE = "state.json"
 FINISHED = {
@@ -34,16 +34,11 @@ def write_run_state(run_dir: Path, state: str, **fields: Any) -> None:
     """Record the run's state (rank 0 only), atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
-    tmp = run_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(run_dir / STATE_FILE)
+    write_json_atomic(run_dir / STATE_FILE, record)
 
 
 def _last_rows(run_dir: Path) -> tuple[dict | None, dict | None]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None, None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
     dev = [r for r in rows if any(k.startswith("dev_") for k in r)]
     return (train[-1] if train else None), (dev[-1] if dev else None)
@@ -60,7 +55,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     state_path = run_dir / STATE_FILE
-    own = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    own = read_json(state_path, {})
+    own = own if isinstance(own, dict) else {}
     jobs = []
     for record in recorded_jobs(run_dir):
         entry = dict(record)

@@ -6,10 +6,10 @@ per member of the cartesian product, each with its own run directory
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 from scilm_hpc.errors import UserError
+from scilm_hpc.rundir import write_json_atomic
 
 
 def parse_sweep(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -54,4 +54,4 @@ def write_sweep_index(run_dir: Path, members: list[list[str]]) -> None:
     """``RUN_DIR/sweep.json``: member directory -> its overrides."""
     run_dir.mkdir(parents=True, exist_ok=True)
     index = {member_dir(run_dir, i).name: m for i, m in enumerate(members)}
-    (run_dir / "sweep.json").write_text(json.dumps(index, indent=1) + "\n")
+    write_json_atomic(run_dir / "sweep.json", index)

@@ -6,10 +6,13 @@ take part in gathering the full weights; only rank 0 writes.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from scilm_hpc.rundir import replace_dir
 
 
 def gathered_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -37,16 +40,14 @@ def write_export(
     in fp32 safetensors, through a temporary directory renamed into place."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():  # left by a killed export
+        shutil.rmtree(tmp)
     if state is not None:
         state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     model.config.torch_dtype = "float32"
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out
 
 

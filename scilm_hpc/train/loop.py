@@ -169,14 +169,17 @@ class Trainer:
         import torch.distributed as dist
 
         job, t = self.job, self.job.train
-        resume_tag = ckpt.latest_tag(self.run_dir)
+        resume_tag = ckpt.agree_on_resume_tag(self.run_dir, self.rank)
         engine, state = self._engine(resume_tag)
         step = int(state.get("step", 0))
         position = SamplerPosition(**state["position"]) if state else SamplerPosition()
         best: dict[str, Any] = state.get("best", {"tag": None, "value": None})
         patience_left = int(state.get("patience_left", t.early_stopping_patience))
         if self.rank == 0:
-            self.log.truncate_after(step)
+            if resume_tag:
+                self.log.truncate_after(step)
+            else:
+                self.log.set_aside()
             write_run_state(self.run_dir, "running", step=step, restarts=restarts())
             if resume_tag:
                 print(

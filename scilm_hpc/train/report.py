@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+from scilm_hpc.rundir import read_jsonl, write_text_atomic
 
 
 class MetricsLog:
@@ -25,18 +28,24 @@ class MetricsLog:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def set_aside(self) -> None:
+        """At a fresh start: keep an earlier run's rows as ``metrics.jsonl.before-TIME``
+        (never truncated), so the new run's log starts empty."""
+        if not self.enabled or not self.path.is_file() or self.path.stat().st_size == 0:
+            return
+        aside = self.path.with_name(f"{self.path.name}.before-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(self.path, aside)
+        print(
+            f"{self.path}: no checkpoint to resume from; earlier rows kept as {aside}", flush=True
+        )
+
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (by a run that died before checkpointing them)."""
         if not self.enabled or not self.path.is_file():
             return
-        rows = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, self.path)
+        # also drops a partial last line, which the next append would run into
+        rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_loss(metrics_path: Path, out: Path) -> None:
@@ -46,7 +55,7 @@ def plot_loss(metrics_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     dev = [(r["step"], r["dev_loss"]) for r in rows if "dev_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
