@@ -4,7 +4,7 @@ Paths (the repository, the shared data sets, the ``scilm`` script), running ``sc
 (exiting with the tail of its stderr when it fails), preparing a corpus into shards,
 the tiny and packaged models the benchmarks train, ``metrics.jsonl`` rows, medians,
 and the run measurements both throughput benchmarks take (peak RSS of a process tree,
-the HF Trainer's step clock, the matrix-multiply peak).
+the plain HF Trainer timed step by step, the matrix-multiply peak).
 
 Benchmarks run as scripts (``python benchmarks/NAME.py``): Python puts this folder on
 ``sys.path``, so ``import _common`` finds this module. Heavy imports (torch,
@@ -269,27 +269,45 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
     return {"wall_s": wall, "peak_rss_mb": peak_kb / 1024}
 
 
-def matmul_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 7) -> float:
-    """Best GFLOP/s of an n x n @ n x n ``torch.matmul`` in this process (all threads)."""
+def matmul_peak_gflops(dtype_name: str, device: str = "cpu") -> float:
+    """Best GFLOP/s of a square ``torch.matmul`` in this process (all threads): n = 2048,
+    best of 7 on a CPU; n = 8192, best of 10 on ``cuda`` (its cached memory freed after)."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    torch.matmul(a, b)  # warm-up: thread pool, packing buffers
+    gpu = device == "cuda"
+    n, repeats = (8192, 10) if gpu else (2048, 7)
+    a = torch.randn(n, n, device=device).to(getattr(torch, dtype_name))
+    b = torch.randn(n, n, device=device).to(a.dtype)
+    for _ in range(3 if gpu else 1):  # warm-up: thread pool, packing buffers, kernels
+        torch.matmul(a, b)
+    if gpu:
+        torch.cuda.synchronize()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
+        if gpu:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
+    del a, b
+    if gpu:
+        torch.cuda.empty_cache()
     return 2 * n**3 / best / 1e9
 
 
-def step_clock() -> Any:
-    """An HF ``TrainerCallback`` noting when training begins and when each optimizer step
-    ends (after a CUDA synchronize where a GPU runs it)."""
+def hf_train(
+    model: Any, examples: list[Any], collator: Any, output_dir: Path, **training: Any
+) -> tuple[Any, dict[str, Any]]:
+    """Train ``model`` on ``examples`` (a list is a map-style dataset) with the plain HF
+    ``Trainer``: weight decay 0.01, gradient clipping at 1.0, no saving, logging or progress
+    bar; ``training``: the other ``TrainingArguments``.
+
+    Returns:
+        The trainer, and its threads, optimizer, the time training began (``begin``) and
+        when each optimizer step ended (``ends``, after a CUDA synchronize on a GPU).
+    """
     import torch
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
@@ -304,7 +322,27 @@ def step_clock() -> Any:
                 torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
 
-    return StepClock()
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        **training,
+    )
+    clock = StepClock()
+    trainer = Trainer(
+        model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[clock]
+    )
+    trainer.train()
+    return trainer, {
+        "threads": torch.get_num_threads(),
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
+        "begin": clock.begin,
+        "ends": clock.ends,
+    }
 
 
 def worker_command(script: str, **options: Any) -> list[str]:
