@@ -19,15 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (
-    REPO,
-    median,
-    minilm_classifier,
-    prepare_shards,
-    run_scilm,
-    scicite,
-    show,
-)
+from _common import REPO, median, minilm_classifier, prepare_shards, run_scilm, scicite, show
 
 LABELS = ["background", "method", "result"]
 
