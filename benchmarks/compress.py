@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SCILM = str(Path(sys.executable).with_name("scilm"))
+from _common import REPO, run, run_scilm
+
 RUNS = {
     "int8-dynamic": ["compress=int8-dynamic"],
     "int4-weight": ["compress=int4-weight"],
@@ -42,38 +41,25 @@ RUNS = {
 def finetuned() -> tuple[Path, Path]:
     """Fine-tune MiniLM on SciCite with the fine-tuning benchmark; (export, shards)."""
     out = Path(tempfile.mkdtemp(prefix="scilm-bench-compress-"))
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/finetune_scicite.py"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        sys.exit(f"fine-tuning failed:\n{done.stderr[-4000:]}")
+    run([sys.executable, str(REPO / "benchmarks/finetune_scicite.py"), "--out", str(out)])
     return out / "ft" / "export", out / "shards"
 
 
 def compress(name: str, export: Path, shards: Path, out: Path, args: argparse.Namespace) -> dict:
     run_dir = out / name
     start = time.perf_counter()
-    done = subprocess.run(
-        [
-            SCILM,
-            "compress",
-            str(REPO / "jobs/compress.yaml"),
-            f"run.dir={run_dir}",
-            f"model.name_or_path={export}",
-            f"data.shards={shards}",
-            "cluster=none",
-            "compress.eval_split=test",
-            f"compress.latency_repeats={args.repeats}",
-            f"compress.latency_threads={args.threads}",
-            *RUNS[name],
-        ],
-        capture_output=True,
-        text=True,
+    run_scilm(
+        "compress",
+        str(REPO / "jobs/compress.yaml"),
+        f"run.dir={run_dir}",
+        f"model.name_or_path={export}",
+        f"data.shards={shards}",
+        "cluster=none",
+        "compress.eval_split=test",
+        f"compress.latency_repeats={args.repeats}",
+        f"compress.latency_threads={args.threads}",
+        *RUNS[name],
     )
-    if done.returncode != 0:
-        sys.exit(f"scilm compress ({name}) failed:\n{done.stderr[-4000:]}")
     report = json.loads((run_dir / "compress_report.json").read_text())
     report["wall_s"] = time.perf_counter() - start
     return report
@@ -115,7 +101,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for latency")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if (args.export is None) != (args.shards is None):
         sys.exit("give --export and --shards together (or neither)")

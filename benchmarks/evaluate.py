@@ -6,7 +6,8 @@ export instead; speed does not depend on the weights). Figures are medians over
 ``--repeats``; examples/s counts inference only (max over ranks; the job reports it),
 wall includes process start-up and model loading.
 
-    python benchmarks/evaluate.py [--repeats 3] [--model DIR]
+    python benchmarks/evaluate.py [--repeats 3] [--model DIR] [--samples N]
+    quick check: --repeats 1 --samples 200
 """
 
 from __future__ import annotations
@@ -14,45 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "scicite"
-SCILM = str(Path(sys.executable).with_name("scilm"))
+from _common import REPO, median, minilm_classifier, prepare_shards, run_scilm, scicite, show
+
 LABELS = ["background", "method", "result"]
-
-
-def scilm(*args: str, env: dict[str, str] | None = None) -> float:
-    start = time.perf_counter()
-    done = subprocess.run(
-        [SCILM, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
-    )
-    if done.returncode != 0:
-        sys.exit(f"scilm {args[0]} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
-
-
-def make_model(out: Path) -> Path:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from scilm_hpc.model_source import packaged_minilm_path
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        packaged_minilm_path(),
-        num_labels=3,
-        id2label=dict(enumerate(LABELS)),
-        label2id={n: i for i, n in enumerate(LABELS)},
-    )
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(packaged_minilm_path()).save_pretrained(out)
-    return out
 
 
 def pipeline_rate(model: Path, texts: list[str], batch_size: int) -> float:
@@ -71,24 +40,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=0, help="test sentences (0: all)")
     args = parser.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = Path(tempfile.mkdtemp(prefix="scilm-bench-eval-"))
-    model = args.model or make_model(root / "model")
-    scilm(
-        "prepare",
-        str(REPO / "jobs/prepare.yaml"),
-        "cluster=none",
-        f"run.dir={root}",
-        f"data.train={DATA / 'train.jsonl'}",
-        f"data.test={DATA / 'test.jsonl'}",
-    )
-    texts = [json.loads(x)["text"] for x in (DATA / "test.jsonl").read_text().splitlines()]
+    model = args.model or minilm_classifier(root / "model", LABELS)
+    splits = scicite("train", "test")
+    lines = splits["test"].read_text().splitlines()[: args.samples or None]
+    splits["test"] = root / "test.jsonl"
+    splits["test"].write_text("".join(x + "\n" for x in lines))
+    shards = prepare_shards(root, splits)
+    texts = [json.loads(x)["text"] for x in lines]
     common = [
         "evaluate",
         str(REPO / "jobs/evaluate.yaml"),
         f"model.name_or_path={model}",
-        f"data.shards={root / 'shards'}",
+        f"data.shards={shards}",
         f"eval.batch_size={args.batch_size}",
     ]
     variants = {
@@ -102,7 +68,7 @@ def main() -> None:
     for r in range(args.repeats):
         for name, (cluster, env) in variants.items():
             run_dir = root / f"{name}-{r}"
-            walls[name].append(scilm(*common, f"run.dir={run_dir}", *cluster, env=env))
+            walls[name].append(run_scilm(*common, f"run.dir={run_dir}", *cluster, env=env))
             rates[name].append(json.loads((run_dir / "eval.json").read_text())["examples_per_s"])
         pipe["pipeline_batch1"].append(pipeline_rate(model, texts, 1))
         pipe[f"pipeline_batch{args.batch_size}"].append(
@@ -112,13 +78,13 @@ def main() -> None:
             f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in {**rates, **pipe}.items()),
             flush=True,
         )
-    med = {k: statistics.median(v) for k, v in {**rates, **pipe}.items()}
+    med = {k: median(v) for k, v in {**rates, **pipe}.items()}
     figures = {
         "benchmark": "evaluate",
         "n_examples": len(texts),
         "repeats": args.repeats,
         **{f"{k}_examples_per_s": round(v, 1) for k, v in med.items()},
-        **{f"{k}_wall_s": round(statistics.median(v), 2) for k, v in walls.items()},
+        **{f"{k}_wall_s": round(median(v), 2) for k, v in walls.items()},
         "scaling_2ranks_vs_1rank_1thread": med["2ranks_1thread"] / med["1rank_1thread"],
         "scaling_2ranks_vs_1rank_2threads": med["2ranks_1thread"] / med["1rank_2threads"],
         "ratio_1rank_vs_pipeline_batch1": med["1rank_2threads"] / med["pipeline_batch1"],
@@ -126,8 +92,7 @@ def main() -> None:
         / med[f"pipeline_batch{args.batch_size}"],
         "machine_cores": os.cpu_count(),
     }
-    for key, value in figures.items():
-        print(f"{key:>40}: {value:.2f}" if isinstance(value, float) else f"{key:>40}: {value}")
+    show(figures, width=40)
     print(json.dumps(figures))
 
 

@@ -12,42 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SCILM = str(Path(sys.executable).with_name("scilm"))
-
-
-def tiny_model(out: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from scilm_hpc.model_source import packaged_minilm_path
-
-    tokenizer = AutoTokenizer.from_pretrained(packaged_minilm_path())
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    BertForSequenceClassification(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+from _common import REPO, median, metrics_rows, prepare_shards, run_scilm, tiny_bert
 
 
 def wait(predicate, timeout: float = 300.0) -> float:
@@ -62,34 +33,31 @@ def wait(predicate, timeout: float = 300.0) -> float:
 def one_run(root: Path, shards: Path, model: Path, index: int) -> dict[str, float]:
     run = root / f"run{index}"
     t0 = time.monotonic()
-    subprocess.run(
-        [
-            SCILM,
-            "finetune",
-            str(REPO / "jobs/finetune.yaml"),
-            f"run.dir={run}",
-            f"data.shards={shards}",
-            f"model.name_or_path={model}",
-            "cluster=dev",
-            "cluster.nodes=2",
-            "train.max_steps=400",
-            "train.micro_batch_size=8",
-            "train.log_every=1",
-            "train.checkpoint_every=0",
-        ],
-        check=True,
-        capture_output=True,
+    run_scilm(
+        "finetune",
+        str(REPO / "jobs/finetune.yaml"),
+        f"run.dir={run}",
+        f"data.shards={shards}",
+        f"model.name_or_path={model}",
+        "cluster=dev",
+        "cluster.nodes=2",
+        "train.max_steps=400",
+        "train.micro_batch_size=8",
+        "train.log_every=1",
+        "train.checkpoint_every=0",
     )
     submitted = time.monotonic()
-    first = wait(lambda: any("loss" in r for r in rows(run)))
-    wait(lambda: sum("loss" in r for r in rows(run)) >= 30)
+    first = wait(lambda: any("loss" in r for r in metrics_rows(run)))
+    wait(lambda: sum("loss" in r for r in metrics_rows(run)) >= 30)
     job = json.loads((run / "jobs.json").read_text())[-1]["job_id"]
     signalled = time.monotonic()
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     state = run / "state.json"
     saved = wait(lambda: state.is_file() and json.loads(state.read_text())["state"] == "requeued")
     stop_step = json.loads(state.read_text())["step"]
-    resumed = wait(lambda: any(r.get("step", 0) > stop_step and "loss" in r for r in rows(run)))
+    resumed = wait(
+        lambda: any(r.get("step", 0) > stop_step and "loss" in r for r in metrics_rows(run))
+    )
     wait(lambda: json.loads(state.read_text())["state"] == "completed")
     return {
         "submit_s": submitted - t0,
@@ -103,7 +71,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     subprocess.run([str(REPO / "slurm/dev-cluster"), "up"], check=True, capture_output=True)
     conf = (
         subprocess.run(
@@ -114,27 +81,15 @@ def main() -> None:
     )
     os.environ["SLURM_CONF"] = conf
     root = Path(tempfile.mkdtemp(prefix="scilm-bench-slurm-"))
-    model = tiny_model(root / "tiny")
+    model = tiny_bert(root / "tiny")
     from scilm_hpc.data.demo_corpus import write_demo_corpus
 
     corpus = write_demo_corpus(root / "corpus", train=400, dev=20, test=20)
-    subprocess.run(
-        [
-            SCILM,
-            "prepare",
-            str(REPO / "jobs/prepare.yaml"),
-            "cluster=none",
-            f"run.dir={root}",
-            f"data.train={corpus['train']}",
-            f"model.name_or_path={model}",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    runs = [one_run(root, root / "shards", model, i) for i in range(args.repeats)]
+    shards = prepare_shards(root, {"train": corpus["train"]}, f"model.name_or_path={model}")
+    runs = [one_run(root, shards, model, i) for i in range(args.repeats)]
     for i, r in enumerate(runs):
         print(f"run {i}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
-    medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    medians = {k: median(r[k] for r in runs) for k in runs[0]}
     print("medians: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
     print(
         json.dumps(

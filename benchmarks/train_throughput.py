@@ -15,7 +15,7 @@ Each trainer runs in its own process. Printed per trainer: samples/s and real
 (non-pad) tokens/s over the training loop (model loading, evaluation and saving
 excluded), peak RSS per rank (kernel high-water mark of every process of the run),
 model FLOP/s and MFU against the matrix-multiply peak this script measures (fp32 and
-bf16 ``torch.matmul``), and dev macro-F1 (sklearn, on the SciCite dev split, computed
+bf16 ``torch.matmul``), and dev macro-F1 (``scilm evaluate`` on the SciCite dev split,
 the same way for all three exported models). Then ZeRO-2 against ZeRO-3 for
 ``--zero-steps`` steps on 2 local CPU ranks (1 thread each): samples/s and peak RSS per
 rank. For (c), the share of step time spent fetching and collating batches.
@@ -35,96 +35,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    REPO,
+    SCILM,
+    eval_metrics,
+    hf_train,
+    matmul_peak_gflops,
+    median,
+    prepare_shards,
+    ranks_cluster,
+    run_measured,
+    scicite,
+    show,
+    step_rows,
+    worker_command,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "scicite"
-SCILM = str(Path(sys.executable).with_name("scilm"))
 MAX_LENGTH = 128
+CPU_ENV = {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
 
 
-# ---------------------------------------------------------------- processes and memory
-
-
-def _tree_hwm_kb(root: int) -> dict[int, int]:
-    """VmHWM (kB) of ``root`` and every live descendant."""
-    import psutil
-
-    out: dict[int, int] = {}
-    try:
-        procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
-    except psutil.Error:
-        return out
-    for proc in procs:
-        try:
-            with open(f"/proc/{proc.pid}/status", encoding="ascii") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        out[proc.pid] = int(line.split()[1])
-        except OSError:
-            pass
-    return out
-
-
-def run_process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cmd`` (output to ``log``); returns wall seconds and the peak RSS (MiB) of
-    the largest process of its tree (polled VmHWM, and the kernel's figure for the
-    reaped tree from wait4)."""
-    peaks: dict[int, int] = {}
-    start = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        done = threading.Event()
-
-        def poll() -> None:
-            while not done.wait(0.2):
-                for pid, kb in _tree_hwm_kb(proc.pid).items():
-                    peaks[pid] = max(peaks.get(pid, 0), kb)
-
-        watcher = threading.Thread(target=poll, daemon=True)
-        watcher.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        done.set()
-        watcher.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
-    peak_kb = max([usage.ru_maxrss, *peaks.values()])  # ru_maxrss is in kB on Linux
-    return {"wall_s": wall, "peak_rss_mb": peak_kb / 1024}
-
-
-def scilm(*args: str, log: Path) -> dict[str, Any]:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
-    return run_process([SCILM, *args], log, env)
-
-
-# ---------------------------------------------------------------- peak and model FLOPs
-
-
-def matmul_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 7) -> float:
-    """Best GFLOP/s of an n x n @ n x n ``torch.matmul`` in this process (all threads)."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    torch.matmul(a, b)  # warm-up: thread pool, packing buffers
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+# ---------------------------------------------------------------- model FLOPs
 
 
 def model_shape(model_dir: str) -> dict[str, int]:
@@ -153,37 +89,12 @@ def train_flops(lengths: np.ndarray, shape: dict[str, int]) -> float:
 # ---------------------------------------------------------------- HF Trainer worker
 
 
-def step_clock() -> Any:
-    """An HF ``TrainerCallback`` noting when training begins and when each optimizer step
-    ends (after a CUDA synchronize where a GPU runs it)."""
-    import torch
-    from transformers import TrainerCallback
-
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.begin = 0.0
-            self.ends: list[float] = []
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
-
-    return StepClock()
-
-
 def hf_worker(args: argparse.Namespace) -> None:
     """(a)/(b) in this process: HF Trainer on the train shards; writes a JSON result."""
-    import torch
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
         set_seed,
     )
 
@@ -215,39 +126,27 @@ def hf_worker(args: argparse.Namespace) -> None:
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
     )
-    training = TrainingArguments(
-        output_dir=str(args.out / f"hf_{args.hf}" / "trainer"),
+    trainer, run = hf_train(
+        model,
+        examples,
+        collator,
+        args.out / f"hf_{args.hf}" / "trainer",
         per_device_train_batch_size=args.micro_batch_size,
         num_train_epochs=args.epochs,
         learning_rate=args.lr,
-        weight_decay=0.01,
         warmup_steps=0.1,  # a ratio of the training steps, as scilm's train.warmup_ratio
         lr_scheduler_type="linear",
-        max_grad_norm=1.0,
         seed=args.seed,
         use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         dataloader_pin_memory=False,
     )
-    clock = step_clock()
-    trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=examples,  # a list is a map-style dataset
-        data_collator=collator,
-        callbacks=[clock],
-    )
-    trainer.train()
     export = args.out / f"hf_{args.hf}" / "export"
     trainer.save_model(str(export))
     tokenizer.save_pretrained(str(export))
-    steps = np.diff([clock.begin, *clock.ends])
+    steps = np.diff([run["begin"], *run["ends"]])
     result = {
-        "threads": torch.get_num_threads(),
-        "optimizer": str(getattr(training.optim, "value", training.optim)),
+        "threads": run["threads"],
+        "optimizer": run["optimizer"],
         "steps": len(steps),
         "train_s": float(steps.sum()),
         "step_s_median": float(np.median(steps)),
@@ -294,20 +193,23 @@ def scilm_finetune(
     import yaml
 
     run_dir = out / name
-    proc = scilm(
-        "finetune",
-        str(REPO / "jobs/finetune.yaml"),
-        f"run.dir={run_dir}",
-        f"data.shards={shards}",
-        "train.log_every=1",
-        "train.checkpoint_every=0",
-        "train.eval_every=0",
-        *overrides,
-        log=out / f"{name}.log",
+    proc = run_measured(
+        [
+            *SCILM,
+            "finetune",
+            str(REPO / "jobs/finetune.yaml"),
+            f"run.dir={run_dir}",
+            f"data.shards={shards}",
+            "train.log_every=1",
+            "train.checkpoint_every=0",
+            "train.eval_every=0",
+            *overrides,
+        ],
+        out / f"{name}.log",
+        {**os.environ, **CPU_ENV},
     )
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "samples_per_s" in r]
+    steps = step_rows(run_dir)
     lengths = trained_lengths(shards, config, len(steps))
     per_step = len(lengths) // len(steps)
     step_s = np.array([per_step / r["samples_per_s"] for r in steps])
@@ -324,7 +226,7 @@ def scilm_finetune(
         "train_tokens": int(lengths.sum()),
         "train_s": train_s,
         "samples_per_s": len(lengths) / train_s,
-        "samples_per_s_step_median": statistics.median(r["samples_per_s"] for r in steps),
+        "samples_per_s_step_median": median(r["samples_per_s"] for r in steps),
         "tokens_per_s": float(lengths.sum()) / train_s,
         "model_gflops_per_s": train_flops(lengths, shape) / train_s / 1e9,
         "data_s_per_step_median": float(np.median(data_s)),
@@ -339,26 +241,17 @@ def hf_run(
     """(a) or (b) in a child process."""
     from scilm_hpc.data.dataset import ShardDataset
 
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--hf-worker",
-        kind,
-        "--shards",
-        str(shards),
-        "--out",
-        str(args.out),
-        "--epochs",
-        str(args.epochs),
-        "--micro-batch-size",
-        str(args.micro_batch_size),
-        "--lr",
-        str(args.lr),
-        "--seed",
-        str(args.seed),
-    ]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
-    proc = run_process(cmd, args.out / f"hf_{kind}.log", env)
+    cmd = worker_command(
+        __file__,
+        hf_worker=kind,
+        shards=shards,
+        out=args.out,
+        epochs=args.epochs,
+        micro_batch_size=args.micro_batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    proc = run_measured(cmd, args.out / f"hf_{kind}.log", {**os.environ, **CPU_ENV})
     result = json.loads((args.out / f"hf_{kind}" / "result.json").read_text())
     lengths = np.tile(ShardDataset(shards, "train").lengths(), args.epochs)
     train_s = result["train_s"]
@@ -375,55 +268,18 @@ def hf_run(
     }
 
 
-# ---------------------------------------------------------------- dev macro-F1
-
-
-def dev_macro_f1(model_dir: str, shards: Path) -> float:
-    """Macro-F1 (sklearn, in %) of an exported classifier on the dev shards, fp32."""
-    import torch
-    from sklearn.metrics import f1_score
-    from transformers import AutoModelForSequenceClassification
-
-    from scilm_hpc.data.dataset import ShardDataset
-    from scilm_hpc.tasks import get_task
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    dev = ShardDataset(shards, "dev")
-    order = np.argsort(dev.lengths(), kind="stable")
-    gold = np.array([dev[int(i)]["labels"] for i in range(len(dev))])
-    pred = np.zeros(len(dev), dtype=np.int64)
-    with torch.no_grad():
-        for start in range(0, len(order), 64):
-            chunk = order[start : start + 64]
-            batch = get_task("classification").collate([dev[int(i)] for i in chunk], 0)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            pred[chunk] = logits.logits.argmax(-1).numpy()
-    return 100.0 * float(f1_score(gold, pred, average="macro"))
-
-
 # ---------------------------------------------------------------- main
 
 
 def prepare(out: Path, samples: int | None, seed: int) -> Path:
     """SciCite shards (train cut to ``samples`` examples, a seeded random subset)."""
-    train = DATA / "train.jsonl"
+    splits = scicite("train", "dev")
     if samples:
-        lines = train.read_text(encoding="utf-8").splitlines()
+        lines = splits["train"].read_text(encoding="utf-8").splitlines()
         keep = np.sort(np.random.default_rng(seed).permutation(len(lines))[:samples])
-        train = out / "train.jsonl"
-        train.write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
-    scilm(
-        "prepare",
-        str(REPO / "jobs/prepare.yaml"),
-        "cluster=none",
-        f"run.dir={out}",
-        f"data.train={train}",
-        f"data.dev={DATA / 'dev.jsonl'}",
-        f"data.max_length={MAX_LENGTH}",
-        "data.overwrite=true",
-        log=out / "prepare.log",
-    )
-    return out / "shards"
+        splits["train"] = out / "train.jsonl"
+        splits["train"].write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
+    return prepare_shards(out, splits, f"data.max_length={MAX_LENGTH}")
 
 
 def main() -> None:
@@ -491,8 +347,9 @@ def main() -> None:
             shape,
         ),
     }
-    for run in runs.values():
-        run["dev_macro_f1"] = dev_macro_f1(run["export"], shards)
+    for name, run in runs.items():
+        dev = eval_metrics(run["export"], shards, "dev", args.out / f"dev_{name}")
+        run["dev_macro_f1"] = 100.0 * dev["macro_f1"]
     if args.zero_steps:
         for stage in (2, 3):
             runs[f"zero{stage}_2ranks"] = scilm_finetune(
@@ -500,9 +357,7 @@ def main() -> None:
                 args.out,
                 shards,
                 [
-                    "cluster=local",
-                    "cluster.tasks_per_node=2",
-                    "cluster.cpus_per_task=1",
+                    *ranks_cluster(2),
                     f"zero.stage={stage}",
                     f"train.precision={precision}",
                     f"train.max_steps={args.zero_steps}",
@@ -551,14 +406,10 @@ def main() -> None:
         "dev_macro_f1",
         "data_fraction",
     ):
-        cells = []
-        for run in runs.values():
-            value = run.get(key)
-            cells.append(f"{value:>14.3f}" if isinstance(value, float) else f"{'-':>14}")
+        values = [run.get(key) for run in runs.values()]
+        cells = [f"{v:>14.3f}" if isinstance(v, float) else f"{'-':>14}" for v in values]
         print(f"{key:>12.12} " + " ".join(cells))
-    for key, value in figures.items():
-        if key != "runs":
-            print(f"{key:>32}: {value:.3f}" if isinstance(value, float) else f"{key:>32}: {value}")
+    show(figures, digits=3)
     print(json.dumps(figures))
 
 

@@ -32,19 +32,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_throughput as tt  # noqa: E402  (run_process, scilm, matmul peak)
+from _common import (
+    REPO,
+    SCICITE,
+    SCILM,
+    hf_train,
+    matmul_peak_gflops,
+    median,
+    prepare_shards,
+    random_llama,
+    run_measured,
+    step_rows,
+    worker_command,
+)
 
 SIZES: dict[str, dict[str, int]] = {
     # TinyLlama-1.1B's shape with MiniLM's vocabulary: 1.1B parameters
@@ -72,31 +79,6 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def make_model(out: Path, size: str, seq_len: int) -> Path:
-    """A randomly initialised Llama of ``size`` with MiniLM's tokenizer, saved in fp32."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from scilm_hpc.model_source import resolve_model_path
-
-    model_dir = out / f"llama-{size}"
-    if (model_dir / "config.json").is_file():
-        return model_dir
-    import torch
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=max(seq_len, 128),
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **SIZES[size],
-    )
-    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
-
-
 def write_corpus(out: Path, model_dir: Path, seq_len: int) -> Path:
     """SciCite train sentences joined into documents of about ``seq_len`` tokens."""
     from transformers import AutoTokenizer
@@ -104,7 +86,7 @@ def write_corpus(out: Path, model_dir: Path, seq_len: int) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     budget = seq_len - 2  # [CLS] ... [SEP] added by the tokenizer
     docs, current, used = [], [], 0
-    for line in (tt.DATA / "train.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (SCICITE / "train.jsonl").read_text(encoding="utf-8").splitlines():
         text = " ".join(json.loads(line)["text"].split())
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if current and used + n > budget:
@@ -117,23 +99,6 @@ def write_corpus(out: Path, model_dir: Path, seq_len: int) -> Path:
     corpus = out / "corpus.txt"
     corpus.write_text("".join(d + "\n" for d in docs), encoding="utf-8")
     return corpus
-
-
-def prepare(out: Path, model_dir: Path, corpus: Path, seq_len: int) -> Path:
-    tt.scilm(
-        "prepare",
-        str(tt.REPO / "jobs/prepare.yaml"),
-        "cluster=none",
-        "task=causal_lm",
-        "data.format=text",
-        f"model.name_or_path={model_dir}",
-        f"run.dir={out}",
-        f"data.train={corpus}",
-        f"data.max_length={seq_len}",
-        "data.overwrite=true",
-        log=out / "prepare.log",
-    )
-    return out / "shards"
 
 
 # ---------------------------------------------------------------- measuring a run
@@ -187,48 +152,33 @@ def model_flops_per_token(model_dir: Path, seq_len: int) -> tuple[float, int]:
 def hf_worker(args: argparse.Namespace) -> None:
     """(a) in this process; writes its step end times to a JSON file."""
     import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM
 
     from scilm_hpc.data.dataset import ShardDataset
     from scilm_hpc.tasks import get_task
 
     shards = ShardDataset(args.shards, "train")
     examples = [shards[i] for i in range(len(shards))]
-    pad = 0
-
     gpu = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir)
-    clock = tt.step_clock()
-    training = TrainingArguments(
-        output_dir=str(args.out / "hf" / "trainer"),
+    _, run = hf_train(
+        AutoModelForCausalLM.from_pretrained(args.model_dir),
+        examples,
+        lambda items: get_task("causal_lm").collate(items, 0),
+        args.out / "hf" / "trainer",
         per_device_train_batch_size=args.micro_batch_size,
         max_steps=args.steps,
         learning_rate=args.lr,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
         seed=args.seed,
         bf16=gpu,
         use_cpu=not gpu,
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         dataloader_pin_memory=gpu,
         remove_unused_columns=False,
     )
-    trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=examples,  # a list is a map-style dataset
-        data_collator=lambda items: get_task("causal_lm").collate(items, pad),
-        callbacks=[clock],
-    )
-    trainer.train()
     result = {
-        "threads": torch.get_num_threads(),
-        "optimizer": str(getattr(training.optim, "value", training.optim)),
+        "threads": run["threads"],
+        "optimizer": run["optimizer"],
         "precision": "bf16" if gpu else "fp32",
-        "step_ends": clock.ends,
+        "step_ends": run["ends"],
         "gpu_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else None,
     }
     (args.out / "hf" / "result.json").write_text(json.dumps(result))
@@ -236,39 +186,31 @@ def hf_worker(args: argparse.Namespace) -> None:
 
 def summarize(step_s: list[float], warmup: int, samples_per_step: int, seq_len: int) -> dict:
     timed = step_s[warmup:] or step_s
-    median = statistics.median(timed)
+    step = median(timed)
     return {
         "steps": len(step_s),
         "steps_timed": len(timed),
-        "step_s_median": median,
-        "samples_per_s": samples_per_step / median,
-        "tokens_per_s": samples_per_step * seq_len / median,
+        "step_s_median": step,
+        "samples_per_s": samples_per_step / step,
+        "tokens_per_s": samples_per_step * seq_len / step,
     }
 
 
 def run_hf(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--hf-worker",
-        "--shards",
-        str(shards),
-        "--model-dir",
-        str(args.model_dir),
-        "--out",
-        str(args.out),
-        "--steps",
-        str(args.steps),
-        "--micro-batch-size",
-        str(args.micro_batch_size),
-        "--lr",
-        str(args.lr),
-        "--seed",
-        str(args.seed),
-    ]
+    cmd = worker_command(
+        __file__,
+        hf_worker=True,
+        shards=shards,
+        model_dir=args.model_dir,
+        out=args.out,
+        steps=args.steps,
+        micro_batch_size=args.micro_batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
     (args.out / "hf").mkdir(parents=True, exist_ok=True)
     with GpuMemory() as gpu_mem:
-        proc = tt.run_process(cmd, args.out / "hf.log", {**os.environ, **tt_env()})
+        proc = run_measured(cmd, args.out / "hf.log", {**os.environ, **device_env()})
     result = json.loads((args.out / "hf" / "result.json").read_text())
     ends = result.pop("step_ends")
     return {
@@ -279,7 +221,7 @@ def run_hf(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
     }
 
 
-def run_scilm(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
+def scilm_finetune(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
     run_dir = args.out / "scilm"
     gpu = on_gpu()
     overrides = [
@@ -300,13 +242,12 @@ def run_scilm(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
         "train.eval_every=0",
     ]
     with GpuMemory() as gpu_mem:
-        proc = tt.run_process(
-            [tt.SCILM, "finetune", str(tt.REPO / "jobs/finetune.yaml"), *overrides],
+        proc = run_measured(
+            [*SCILM, "finetune", str(REPO / "jobs/finetune.yaml"), *overrides],
             args.out / "scilm.log",
-            {**os.environ, **tt_env()},
+            {**os.environ, **device_env()},
         )
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "samples_per_s" in r]
+    steps = step_rows(run_dir)
     samples = args.micro_batch_size
     step_s = [samples / r["samples_per_s"] for r in steps]
     return {
@@ -314,39 +255,16 @@ def run_scilm(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
         "precision": "bf16",
         "zero_stage": args.zero_stage,
         "gpu_peak_mb": gpu_mem.peak_mb,
-        "data_fraction_median": statistics.median(r["data_fraction"] for r in steps),
+        "data_fraction_median": median(r["data_fraction"] for r in steps),
         **summarize(step_s, args.warmup, samples, args.seq_len),
     }
 
 
-def tt_env() -> dict[str, str]:
+def device_env() -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if not on_gpu():
         env["DS_ACCELERATOR"] = "cpu"
     return env
-
-
-def matmul_peak_tflops(dtype_name: str) -> float:
-    """Best TFLOP/s of a square ``torch.matmul`` on this run's device."""
-    if not on_gpu():
-        return tt.matmul_peak_gflops(dtype_name) / 1e3
-    import torch
-
-    n, dtype = 8192, getattr(torch, dtype_name)
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3):
-        torch.matmul(a, b)
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * n**3 / best / 1e12
 
 
 def main() -> None:
@@ -367,7 +285,7 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ.update(tt_env())
+    os.environ.update(device_env())
     if args.hf_worker:
         hf_worker(args)
         return
@@ -379,17 +297,31 @@ def main() -> None:
     # (a) on a CPU is fp32 (HF's CPU bf16 is an autocast like scilm's: compare the
     # default a tutorial gets); its MFU is against the fp32 peak
     hf_precision = "bf16" if gpu else "fp32"
-    peak = {"bf16": matmul_peak_tflops("bfloat16"), "fp32": matmul_peak_tflops("float32")}
-    args.model_dir = make_model(args.out, args.size, args.seq_len)
-    corpus = write_corpus(args.out, args.model_dir, args.seq_len)
-    shards = prepare(args.out, args.model_dir, corpus, args.seq_len)
+    device = "cuda" if gpu else "cpu"
+    peak = {
+        p: matmul_peak_gflops(d, device) / 1e3
+        for p, d in (("bf16", "bfloat16"), ("fp32", "float32"))
+    }
+    model_dir = random_llama(
+        args.out / f"llama-{args.size}", SIZES[args.size], max(args.seq_len, 128)
+    )
+    args.model_dir = model_dir
+    corpus = write_corpus(args.out, model_dir, args.seq_len)
+    shards = prepare_shards(
+        args.out,
+        {"train": corpus},
+        "task=causal_lm",
+        "data.format=text",
+        f"model.name_or_path={model_dir}",
+        f"data.max_length={args.seq_len}",
+    )
     from scilm_hpc.data.dataset import ShardDataset
 
     lengths = ShardDataset(shards, "train").lengths()
     # documents are cut at about seq_len tokens; the FLOPs use the mean real length
     args.seq_len = int(round(float(np.mean(lengths))))
     flops_token, params = model_flops_per_token(args.model_dir, args.seq_len)
-    runs = {"hf": run_hf(args, shards), "scilm": run_scilm(args, shards)}
+    runs = {"hf": run_hf(args, shards), "scilm": scilm_finetune(args, shards)}
     runs["hf"]["precision"] = hf_precision
     for run in runs.values():
         run["model_tflops_per_s"] = run["tokens_per_s"] * flops_token / 1e12

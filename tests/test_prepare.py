@@ -216,6 +216,7 @@ def test_parallel_prepare_equals_serial(scilm, tmp_path, demo_corpus, tiny_model
     assert mpi.returncode == 0, mpi.stderr
     manifest = json.loads((tmp_path / "mpi" / "shards" / "manifest.json").read_text())
     assert manifest["prepare"]["ranks"] == 2
+    assert len(manifest["prepare"]["rank_seconds"]) == 2  # read by benchmarks/prepare.py
     assert _shard_digests(tmp_path / "mpi" / "shards") == serial
 
 
