@@ -22,10 +22,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scilm_hpc import schema
+from scilm_hpc.compress.recipe import recipe_problems
 from scilm_hpc.errors import ConfigError
 from scilm_hpc.launch.slurm import unsafe_values
 from scilm_hpc.model_source import path_problem
-from scilm_hpc.schema import JobConfig
+from scilm_hpc.schema import JobConfig, check_at_least, check_choice
 from scilm_hpc.tasks import TASKS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -275,16 +276,6 @@ def to_yaml(job: JobConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(job))
 
 
-def _choice(problems: list[str], key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        problems.append(f"{key}: got {value!r}; allowed: {', '.join(map(str, allowed))}")
-
-
-def _at_least(problems: list[str], key: str, value: float | None, low: float) -> None:
-    if value is not None and value < low:
-        problems.append(f"{key}: got {value!r}; must be >= {low}")
-
-
 def validate(job: JobConfig) -> list[str]:
     """Checks between fields. Side-effect free: it reads the filesystem, writes nothing.
 
@@ -292,13 +283,13 @@ def validate(job: JobConfig) -> list[str]:
         One line per problem, each naming the dotted key and what is allowed.
     """
     p: list[str] = []
-    _choice(p, "job", job.job, schema.JOB_KINDS)
-    _choice(p, "task", job.task, schema.TASKS)
+    check_choice(p, "job", job.job, schema.JOB_KINDS)
+    check_choice(p, "task", job.task, schema.TASKS)
     d = job.data
-    _choice(p, "data.format", d.format, schema.DATA_FORMATS)
-    _choice(p, "data.compression", d.compression, schema.SHARD_COMPRESSIONS)
+    check_choice(p, "data.format", d.format, schema.DATA_FORMATS)
+    check_choice(p, "data.compression", d.compression, schema.SHARD_COMPRESSIONS)
     for key in ("max_length", "examples_per_shard", "tokenize_batch_size"):
-        _at_least(p, f"data.{key}", getattr(d, key), 1)
+        check_at_least(p, f"data.{key}", getattr(d, key), 1)
     if d.compression == "gzip" and not 0 <= d.compression_level <= 9:
         p.append(f"data.compression_level: got {d.compression_level}; allowed: 0 to 9 for gzip")
     if job.job == "prepare" and d.format in schema.DATA_FORMATS and job.task in TASKS:
@@ -330,10 +321,10 @@ def validate(job: JobConfig) -> list[str]:
     if model_problem:
         p.append(model_problem)
     t = job.train
-    _choice(p, "train.precision", t.precision, schema.PRECISIONS)
-    _choice(p, "train.schedule", t.schedule, schema.SCHEDULES)
+    check_choice(p, "train.precision", t.precision, schema.PRECISIONS)
+    check_choice(p, "train.schedule", t.schedule, schema.SCHEDULES)
     for key in ("epochs", "micro_batch_size", "gradient_accumulation", "keep_last", "log_every"):
-        _at_least(p, f"train.{key}", getattr(t, key), 1)
+        check_at_least(p, f"train.{key}", getattr(t, key), 1)
     for key in (
         "lr",
         "weight_decay",
@@ -342,7 +333,7 @@ def validate(job: JobConfig) -> list[str]:
         "eval_every",
         "checkpoint_every",
     ):
-        _at_least(p, f"train.{key}", getattr(t, key), 0)
+        check_at_least(p, f"train.{key}", getattr(t, key), 0)
     if t.best_metric is not None and (not t.best_metric.startswith("dev_") or not t.eval_every):
         p.append(
             f"train.best_metric: got {t.best_metric!r}; needs a dev metric name such as "
@@ -365,7 +356,7 @@ def validate(job: JobConfig) -> list[str]:
         p.append(
             "train.precision: fp16 needs GPUs (cluster.gpus_per_node > 0); on CPU use bf16 or fp32"
         )
-    _choice(p, "zero.stage", job.zero.stage, (0, 1, 2, 3))
+    check_choice(p, "zero.stage", job.zero.stage, (0, 1, 2, 3))
     if job.zero.config_file is not None and not Path(job.zero.config_file).is_file():
         p.append(f"zero.config_file: '{job.zero.config_file}' does not exist")
     if job.zero.offload_params and job.zero.stage != 3:
@@ -374,12 +365,12 @@ def validate(job: JobConfig) -> list[str]:
             f"zero.stage={job.zero.stage}"
         )
     c = job.cluster
-    _choice(p, "cluster.backend", c.backend, schema.CLUSTER_BACKENDS)
+    check_choice(p, "cluster.backend", c.backend, schema.CLUSTER_BACKENDS)
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
-        _at_least(p, f"cluster.{key}", getattr(c, key), 1)
-    _at_least(p, "cluster.gpus_per_node", c.gpus_per_node, 0)
-    _at_least(p, "cluster.signal_delay_s", c.signal_delay_s, 0)
-    _at_least(p, "cluster.max_requeues", c.max_requeues, 0)
+        check_at_least(p, f"cluster.{key}", getattr(c, key), 1)
+    check_at_least(p, "cluster.gpus_per_node", c.gpus_per_node, 0)
+    check_at_least(p, "cluster.signal_delay_s", c.signal_delay_s, 0)
+    check_at_least(p, "cluster.max_requeues", c.max_requeues, 0)
     if c.backend == "slurm" and c.time_min * 60 - c.signal_delay_s < MIN_SIGNAL_LEAD_S:
         # Until Python has imported the job, USR2 still has its default action (terminate):
         # a signal that early would fail the job instead of checkpointing it.
@@ -389,92 +380,10 @@ def validate(job: JobConfig) -> list[str]:
             f"it starts, before it can checkpoint; lower it or raise cluster.time_min"
         )
     p += unsafe_values(job)
-    _choice(p, "eval.split", job.eval.split, schema.SPLITS)
-    _at_least(p, "eval.batch_size", job.eval.batch_size, 1)
+    check_choice(p, "eval.split", job.eval.split, schema.SPLITS)
+    check_at_least(p, "eval.batch_size", job.eval.batch_size, 1)
     if job.job == "compress":
-        p += validate_compress(job)
-    return p
-
-
-def validate_compress(job: JobConfig) -> list[str]:
-    """Checks of a compress job: the recipe's steps, one task, a CPU-side ZeRO stage."""
-    p: list[str] = []
-    c = job.compress
-    _choice(p, "compress.eval_split", c.eval_split, schema.SPLITS)
-    for key in ("latency_batch", "latency_repeats"):
-        _at_least(p, f"compress.{key}", getattr(c, key), 1)
-    for key in ("eval_examples", "latency_threads"):
-        _at_least(p, f"compress.{key}", getattr(c, key), 0)
-    if not c.steps:
-        p.append(
-            f"compress.steps: the recipe '{c.name}' has no steps; pick one with compress=NAME "
-            f"(available: {', '.join(group_choices('compress')) or 'none'})"
-        )
-    if job.cluster.world_size() != 1:
-        p.append(
-            f"cluster: compress runs as one task, got {job.cluster.world_size()} "
-            f"(cluster.nodes x cluster.tasks_per_node); set cluster.tasks_per_node=1"
-        )
-    quantized = False
-    for i, step in enumerate(c.steps):
-        key = f"compress.steps.{i}"
-        _choice(p, f"{key}.kind", step.kind, schema.COMPRESS_KINDS)
-        if quantized:
-            p.append(f"{key}: comes after a quantize step; quantise last")
-        if step.kind == "prune":
-            _choice(p, f"{key}.method", step.method, schema.PRUNE_METHODS)
-            _choice(p, f"{key}.pattern", step.pattern, schema.PRUNE_PATTERNS)
-            _choice(p, f"{key}.scope", step.scope, schema.PRUNE_SCOPES)
-            _choice(p, f"{key}.schedule", step.schedule, schema.PRUNE_SCHEDULES)
-            _at_least(p, f"{key}.calibration_batches", step.calibration_batches, 1)
-            if step.pattern == "nm":
-                if step.n is None or step.m is None or not 0 < step.n < step.m:
-                    p.append(
-                        f"{key}: N:M pruning keeps n of every m weights and needs "
-                        f"0 < n < m, got n={step.n}, m={step.m} (e.g. n: 2, m: 4)"
-                    )
-            elif step.sparsity is None or not 0.0 <= step.sparsity < 1.0:
-                p.append(f"{key}.sparsity: got {step.sparsity}; allowed: 0 <= sparsity < 1")
-            if step.method == "wanda" and step.scope == "global" and step.pattern == "unstructured":
-                p.append(
-                    f"{key}.scope: Wanda compares weights within output rows; use scope: layer"
-                )
-            if step.schedule == "gradual":
-                if step.method != "magnitude" or step.pattern != "unstructured":
-                    p.append(
-                        f"{key}.schedule: gradual pruning is magnitude, unstructured; got "
-                        f"method {step.method}, pattern {step.pattern}"
-                    )
-                following = c.steps[i + 1].kind if i + 1 < len(c.steps) else None
-                if following != "recover":
-                    p.append(
-                        f"{key}.schedule: gradual pruning happens during a recover step, "
-                        f"which must follow it"
-                    )
-        elif step.kind == "recover":
-            if step.steps is None or step.steps < 1:
-                p.append(f"{key}.steps: got {step.steps}; a recover step needs steps >= 1")
-            if not 0.0 <= step.alpha <= 1.0:
-                p.append(f"{key}.alpha: got {step.alpha}; allowed: 0 to 1 (weight of the KD loss)")
-            if step.temperature <= 0:
-                p.append(f"{key}.temperature: got {step.temperature}; must be > 0")
-            if job.zero.stage == 3:
-                p.append(
-                    "zero.stage: recovery runs on one task; ZeRO-3 partitions nothing there "
-                    "and its gathered parameters break the fixed masks; use zero.stage <= 2"
-                )
-        elif step.kind == "quantize":
-            quantized = True
-            _choice(p, f"{key}.method", step.method, schema.QUANT_METHODS)
-            if step.method == "dynamic":
-                if step.bits not in (None, 8):
-                    p.append(f"{key}.bits: dynamic quantisation is int8; got {step.bits}")
-                if step.group_size is not None:
-                    p.append(f"{key}.group_size: dynamic int8 is per output channel; remove it")
-            elif step.method == "weight_only":
-                _choice(p, f"{key}.bits", step.bits, (8, 4))
-            if step.group_size is not None and step.group_size < 2:
-                p.append(f"{key}.group_size: got {step.group_size}; must be >= 2 (or unset)")
+        p += recipe_problems(job, group_choices("compress"))
     return p
 
 

@@ -247,3 +247,15 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Free-form notes a user may keep with the run (never read by job code).
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+def check_choice(problems: list[str], key: str, value: Any, allowed: tuple) -> None:
+    """Append a problem naming ``key`` if ``value`` is not one of ``allowed``."""
+    if value not in allowed:
+        problems.append(f"{key}: got {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def check_at_least(problems: list[str], key: str, value: float | None, low: float) -> None:
+    """Append a problem naming ``key`` if ``value`` is set and below ``low``."""
+    if value is not None and value < low:
+        problems.append(f"{key}: got {value!r}; must be >= {low}")

@@ -1,0 +1,100 @@
+"""The rules a compression recipe (``configs/compress/NAME.yaml``) must follow.
+
+``config.validate`` runs them for a compress job, so a bad recipe is refused with
+every problem at once, before anything is submitted.
+"""
+
+from __future__ import annotations
+
+from scilm_hpc import schema
+from scilm_hpc.schema import JobConfig, check_at_least, check_choice
+
+
+def recipe_problems(job: JobConfig, recipes: list[str]) -> list[str]:
+    """Checks of a compress job: the recipe's steps, one task, a CPU-side ZeRO stage.
+
+    Args:
+        job: the compress job.
+        recipes: the recipe names ``compress=NAME`` may pick (for the message).
+
+    Returns:
+        One line per problem, each naming the dotted key and what is allowed.
+    """
+    p: list[str] = []
+    c = job.compress
+    check_choice(p, "compress.eval_split", c.eval_split, schema.SPLITS)
+    for key in ("latency_batch", "latency_repeats"):
+        check_at_least(p, f"compress.{key}", getattr(c, key), 1)
+    for key in ("eval_examples", "latency_threads"):
+        check_at_least(p, f"compress.{key}", getattr(c, key), 0)
+    if not c.steps:
+        p.append(
+            f"compress.steps: the recipe '{c.name}' has no steps; pick one with compress=NAME "
+            f"(available: {', '.join(recipes) or 'none'})"
+        )
+    if job.cluster.world_size() != 1:
+        p.append(
+            f"cluster: compress runs as one task, got {job.cluster.world_size()} "
+            f"(cluster.nodes x cluster.tasks_per_node); set cluster.tasks_per_node=1"
+        )
+    quantized = False
+    for i, step in enumerate(c.steps):
+        key = f"compress.steps.{i}"
+        check_choice(p, f"{key}.kind", step.kind, schema.COMPRESS_KINDS)
+        if quantized:
+            p.append(f"{key}: comes after a quantize step; quantise last")
+        if step.kind == "prune":
+            check_choice(p, f"{key}.method", step.method, schema.PRUNE_METHODS)
+            check_choice(p, f"{key}.pattern", step.pattern, schema.PRUNE_PATTERNS)
+            check_choice(p, f"{key}.scope", step.scope, schema.PRUNE_SCOPES)
+            check_choice(p, f"{key}.schedule", step.schedule, schema.PRUNE_SCHEDULES)
+            check_at_least(p, f"{key}.calibration_batches", step.calibration_batches, 1)
+            if step.pattern == "nm":
+                if step.n is None or step.m is None or not 0 < step.n < step.m:
+                    p.append(
+                        f"{key}: N:M pruning keeps n of every m weights and needs "
+                        f"0 < n < m, got n={step.n}, m={step.m} (e.g. n: 2, m: 4)"
+                    )
+            elif step.sparsity is None or not 0.0 <= step.sparsity < 1.0:
+                p.append(f"{key}.sparsity: got {step.sparsity}; allowed: 0 <= sparsity < 1")
+            if step.method == "wanda" and step.scope == "global" and step.pattern == "unstructured":
+                p.append(
+                    f"{key}.scope: Wanda compares weights within output rows; use scope: layer"
+                )
+            if step.schedule == "gradual":
+                if step.method != "magnitude" or step.pattern != "unstructured":
+                    p.append(
+                        f"{key}.schedule: gradual pruning is magnitude, unstructured; got "
+                        f"method {step.method}, pattern {step.pattern}"
+                    )
+                following = c.steps[i + 1].kind if i + 1 < len(c.steps) else None
+                if following != "recover":
+                    p.append(
+                        f"{key}.schedule: gradual pruning happens during a recover step, "
+                        f"which must follow it"
+                    )
+        elif step.kind == "recover":
+            if step.steps is None or step.steps < 1:
+                p.append(f"{key}.steps: got {step.steps}; a recover step needs steps >= 1")
+            if not 0.0 <= step.alpha <= 1.0:
+                p.append(f"{key}.alpha: got {step.alpha}; allowed: 0 to 1 (weight of the KD loss)")
+            if step.temperature <= 0:
+                p.append(f"{key}.temperature: got {step.temperature}; must be > 0")
+            if job.zero.stage == 3:
+                p.append(
+                    "zero.stage: recovery runs on one task; ZeRO-3 partitions nothing there "
+                    "and its gathered parameters break the fixed masks; use zero.stage <= 2"
+                )
+        elif step.kind == "quantize":
+            quantized = True
+            check_choice(p, f"{key}.method", step.method, schema.QUANT_METHODS)
+            if step.method == "dynamic":
+                if step.bits not in (None, 8):
+                    p.append(f"{key}.bits: dynamic quantisation is int8; got {step.bits}")
+                if step.group_size is not None:
+                    p.append(f"{key}.group_size: dynamic int8 is per output channel; remove it")
+            elif step.method == "weight_only":
+                check_choice(p, f"{key}.bits", step.bits, (8, 4))
+            if step.group_size is not None and step.group_size < 2:
+                p.append(f"{key}.group_size: got {step.group_size}; must be >= 2 (or unset)")
+    return p
