@@ -1,5 +1,9 @@
 """``token_classification``: one tag per word (biomedical NER, per-residue labels).
 
+Input: CoNLL, or JSONL with a list of tags in ``data.label_field`` beside a list of
+words or a protein sequence in ``data.text_field`` (each residue a word, as in
+``antiberta-paratope``).
+
 Word tags are aligned to sub-word tokens at prepare time (the first sub-word of
 a word carries the tag, the rest and the special tokens ``IGNORE_INDEX``) and
 stored as the per-token column ``token_labels``. Metrics: entity-level precision /
@@ -62,9 +66,13 @@ class TokenClassification(Task):
 
     name = "token_classification"
     auto_class_name = "AutoModelForTokenClassification"
-    formats = ("conll",)
+    formats = ("conll", "jsonl")
+    label_kind = "tags"
     headline = ("precision", "recall", "f1", "token_accuracy", "loss")
     main_metric = ("f1", True)
+
+    def label_field(self, configured: str) -> str | None:
+        return configured  # JSONL: a list of tags; CoNLL ignores it (data.tag_column)
 
     def example_labels(self, example: Example) -> tuple[str, ...]:
         return example.tags or ()
