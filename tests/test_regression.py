@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,37 +18,7 @@ from scilm_hpc.tasks.regression import Regression, regression_metrics
 from scilm_hpc.train.evaluation import is_better
 
 from .conftest import REPO, scilm_run
-
-AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def protein_bert(out: Path, extra: str = "", layers: int = 2) -> Path:
-    """A tiny random BERT with an AntiBERTy-style vocabulary: the special tokens and one
-    token per amino acid (plus ``extra`` letters), case-sensitive."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = SPECIALS + list(AMINO_ACIDS + extra)
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer(vocab=str(out / "vocab.txt"), do_lower_case=False)
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertForSequenceClassification(config).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_protein_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return protein_bert(tmp_path_factory.mktemp("protein-bert"))
+from .protein_fixtures import AMINO_ACIDS
 
 
 def fitness_rows(n: int, seed: int) -> list[dict]:

@@ -200,9 +200,13 @@ def _tagged_example(
     label_field: str,
     problems: _Problems,
 ) -> list[Example]:
-    """Words (a list, or a sequence's residues: one character each, whitespace ignored)
-    with one tag each."""
-    words = tuple(text) if isinstance(text, list) else tuple(c for c in text if not c.isspace())
+    """Words (a list, or a sequence's residues: one character each, whitespace and a
+    trailing ``*`` ignored) with one tag each."""
+    if isinstance(text, list):
+        words = tuple(text)
+    else:  # residues; a trailing stop codon is no residue
+        words = tuple(c for c in text if not c.isspace())
+        words = words[:-1] if words[-1:] == ("*",) else words
     if not isinstance(raw, list) or not raw or not all(isinstance(t, str) and t for t in raw):
         problems.add(
             number,
