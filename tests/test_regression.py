@@ -156,27 +156,33 @@ def test_regression_prepare_finetune_evaluate(tmp_path, tiny_protein_bert, write
     )
 
     run = tmp_path / "run"
-    done = scilm_run(
+    done = scilm_run(  # two ranks under ZeRO-2: dev results gathered over ranks
         "finetune",
         str(REPO / "jobs/finetune.yaml"),
-        *common,
+        "task=regression",
+        f"model.name_or_path={tiny_protein_bert}",
+        "cluster=local",
+        "cluster.tasks_per_node=2",
         f"run.dir={run}",
         f"data.shards={data / 'shards'}",
         "train.micro_batch_size=8",
-        "train.epochs=4",
+        "train.epochs=6",
         "train.lr=2e-3",
         "train.log_every=1",
-        "train.eval_every=8",
+        "train.eval_every=6",
         "train.best_metric=dev_spearman",
-        "zero.stage=0",
+        "zero.stage=2",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in rows if "loss" in r and "dev_loss" not in r]
-    assert len(train_losses) == 32
-    assert np.mean(train_losses[-8:]) < np.mean(train_losses[:8])
+    assert len(train_losses) == 24  # 64 examples / (8 x 2 ranks) x 6 epochs
+    assert np.mean(train_losses[-6:]) < np.mean(train_losses[:6])
     dev_evals = [r for r in rows if "dev_spearman" in r]
-    assert [r["step"] for r in dev_evals] == [8, 16, 24, 32]
+    assert [r["step"] for r in dev_evals] == [6, 12, 18, 24]
+    assert all(r["dev_n_examples"] == 16 for r in dev_evals)
+    best = max(dev_evals, key=lambda r: r["dev_spearman"])
+    assert (run / "checkpoints" / f"step_{best['step']}").is_dir()  # kept as the best
     assert {"dev_pearson", "dev_mae", "dev_rmse", "dev_loss"} <= dev_evals[0].keys()
     model = AutoModelForSequenceClassification.from_pretrained(run / "export")
     assert model.config.problem_type == "regression" and model.config.num_labels == 1
