@@ -106,6 +106,17 @@ def test_model_with_another_number_of_outputs_is_refused():
         task.example_results(torch.zeros(2, 3), batch)
 
 
+def test_distillation_matches_regression_outputs_by_mse():
+    from scilm_hpc.compress.recover import distillation_loss
+
+    teacher = torch.tensor([[0.5], [-1.0], [2.0]])
+    assert distillation_loss(teacher, teacher, {}, "regression", 2.0) == 0
+    moved = teacher + torch.tensor([[0.1], [0.0], [-0.2]])
+    assert distillation_loss(moved, teacher, {}, "regression", 2.0).item() == pytest.approx(
+        (0.01 + 0.04) / 3
+    )
+
+
 def test_best_metric_directions():
     assert is_better(0.5, 0.4, "dev_spearman") and not is_better(0.3, 0.4, "dev_spearman")
     assert is_better(0.3, 0.4, "dev_rmse") and is_better(0.3, 0.4, "dev_mae")

@@ -62,6 +62,9 @@ class Task(ABC):
     has_label_map: ClassVar[bool] = True
     #: what a record's label field holds (``data.readers.LABEL_KINDS``)
     label_kind: ClassVar[str] = "name"
+    #: the model outputs values, not class scores: distillation matches them by MSE
+    #: (a KL of softmaxes over one output is always zero)
+    outputs_values: ClassVar[bool] = False
     #: metrics shown in the report's table, in order
     headline: ClassVar[tuple[str, ...]]
     #: the metric a trade-off is judged by, and whether higher is better

@@ -118,6 +118,7 @@ class Regression(Task):
     formats = ("jsonl", "csv", "fasta")
     has_label_map = False
     label_kind = "values"
+    outputs_values = True
     headline = ("spearman", "pearson", "mae", "rmse", "loss")
     main_metric = ("spearman", True)
 
