@@ -50,7 +50,7 @@ def test_fasta_multiline_lower_case_stop_codon_and_header_labels(tmp_path):
         "ILNGK\n"
         "\n"
         "TLK*\n"
-        ">p2|kind=other|fitness=-0.25\n"  # line 7
+        ">sp|p2|kind=other|fitness=-0.25\n"  # line 7: UniProt-style id
         "ACD EF*\n",
     )
     first, second = read_corpus(path, "fasta", label_field="kind")

@@ -8,8 +8,8 @@ and one trailing ``*`` (a stop codon) is stripped. A record's label comes from a
     >GB1_VDGV fitness=1.0 variant=VDGV
     MQYKLILNGKTLKGETTTEAVDAATAEKVFKQYANDNGVDGEWTYDDATKTFTVTE
 
-Fields are separated by whitespace or ``|``; the first word of the header is the
-record's id. Lines starting with ``;`` are comments. A record with no residue, a
+Fields are separated by whitespace or ``|``; the header's first whitespace-separated
+word is the record's id. Lines starting with ``;`` are comments. A record with no residue, a
 sequence line before the first header or a missing label field is reported with
 its line number.
 """
@@ -25,11 +25,11 @@ _FIELD_SEPARATORS = re.compile(r"[\s|]+")
 
 
 def header_fields(header: str) -> tuple[str, dict[str, str]]:
-    """The record id (the header's first word) and its ``key=value`` fields."""
-    words = [w for w in _FIELD_SEPARATORS.split(header.strip()) if w]
-    record_id = words[0] if words else ""
+    """The record id (the header's first whitespace-separated word, ``sp|P69905|HBA``
+    as a whole) and its ``key=value`` fields."""
+    record_id = header.split()[0] if header.strip() else ""
     fields = {}
-    for word in words[1:]:
+    for word in _FIELD_SEPARATORS.split(header.strip()):
         key, sep, value = word.partition("=")
         if sep and key:
             fields[key] = value

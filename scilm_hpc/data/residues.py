@@ -106,7 +106,7 @@ class ResidueChecker:
     def example(self, ex: Example) -> Example:
         """``ex`` with its residues cleaned, checked and (sequence tasks) joined."""
         if ex.words is not None:
-            words = [clean_sequence(w) for w in ex.words]
+            words = [w.strip().upper() for w in ex.words]  # the reader dropped a stop codon
             residues, tags = self._residues(ex, words, list(ex.tags or ()) or None)
             return replace(ex, words=tuple(residues), tags=None if tags is None else tuple(tags))
         residues, _ = self._residues(ex, list(clean_sequence(ex.text or "")), None)
