@@ -14,6 +14,9 @@ setup: $(BIN)/python
 	# torch first, pinned to the local CPU build: an unpinned torch pulls GBs of CUDA wheels
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[dev,mpi]"
+	# AntiBERTy (weights 100 MB) for the protein tests and `scilm import-model antiberty`;
+	# --no-deps as its data README says (0.1.3: 1.0 dropped the weights)
+	$(BIN)/pip install --no-deps antiberty==0.1.3
 
 system-deps:
 	bash scripts/install-system-deps.sh

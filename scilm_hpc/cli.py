@@ -175,6 +175,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_model(args: argparse.Namespace) -> int:
+    """``scilm import-model NAME OUT_DIR``: a packaged pretrained model as a HF directory."""
+    from scilm_hpc.model_import import import_model
+
+    out = import_model(args.name, args.out_dir)
+    print(f"{out}: {args.name} written; use it as model.name_or_path={out}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """``scilm validate JOB.yaml [key=value ...] [--data]``: check, submit nothing."""
     job = load_and_validate(args.job_file, args.overrides)
@@ -339,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the finetune's run directory")
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_200 (default: latest)")
     p.set_defaults(func=cmd_export)
+    p = _sub(
+        sub,
+        "import-model",
+        "write a model shipped inside a PyPI package as a model directory the jobs accept",
+        "scilm import-model antiberty models/antiberty",
+    )
+    p.add_argument("name", help="antiberty (pip install --no-deps antiberty==0.1.3)")
+    p.add_argument("out_dir", help="the directory to write (must not exist)")
+    p.set_defaults(func=cmd_import_model)
     p = _sub(
         sub,
         "validate",

@@ -288,6 +288,12 @@ def validate(job: JobConfig) -> list[str]:
     d = job.data
     check_choice(p, "data.format", d.format, schema.DATA_FORMATS)
     check_choice(p, "data.compression", d.compression, schema.SHARD_COMPRESSIONS)
+    check_choice(p, "data.unknown_residue", d.unknown_residue, schema.UNKNOWN_RESIDUE_POLICIES)
+    if d.residue_separator not in (None, "", " "):
+        p.append(
+            f"data.residue_separator: got {d.residue_separator!r}; allowed: '' (residues "
+            f"side by side), ' ' (one residue a word) or null (not a protein corpus)"
+        )
     for key in ("max_length", "examples_per_shard", "tokenize_batch_size"):
         check_at_least(p, f"data.{key}", getattr(d, key), 1)
     if d.compression == "gzip" and not 0 <= d.compression_level <= 9:

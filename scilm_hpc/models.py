@@ -41,7 +41,8 @@ def build_model(
     """A pretrained model with a head for ``task`` (new heads initialised by the caller's seed).
 
     Args:
-        task: the task (name or object).
+        task: the task (name or object; a task that learned from the shards, such as
+            regression, must come bound to their manifest: ``get_task(name, manifest)``).
         name_or_path: as in ``model.name_or_path``.
         labels: the label map of the shards (index = class id); empty for causal LM.
         revision: hub revision.
@@ -64,6 +65,8 @@ def build_model(
             f"model.name_or_path: cannot load '{name_or_path}' for task '{task.name}' "
             f"({_first_line(exc)})"
         ) from None
+    for key, value in task.config_attributes().items():
+        setattr(model.config, key, value)
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if unexpected or [k for k in missing if "position_ids" not in k]:

@@ -15,8 +15,9 @@ from typing import Any
 from omegaconf import MISSING
 
 JOB_KINDS = ("prepare", "finetune", "compress", "evaluate")
-TASKS = ("classification", "token_classification", "causal_lm")
-DATA_FORMATS = ("jsonl", "csv", "conll", "text")
+TASKS = ("classification", "token_classification", "causal_lm", "regression")
+DATA_FORMATS = ("jsonl", "csv", "conll", "fasta", "text")
+UNKNOWN_RESIDUE_POLICIES = ("refuse", "map_x", "skip")
 SHARD_COMPRESSIONS = ("none", "gzip", "lzf")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -59,6 +60,13 @@ class DataConfig:
     token_column: int = 0
     tag_column: int = -1
     csv_delimiter: str = ","
+    # Protein sequences (see docs/protein.md): set for a protein corpus, "" (ESM: residues
+    # side by side) or " " (AntiBERTy, ProtBert: one residue a word); None: natural text.
+    # FASTA input is always protein ("" unless set).
+    residue_separator: str | None = None
+    # A residue the tokenizer does not know: refuse (error naming record and character),
+    # map_x (replace with X), skip (drop it, with its tag); counted in the manifest.
+    unknown_residue: str = "refuse"
     shards: str = "${run.dir}/shards"
     max_length: int = 128
     examples_per_shard: int = 4096

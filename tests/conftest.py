@@ -153,4 +153,5 @@ def shards(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Pa
     return prepare_demo_shards(tmp_path_factory.mktemp("ft-data"), tiny_model_dir, 96, 30, 10)
 
 
+from .protein_fixtures import tiny_protein_bert  # noqa: E402,F401  (protein tests' tiny BERT)
 from .slurm_fixtures import slurm_cluster  # noqa: E402,F401  (the `slurm` tier's cluster)

@@ -93,7 +93,7 @@ def test_valid_job_passes(scilm: Scilm, job_file: Path, tmp_path: Path) -> None:
         ("data.overwrite=maybe", ["data.overwrite: expected true or false"]),
         ("zero.stage=4", ["zero.stage: got 4; allowed: 0, 1, 2, 3"]),
         ("task=foo", ["task: got 'foo'; allowed: classification, token_classification, causal_lm"]),
-        ("data.format=xml", ["data.format: got 'xml'; allowed: jsonl, csv, conll, text"]),
+        ("data.format=xml", ["data.format: got 'xml'; allowed: jsonl, csv, conll, fasta, text"]),
         ("train.lr=-1", ["train.lr: got -1.0; must be >= 0"]),
         ("data.split.dev_ratio=-0.1", ["data.split.dev_ratio: got -0.1; allowed: 0 <= ratio < 1"]),
         ("data.dev=/nonexistent/dev.jsonl", ["data.dev: file '/nonexistent/dev.jsonl' does not"]),

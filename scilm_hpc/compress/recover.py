@@ -37,10 +37,14 @@ def distillation_loss(
     temperature: float,
 ) -> torch.Tensor:
     """KL(teacher || student) of softened distributions, mean over the positions the
-    task compares (examples, tagged tokens or real tokens)."""
-    keep = get_task(task).distill_positions(batch)
+    task compares (examples, tagged tokens or real tokens); for a task whose outputs
+    are values (regression) the MSE between them, temperature unused."""
+    task = get_task(task)
+    keep = task.distill_positions(batch)
     if keep is not None:
         student, teacher = student[keep], teacher[keep]
+    if task.outputs_values:
+        return F.mse_loss(student.float(), teacher.float())
     log_student = F.log_softmax(student.float() / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
     kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")

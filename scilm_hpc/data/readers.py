@@ -1,9 +1,14 @@
-"""Corpus readers: JSONL, CSV, CoNLL and plain text into ``Example`` records.
+"""Corpus readers: JSONL, CSV, CoNLL, FASTA and plain text into ``Example`` records.
 
 Readers decode bytes themselves so that a file that is not UTF-8, a malformed
 row or a missing field is reported with its file name and line number. They
 collect up to ``MAX_REPORTED`` problems per file before raising one UserError,
 so a user can fix a file in one pass.
+
+What a label is depends on the task (``label_kind``): a class name (``name``: a
+string or integer), one or more numbers (``values``: regression), or one tag per
+word (``tags``: a JSONL list beside a list of words, or beside a protein sequence
+whose residues are the words).
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from scilm_hpc.errors import UserError
 
 MAX_REPORTED = 10
+LABEL_KINDS = ("name", "values", "tags")
 
 
 @dataclass(frozen=True)
@@ -24,8 +31,9 @@ class Example:
     """One document (``text``) or one sentence (``words``) with its supervision.
 
     ``label`` is a document label (classification), ``tags`` one tag per word
-    (token classification); causal LM examples have neither. ``source`` is
-    ``path:line`` of the row it came from, for error messages.
+    (token classification), ``values`` one or more numbers (regression); causal LM
+    examples have none. ``source`` is ``path:line`` of the row it came from, for
+    error messages.
     """
 
     source: str
@@ -33,6 +41,7 @@ class Example:
     words: tuple[str, ...] | None = None
     label: str | None = None
     tags: tuple[str, ...] | None = None
+    values: tuple[float, ...] | None = None
 
 
 class _Problems:
@@ -86,7 +95,9 @@ def _label_text(value: object) -> str | None:
     return None
 
 
-def read_jsonl(path: Path, text_field: str, label_field: str | None) -> list[Example]:
+def read_jsonl(
+    path: Path, text_field: str, label_field: str | None, label_kind: str = "name"
+) -> list[Example]:
     """One JSON object a line with a text field and (unless None) a label field."""
     problems = _Problems(path)
     examples: list[Example] = []
@@ -102,7 +113,9 @@ def read_jsonl(path: Path, text_field: str, label_field: str | None) -> list[Exa
             problems.add(number, f"expected a JSON object, got {type(row).__name__}")
             continue
         examples.extend(
-            _row_example(row, f"{path}:{number}", number, text_field, label_field, problems)
+            _row_example(
+                row, f"{path}:{number}", number, text_field, label_field, problems, label_kind
+            )
         )
     problems.raise_if_any()
     return examples
@@ -115,6 +128,7 @@ def _row_example(
     text_field: str,
     label_field: str | None,
     problems: _Problems,
+    label_kind: str = "name",
 ) -> list[Example]:
     present = ", ".join(map(str, row)) or "none"
     text = row.get(text_field)
@@ -124,28 +138,97 @@ def _row_example(
             f"missing text field '{text_field}' (data.text_field); fields present: {present}",
         )
         return []
-    if not isinstance(text, str):
+    words_given = (
+        label_kind == "tags" and isinstance(text, list) and all(isinstance(w, str) for w in text)
+    )
+    if not isinstance(text, str) and not words_given:
+        allowed = "a string or a list of words" if label_kind == "tags" else "a string"
         problems.add(
-            number, f"text field '{text_field}' must be a string, got {type(text).__name__}"
+            number, f"text field '{text_field}' must be {allowed}, got {type(text).__name__}"
         )
         return []
     if label_field is None:
         return [Example(source=source, text=text)]
-    label = _label_text(row.get(label_field))
+    raw = row.get(label_field)
+    if label_kind == "values":
+        values = parse_values(raw)
+        if values is None:
+            problems.add(
+                number,
+                f"label field '{label_field}' (data.label_field) must be a number or a "
+                f"list of numbers, got {raw!r}; fields present: {present}",
+            )
+            return []
+        return [Example(source=source, text=text, values=values)]
+    if label_kind == "tags":
+        return _tagged_example(source, number, text, raw, label_field, problems)
+    label = _label_text(raw)
     if label is None or label == "":
-        what = "missing" if row.get(label_field) in (None, "") else "not a string or integer:"
+        what = "missing" if raw in (None, "") else "not a string or integer:"
         problems.add(
             number,
             f"label field '{label_field}' (data.label_field) {what} "
-            f"{'' if what == 'missing' else repr(row.get(label_field))}".rstrip()
+            f"{'' if what == 'missing' else repr(raw)}".rstrip()
             + f"; fields present: {present}",
         )
         return []
     return [Example(source=source, text=text, label=label)]
 
 
+def parse_values(raw: object) -> tuple[float, ...] | None:
+    """A regression label: a number, a list of numbers, or their text (CSV, FASTA
+    headers: ``1.5``, ``[1.5, 2]`` or ``1.5,2``); None if it is not one (or not finite)."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            raw = json.loads(text) if text.startswith("[") else [float(v) for v in text.split(",")]
+        except ValueError:
+            return None
+    items = raw if isinstance(raw, list) else [raw]
+    numbers = [v for v in items if isinstance(v, int | float) and not isinstance(v, bool)]
+    if not items or len(numbers) != len(items):
+        return None
+    values = tuple(float(v) for v in numbers)
+    return values if all(math.isfinite(v) for v in values) else None
+
+
+def _tagged_example(
+    source: str,
+    number: int,
+    text: str | list[str],
+    raw: object,
+    label_field: str,
+    problems: _Problems,
+) -> list[Example]:
+    """Words (a list, or a sequence's residues: one character each, whitespace and a
+    trailing ``*`` ignored) with one tag each."""
+    if isinstance(text, list):
+        words = tuple(text)
+    else:  # residues; a trailing stop codon is no residue
+        words = tuple(c for c in text if not c.isspace())
+        words = words[:-1] if words[-1:] == ("*",) else words
+    if not isinstance(raw, list) or not raw or not all(isinstance(t, str) and t for t in raw):
+        problems.add(
+            number,
+            f"label field '{label_field}' (data.label_field) must be a non-empty list of "
+            f"tags (strings), one per word, got {raw!r:.60}",
+        )
+        return []
+    if len(raw) != len(words):
+        unit = "words" if isinstance(text, list) else "residues"
+        problems.add(
+            number, f"{len(raw)} tags in '{label_field}' for {len(words)} {unit}; need one each"
+        )
+        return []
+    return [Example(source=source, words=words, tags=tuple(raw))]
+
+
 def read_csv(
-    path: Path, text_field: str, label_field: str | None, delimiter: str = ","
+    path: Path,
+    text_field: str,
+    label_field: str | None,
+    delimiter: str = ",",
+    label_kind: str = "name",
 ) -> list[Example]:
     """A CSV file with a header row naming the text and label columns."""
     problems = _Problems(path)
@@ -180,6 +263,7 @@ def read_csv(
                     text_field,
                     label_field,
                     problems,
+                    label_kind,
                 )
             )
     except csv.Error as exc:
@@ -265,8 +349,10 @@ def read_corpus(
     token_column: int = 0,
     tag_column: int = -1,
     csv_delimiter: str = ",",
+    label_kind: str = "name",
 ) -> list[Example]:
-    """Read one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``, ``text``).
+    """Read one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``, ``fasta``,
+    ``text``); ``label_kind`` (``LABEL_KINDS``) says what the label field holds.
 
     Raises:
         UserError: naming the file and line of every problem found (up to ten),
@@ -276,15 +362,19 @@ def read_corpus(
     if not path.is_file():
         raise UserError(f"{path}: corpus file does not exist")
     if fmt == "jsonl":
-        examples = read_jsonl(path, text_field, label_field)
+        examples = read_jsonl(path, text_field, label_field, label_kind)
     elif fmt == "csv":
-        examples = read_csv(path, text_field, label_field, csv_delimiter)
+        examples = read_csv(path, text_field, label_field, csv_delimiter, label_kind)
     elif fmt == "conll":
         examples = read_conll(path, token_column, tag_column)
+    elif fmt == "fasta":
+        from scilm_hpc.data.fasta import read_fasta
+
+        examples = read_fasta(path, label_field, label_kind)
     elif fmt == "text":
         examples = read_text(path)
     else:
-        raise UserError(f"data.format: got {fmt!r}; allowed: jsonl, csv, conll, text")
+        raise UserError(f"data.format: got {fmt!r}; allowed: jsonl, csv, conll, fasta, text")
     if not examples:
         raise UserError(f"{path}: the corpus is empty (no {fmt} example in it)")
     return examples

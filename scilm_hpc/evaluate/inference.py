@@ -41,7 +41,7 @@ def run_examples(
             one-example batch keeps this rank's collectives in step with the others
             (None: just the real batches).
     """
-    task = get_task(task)
+    task = get_task(task, dataset.manifest)
     device = getattr(model, "device", torch.device("cpu"))  # DeepSpeed engine or HF model
     order = np.asarray(indices, dtype=np.int64)
     if order.size:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from scilm_hpc import __version__
 from scilm_hpc.data.readers import Example, read_corpus
+from scilm_hpc.data.residues import ResidueChecker
 from scilm_hpc.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -42,7 +43,8 @@ from scilm_hpc.tasks import Task, get_task
 def read_splits(job: JobConfig) -> dict[str, list[Example]]:
     """Read the configured corpus files and apply the ratio split, in a fixed order."""
     d = job.data
-    label_field = get_task(job.task).label_field(d.label_field)
+    task = get_task(job.task)
+    label_field = task.label_field(d.label_field)
     splits: dict[str, list[Example]] = {}
     for split in SPLITS:
         path = getattr(d, split)
@@ -55,6 +57,7 @@ def read_splits(job: JobConfig) -> dict[str, list[Example]]:
                 token_column=d.token_column,
                 tag_column=d.tag_column,
                 csv_delimiter=d.csv_delimiter,
+                label_kind=task.label_kind,
             )
     if "train" not in splits:
         raise UserError("data.train: required for prepare: the training corpus file")
@@ -73,6 +76,25 @@ def read_splits(job: JobConfig) -> dict[str, list[Example]]:
         if not splits["train"]:
             raise UserError("data.split: the ratio split leaves no training example")
     return splits
+
+
+def residue_checker(job: JobConfig, tokenizer: Any) -> ResidueChecker | None:
+    """The protein-sequence check of a protein corpus (``data.residue_separator`` set,
+    or FASTA input), else None."""
+    separator = job.data.residue_separator
+    if separator is None and job.data.format != "fasta":
+        return None
+    return ResidueChecker(tokenizer, separator or "", job.data.unknown_residue)
+
+
+def check_residues(
+    checker: ResidueChecker, splits: dict[str, list[Example]]
+) -> dict[str, list[Example]]:
+    """Every split through the residue check (policy applied), tokenisation checked
+    on the first training example."""
+    checked = {split: checker.examples(examples) for split, examples in splits.items()}
+    checker.check_tokenisation(checked["train"][0])
+    return checked
 
 
 def build_label_map(task: Task, splits: dict[str, list[Example]]) -> list[str]:
@@ -154,7 +176,12 @@ class PrepareJob:
         tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
         task = get_task(job.task)
         splits = read_splits(job)
+        residues = residue_checker(job, tokenizer)
+        if residues is not None:
+            splits = check_residues(residues, splits)
         labels = build_label_map(task, splits)
+        task_state = task.fit(splits["train"])
+        task = task.bind(task_state)
         label_ids = {name: i for i, name in enumerate(labels)}
         plan = plan_shards(splits, job.data.examples_per_shard)
 
@@ -220,6 +247,9 @@ class PrepareJob:
                     infos.update(part)
                 rank_seconds = [e for _, e in gathered]
                 manifest = self._manifest(plan, infos, labels, tokenizer, comm, rank_seconds)
+                manifest["task_state"] = task_state
+                if residues is not None:
+                    manifest["residues"] = residues.summary()
                 write_manifest(staging, manifest)
                 self._publish(staging, target)
                 summary = {

@@ -14,6 +14,11 @@ task (``data.shards``): a column named ``token_*`` holds one value per token,
 aligned with ``input_ids``; any other column holds one row per example. The item
 key of a column drops the ``token_`` prefix, so ``token_labels`` and ``labels``
 both reach ``collate`` as ``labels``.
+
+A task may learn something from the training split at prepare time (``fit``:
+regression's label mean and standard deviation); the manifest stores it as
+``task_state`` and ``tasks.get_task(name, manifest)`` returns the task bound to it
+(``bind``), which is what inference and training use.
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ class Task(ABC):
     formats: ClassVar[tuple[str, ...]]
     #: whether the shards carry a label map (class or tag names)
     has_label_map: ClassVar[bool] = True
+    #: what a record's label field holds (``data.readers.LABEL_KINDS``)
+    label_kind: ClassVar[str] = "name"
+    #: the model outputs values, not class scores: distillation matches them by MSE
+    #: (a KL of softmaxes over one output is always zero)
+    outputs_values: ClassVar[bool] = False
     #: metrics shown in the report's table, in order
     headline: ClassVar[tuple[str, ...]]
     #: the metric a trade-off is judged by, and whether higher is better
@@ -77,7 +87,21 @@ class Task(ABC):
             "ignore_mismatched_sizes": True,
         }
 
+    def config_attributes(self) -> dict[str, Any]:
+        """Attributes ``models.build_model`` sets on the model's config (saved with every
+        export, so a plain ``from_pretrained`` user has them)."""
+        return {}
+
     # --- prepare -------------------------------------------------------------------
+    def fit(self, train: Sequence[Example]) -> dict[str, Any]:
+        """What the task learns from the training split (JSON; the manifest's
+        ``task_state``). Nothing by default."""
+        return {}
+
+    def bind(self, state: dict[str, Any]) -> Task:
+        """This task bound to a ``fit`` result (itself when it learns nothing)."""
+        return self
+
     def label_field(self, configured: str) -> str | None:
         """The record field read as the label (``data.label_field``), or None."""
         return None

@@ -30,7 +30,7 @@ class CausalLM(Task):
 
     name = "causal_lm"
     auto_class_name = "AutoModelForCausalLM"
-    formats = ("text", "jsonl", "csv")
+    formats = ("text", "jsonl", "csv", "fasta")
     has_label_map = False
     headline = ("loss", "perplexity")
     main_metric = ("perplexity", False)

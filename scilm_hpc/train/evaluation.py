@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-LOWER_IS_BETTER = ("loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity", "mae", "rmse")
 
 
 def is_better(value: float | None, best: float | None, metric: str) -> bool:

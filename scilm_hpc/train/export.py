@@ -75,6 +75,7 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
     from scilm_hpc.errors import UserError
     from scilm_hpc.model_source import load_tokenizer
     from scilm_hpc.models import build_model
+    from scilm_hpc.tasks import get_task
     from scilm_hpc.train import checkpoint as ckpt
 
     run = Path(run_dir)
@@ -86,9 +87,13 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
         raise UserError(f"{run_dir}: no complete checkpoint {tag or '(checkpoints/latest)'}")
     state = ckpt.read_state(run, tag)
     weights = ckpt.consolidated_weights(run, tag, state["zero_stage"])
-    labels = ShardDataset(job.data.shards, "train").label_names
+    train_set = ShardDataset(job.data.shards, "train")
     model = build_model(
-        job.task, job.model.name_or_path, labels, job.model.revision, state_dict=weights
+        get_task(job.task, train_set.manifest),
+        job.model.name_or_path,
+        train_set.label_names,
+        job.model.revision,
+        state_dict=weights,
     )
     tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
     return write_export(model, tokenizer, run / "export")
