@@ -14,7 +14,8 @@ import functools
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,17 @@ from scilm_hpc.train.evaluation import is_better
 from scilm_hpc.train.export import export_model
 from scilm_hpc.train.progress import Progress
 from scilm_hpc.train.report import MetricsLog, plot_loss
+
+
+@dataclass
+class RunProgress:
+    """Where one rank's run stands; checkpoints save all of it but ``last_saved``."""
+
+    step: int
+    position: SamplerPosition
+    best: dict[str, Any]
+    patience_left: int
+    last_saved: int = -1
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -166,124 +178,173 @@ class Trainer:
             engine.enable_backward_allreduce = False
 
     def run(self) -> dict[str, Any]:
-        import torch.distributed as dist
-
-        job, t = self.job, self.job.train
-        resume_tag = ckpt.agree_on_resume_tag(self.run_dir, self.rank)
-        engine, state = self._engine(resume_tag)
-        step = int(state.get("step", 0))
-        position = SamplerPosition(**state["position"]) if state else SamplerPosition()
-        best: dict[str, Any] = state.get("best", {"tag": None, "value": None})
-        patience_left = int(state.get("patience_left", t.early_stopping_patience))
-        if self.rank == 0:
-            if resume_tag:
-                self.log.truncate_after(step)
-            else:
-                self.log.set_aside()
-            write_run_state(self.run_dir, "running", step=step, restarts=restarts())
-            if resume_tag:
-                print(
-                    f"resuming from {resume_tag} (step {step}, epoch {position.epoch})", flush=True
-                )
+        """Train to ``total_steps`` (or an early stop, or a stop signal), then export."""
+        engine, run = self._start()
         engine.train()
-        last_saved = step if resume_tag else -1
-        stop = False
-        stream = self.batches.step_batches(position)
-        lengths = self.train_set.lengths()  # real tokens per example, without padding
-        samples_per_epoch = self.batches.steps_per_epoch * self.batches.samples_per_step
+        stream = self.batches.step_batches(run.position)
         precision = self._precision_context()
         self._skip_lone_allreduce(engine)
-        device = engine.device  # the rank's GPU, or the CPU
-        progress = Progress(self.total_steps, step, enabled=self.rank == 0)
-        tick = time.perf_counter()
-        while step < self.total_steps:
-            # time spent drawing indices, reading and collating (data_fraction in the log)
-            data_tick = tick
-            position, micro_batches = next(stream)
-            loss_total, tokens, data_s = 0.0, 0, 0.0
-            for indices in micro_batches:
-                batch = to_device(
-                    self.task.collate([self.train_set[int(i)] for i in indices], self.pad_id),
-                    device,
-                )
-                data_s += time.perf_counter() - data_tick
-                with precision():
-                    loss = self.compute_loss(engine, batch)
-                engine.backward(loss)
-                engine.step()
-                loss_total += loss.item()
-                tokens += int(lengths[indices].sum())
-                data_tick = time.perf_counter()
-            step += 1
-            # loss, tokens, examples, stop flag: one all-reduce per step for all of them
-            loss_sum = torch.tensor(
-                [loss_total, tokens, sum(map(len, micro_batches)), self.stop.local_flag()],
-                dtype=torch.float64,
-                device=device,  # NCCL reduces device tensors only
-            )
-            dist.all_reduce(loss_sum)
-            elapsed = time.perf_counter() - tick
-            row = None
-            if step % t.log_every == 0 or step == self.total_steps:
-                row = {
-                    "step": step,
-                    "epoch": position.epoch + position.samples_in_epoch / samples_per_epoch,
-                    "loss": loss_sum[0].item() / (len(micro_batches) * self.world),
-                    "lr": engine.get_lr()[0],
-                    "samples_per_s": loss_sum[2].item() / elapsed,
-                    "tokens_per_s": loss_sum[1].item() / elapsed,
-                    "data_s_per_step": data_s,
-                    "data_fraction": data_s / elapsed,
-                }
-                self.log.write(row)
-            progress.update(step, loss_sum[2].item(), row)
-            stop = False
-            if t.eval_every and step % t.eval_every == 0 and self.dev_set is not None:
-                metrics = self._evaluate(engine, step)
-                if t.best_metric:
-                    # metrics exist on rank 0 only: it decides, every rank follows (saving
-                    # and stopping are collective)
-                    decision: list[Any] = [None]
-                    if self.rank == 0:
-                        assert metrics is not None
-                        value = metrics.get(t.best_metric)
-                        improved = is_better(value, best["value"], t.best_metric)
-                        if improved:
-                            best = {"tag": f"step_{step}", "value": value}
-                            patience_left = t.early_stopping_patience
-                        elif t.early_stopping_patience:
-                            patience_left -= 1
-                            stop = patience_left <= 0
-                        decision = [(best, patience_left, improved, stop)]
-                    dist.broadcast_object_list(decision, src=0)
-                    best, patience_left, improved, stop = decision[0]
-                    if improved:
-                        self._save(engine, step, position, best, patience_left)
-                        last_saved = step
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and last_saved != step:
-                self._save(engine, step, position, best, patience_left)
-                last_saved = step
-            if loss_sum[3].item() > 0:  # a rank was signalled before this step's all-reduce
-                if last_saved != step:
-                    self._save(engine, step, position, best, patience_left)
+        progress = Progress(self.total_steps, run.step, enabled=self.rank == 0)
+        early_stop = False
+        while run.step < self.total_steps:
+            tick = time.perf_counter()
+            totals, data_s, micro = self._train_step(engine, stream, run, precision)
+            row = self._log_step(engine, run, totals, data_s, micro, time.perf_counter() - tick)
+            progress.update(run.step, totals[2].item(), row)
+            early_stop = self._evaluate_if_due(engine, run)
+            if self.job.train.checkpoint_every and run.step % self.job.train.checkpoint_every == 0:
+                self._save_once(engine, run)
+            if totals[3].item() > 0:  # a rank was signalled before this step's all-reduce
+                self._save_once(engine, run)
                 progress.close()
-                return self._leave(step)
-            if stop:
+                return self._leave(run.step)
+            if early_stop:
+                t = self.job.train
                 print(
-                    f"early stopping at step {step}: {t.best_metric} has not improved for "
+                    f"early stopping at step {run.step}: {t.best_metric} has not improved for "
                     f"{t.early_stopping_patience} evaluations",
                     flush=True,
                 )
                 break
-            tick = time.perf_counter()
         progress.close()
-        if last_saved != step:
-            self._save(engine, step, position, best, patience_left)
+        return self._finish(engine, run, early_stop)
+
+    def _start(self) -> tuple[Any, RunProgress]:
+        """The engine and where the run stands: from the agreed checkpoint, or fresh."""
+        resume_tag = ckpt.agree_on_resume_tag(self.run_dir, self.rank)
+        engine, state = self._engine(resume_tag)
+        run = RunProgress(
+            step=int(state.get("step", 0)),
+            position=SamplerPosition(**state["position"]) if state else SamplerPosition(),
+            best=state.get("best", {"tag": None, "value": None}),
+            patience_left=int(state.get("patience_left", self.job.train.early_stopping_patience)),
+        )
+        run.last_saved = run.step if resume_tag else -1
+        if self.rank == 0:
+            if resume_tag:
+                self.log.truncate_after(run.step)
+            else:
+                self.log.set_aside()
+            write_run_state(self.run_dir, "running", step=run.step, restarts=restarts())
+            if resume_tag:
+                print(
+                    f"resuming from {resume_tag} (step {run.step}, epoch {run.position.epoch})",
+                    flush=True,
+                )
+        return engine, run
+
+    def _train_step(
+        self,
+        engine: Any,
+        stream: Iterator[tuple[SamplerPosition, list[Any]]],
+        run: RunProgress,
+        precision: Callable[[], contextlib.AbstractContextManager[Any]],
+    ) -> tuple[torch.Tensor, float, int]:
+        """One optimizer step. Returns the step's totals summed over ranks (loss, tokens,
+        examples, stop flag: one all-reduce for all of them), this rank's data seconds
+        (drawing indices, reading, collating) and its number of micro-batches."""
+        import torch.distributed as dist
+
+        data_tick = time.perf_counter()
+        run.position, micro_batches = next(stream)
+        lengths = self.train_set.lengths()  # real tokens per example, without padding
+        loss_total, tokens, data_s = 0.0, 0, 0.0
+        for indices in micro_batches:
+            batch = to_device(
+                self.task.collate([self.train_set[int(i)] for i in indices], self.pad_id),
+                engine.device,  # the rank's GPU, or the CPU
+            )
+            data_s += time.perf_counter() - data_tick
+            with precision():
+                loss = self.compute_loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            loss_total += loss.item()
+            tokens += int(lengths[indices].sum())
+            data_tick = time.perf_counter()
+        run.step += 1
+        totals = torch.tensor(
+            [loss_total, tokens, sum(map(len, micro_batches)), self.stop.local_flag()],
+            dtype=torch.float64,
+            device=engine.device,  # NCCL reduces device tensors only
+        )
+        dist.all_reduce(totals)
+        return totals, data_s, len(micro_batches)
+
+    def _log_step(
+        self,
+        engine: Any,
+        run: RunProgress,
+        totals: torch.Tensor,
+        data_s: float,
+        micro: int,
+        elapsed: float,
+    ) -> dict[str, Any] | None:
+        """The ``metrics.jsonl`` row of this step, every ``log_every`` steps and at the end."""
+        if run.step % self.job.train.log_every and run.step != self.total_steps:
+            return None
+        samples_per_epoch = self.batches.steps_per_epoch * self.batches.samples_per_step
+        row = {
+            "step": run.step,
+            "epoch": run.position.epoch + run.position.samples_in_epoch / samples_per_epoch,
+            "loss": totals[0].item() / (micro * self.world),
+            "lr": engine.get_lr()[0],
+            "samples_per_s": totals[2].item() / elapsed,
+            "tokens_per_s": totals[1].item() / elapsed,
+            "data_s_per_step": data_s,
+            "data_fraction": data_s / elapsed,
+        }
+        self.log.write(row)
+        return row
+
+    def _evaluate_if_due(self, engine: Any, run: RunProgress) -> bool:
+        """Dev evaluation every ``eval_every`` steps; with ``best_metric``, keep the best
+        checkpoint and count patience. Returns whether to stop early."""
+        import torch.distributed as dist
+
+        t = self.job.train
+        if not (t.eval_every and run.step % t.eval_every == 0 and self.dev_set is not None):
+            return False
+        metrics = self._evaluate(engine, run.step)
+        if not t.best_metric:
+            return False
+        # metrics exist on rank 0 only: it decides, every rank follows (saving and
+        # stopping are collective)
+        decision: list[Any] = [None]
+        if self.rank == 0:
+            assert metrics is not None
+            value = metrics.get(t.best_metric)
+            improved, stop = is_better(value, run.best["value"], t.best_metric), False
+            if improved:
+                run.best = {"tag": f"step_{run.step}", "value": value}
+                run.patience_left = t.early_stopping_patience
+            elif t.early_stopping_patience:
+                run.patience_left -= 1
+                stop = run.patience_left <= 0
+            decision = [(run.best, run.patience_left, improved, stop)]
+        dist.broadcast_object_list(decision, src=0)
+        run.best, run.patience_left, improved, stop = decision[0]
+        if improved:
+            self._save_once(engine, run)
+        return bool(stop)
+
+    def _save_once(self, engine: Any, run: RunProgress) -> None:
+        """Checkpoint the current step unless it is saved already."""
+        if run.last_saved != run.step:
+            self._save(engine, run.step, run.position, run.best, run.patience_left)
+            run.last_saved = run.step
+
+    def _finish(self, engine: Any, run: RunProgress, early_stop: bool) -> dict[str, Any]:
+        """Last checkpoint, final dev metrics, export, loss plot, completed state."""
+        self._save_once(engine, run)
         final = None
         if self.dev_set is not None:
             final = (
-                self._last_eval if self._last_eval_step == step else self._evaluate(engine, step)
+                self._last_eval
+                if self._last_eval_step == run.step
+                else self._evaluate(engine, run.step)
             )
+        job = self.job
         export_model(
             engine, self.tokenizer, self.run_dir / "export", job.zero.stage_for(self.world)
         )
@@ -292,16 +353,16 @@ class Trainer:
             write_run_state(
                 self.run_dir,
                 "completed",
-                step=step,
-                reason="early stopping" if stop else "reached the last step",
+                step=run.step,
+                reason="early stopping" if early_stop else "reached the last step",
             )
         return {
             "run_dir": str(self.run_dir),
-            "step": step,
+            "step": run.step,
             "ranks": self.world,
             "export": str(self.run_dir / "export"),
             "dev": final,
-            "best": best,
+            "best": run.best,
         }
 
     def _leave(self, step: int) -> dict[str, Any]:
