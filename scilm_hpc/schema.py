@@ -65,6 +65,10 @@ class DataConfig:
     compression: str = "gzip"
     compression_level: int = 4
     tokenize_batch_size: int = 512
+    # causal LM: join documents with EOS and cut them into max_length blocks (nothing
+    # discarded, attention kept within each document); false: one document per row, cut
+    # at max_length (the cut tokens are counted in the manifest)
+    packing: bool = True
     overwrite: bool = False
     split: SplitConfig = field(default_factory=SplitConfig)
 

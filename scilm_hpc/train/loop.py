@@ -174,7 +174,7 @@ class Trainer:
 
     def compute_loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss of one micro-batch (the model's own task loss)."""
-        return engine(**batch).loss
+        return engine(**self.task.model_inputs(batch)).loss
 
     def _precision_context(self) -> Callable[[], contextlib.AbstractContextManager[Any]]:
         """What ``compute_loss`` runs in: bf16 autocast on CPU ranks with
