@@ -74,11 +74,26 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft: ``r`` 0 (or null) trains every parameter instead.
+
+    Only the adapters (and a new task head) train; ``target_modules`` null takes peft's
+    default for the model family (e.g. q_proj, v_proj for Llama; query, value for BERT).
+    """
+
+    r: int | None = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+
+@dataclass
 class ModelConfig:
     """The pretrained model: a local HF directory, a hub id, or ``minilm``."""
 
     name_or_path: str = "minilm"
     revision: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -86,8 +86,12 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
     state = ckpt.read_state(run, tag)
     weights = ckpt.consolidated_weights(run, tag, state["zero_stage"])
     labels = ShardDataset(job.data.shards, "train").label_names
+    tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
+    if job.model.lora.r:
+        from scilm_hpc.train.lora import lora_model, write_lora_export
+
+        return write_lora_export(lora_model(job, labels, weights), tokenizer, run / "export")
     model = build_model(
         job.task, job.model.name_or_path, labels, job.model.revision, state_dict=weights
     )
-    tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
     return write_export(model, tokenizer, run / "export")

@@ -34,6 +34,7 @@ from scilm_hpc.train import checkpoint as ckpt
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.evaluation import is_better
 from scilm_hpc.train.export import export_model
+from scilm_hpc.train.lora import export_lora, lora_enabled, lora_model, trainable_parameters
 from scilm_hpc.train.report import MetricsLog, plot_loss
 
 
@@ -166,8 +167,15 @@ class Trainer:
         return engine, state
 
     def build_model(self, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
-        """The model to train (``weights``: consolidated weights to start from instead)."""
+        """The model to train (``weights``: consolidated weights to start from instead);
+        with ``model.lora`` wrapped by peft, only the adapters and a new head training."""
         job = self.job
+        if lora_enabled(job.model.lora):
+            model = lora_model(job, self.labels, weights)
+            if self.rank == 0:
+                trainable, total = trainable_parameters(model)
+                print(f"LoRA: {trainable} of {total} parameters train", flush=True)
+            return model
         return build_model(
             job.task, job.model.name_or_path, self.labels, job.model.revision, state_dict=weights
         )
@@ -309,7 +317,10 @@ class Trainer:
             final = (
                 self._last_eval if self._last_eval_step == step else self._evaluate(engine, step)
             )
-        export_model(engine, self.tokenizer, self.run_dir / "export", job.zero.stage)
+        if lora_enabled(job.model.lora):
+            export_lora(engine, job, self.labels, self.tokenizer, self.run_dir / "export")
+        else:
+            export_model(engine, self.tokenizer, self.run_dir / "export", job.zero.stage)
         if self.rank == 0:
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png")
             write_run_state(
