@@ -117,6 +117,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_last: int = 2
     length_bucketing: bool = True
+    # recompute activations in the backward pass (less memory, about a third more compute)
+    gradient_checkpointing: bool = False
     # e.g. dev_loss or dev_macro_f1: keeps the best checkpoint (needs eval_every > 0)
     best_metric: str | None = None
     early_stopping_patience: int = 0

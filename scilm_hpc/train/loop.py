@@ -35,6 +35,7 @@ from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.evaluation import is_better
 from scilm_hpc.train.export import export_model
 from scilm_hpc.train.lora import export_lora, lora_enabled, lora_model, trainable_parameters
+from scilm_hpc.train.memory import enable_gradient_checkpointing, peak_memory
 from scilm_hpc.train.report import MetricsLog, plot_loss
 
 
@@ -144,6 +145,8 @@ class Trainer:
                 weights = ckpt.consolidated_weights(self.run_dir, resume_tag, state["zero_stage"])
         torch.manual_seed(job.train.seed)  # new heads start the same on every rank and run
         model = self.build_model(weights)
+        if job.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         config = deepspeed_config(job, self.total_steps, self.on_gpu)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -270,6 +273,7 @@ class Trainer:
                         "tokens_per_s": loss_sum[1].item() / elapsed,
                         "data_s_per_step": data_s,
                         "data_fraction": data_s / elapsed,
+                        **peak_memory(self.on_gpu),  # rank 0's
                     }
                 )
             stop = False
