@@ -296,3 +296,48 @@ def test_bad_lora_settings_are_refused_with_their_keys():
     ]
     with pytest.raises(ConfigError, match="model.lora.r: got -1; must be >= 0"):
         load_and_validate(None, ["run.dir=/tmp/unused", "model.lora.r=-1"], "finetune")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_lora_classifier_trains_its_head_and_exports_from_a_checkpoint(
+    tmp_path, shards, tiny_model_dir
+):
+    """One rank, ZeRO-0: the head trains whole beside the adapters, the merged export keeps
+    the label map, and ``scilm export`` from the checkpoint writes the same model."""
+    from transformers import AutoModelForSequenceClassification
+
+    run = tmp_path / "run"
+    done = scilm_run(
+        "finetune",
+        FINETUNE,
+        f"run.dir={run}",
+        f"data.shards={shards}",
+        f"model.name_or_path={tiny_model_dir}",
+        "cluster=none",
+        "zero.stage=0",
+        "model.lora.r=2",
+        "train.micro_batch_size=4",
+        "train.max_steps=3",
+        "train.lr=1e-2",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = load_file(run / "export" / "model.safetensors")
+    adapter = load_file(run / "export" / "adapter" / "adapter_model.safetensors")
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    assert any("classifier" in k for k in adapter)  # the head is saved with the adapter
+    assert not torch.equal(merged["classifier.weight"], initial["classifier.weight"])
+    head = {k for k in merged if k.startswith("classifier.")}
+    assert_merged_is_base_plus_ba(
+        {k: v for k, v in merged.items() if k not in head},
+        initial,
+        {k: v for k, v in adapter.items() if "lora_" in k},
+        scale=16 / 2,
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(run / "export")
+    assert model.config.id2label == {0: "background", 1: "method", 2: "result"}
+
+    again = scilm_run("export", str(run))
+    assert again.returncode == 0, again.stderr[-3000:]
+    for key, tensor in load_file(run / "export" / "model.safetensors").items():
+        torch.testing.assert_close(tensor, merged[key], rtol=0, atol=1e-6, msg=key)
