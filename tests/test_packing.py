@@ -16,7 +16,7 @@ from scilm_hpc.data.encode import encode_documents
 from scilm_hpc.data.packing import pack_documents
 from scilm_hpc.tasks import get_task
 
-from .conftest import REPO
+from .conftest import REPO, scilm_run
 
 PREPARE = str(REPO / "jobs" / "prepare.yaml")
 TASK = get_task("causal_lm")
@@ -157,6 +157,7 @@ def lines(n: int) -> list[str]:
 
 
 def prepare_text(scilm, tmp_path: Path, minilm_path: str, *overrides: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     corpus = tmp_path / "train.txt"
     corpus.write_text("\n".join(lines(50)) + "\n", encoding="utf-8")
     code, _, err = scilm(
@@ -237,3 +238,29 @@ def test_shards_without_positions_still_train_one_document_per_row(scilm, tmp_pa
     batch = TASK.collate([data[0], data[1]], pad_id=0)
     assert "position_ids" not in batch
     assert TASK.model_inputs(batch).keys() == {"input_ids", "attention_mask", "labels"}
+
+
+@pytest.mark.timeout(300)
+def test_packed_prepare_on_two_ranks_equals_one(scilm, tmp_path, minilm_path):
+    """Packing is per shard, so two ranks write the same files, and manifest, as one."""
+    one = prepare_text(scilm, tmp_path / "one", minilm_path)
+    corpus = tmp_path / "one" / "train.txt"
+    two = scilm_run(
+        "prepare",
+        PREPARE,
+        "cluster=local",
+        "cluster.tasks_per_node=2",
+        "task=causal_lm",
+        "data.format=text",
+        f"run.dir={tmp_path / 'two'}",
+        f"data.train={corpus}",
+        f"model.name_or_path={minilm_path}",
+        "data.max_length=32",
+        "data.examples_per_shard=20",
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    manifests = [
+        json.loads((root / "manifest.json").read_text())["splits"]
+        for root in (one, tmp_path / "two" / "shards")
+    ]
+    assert manifests[0] == manifests[1]  # shard checksums and token counts included
