@@ -341,3 +341,23 @@ def test_lora_classifier_trains_its_head_and_exports_from_a_checkpoint(
     assert again.returncode == 0, again.stderr[-3000:]
     for key, tensor in load_file(run / "export" / "model.safetensors").items():
         torch.testing.assert_close(tensor, merged[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_lora_run_resumes_on_another_world_size(tmp_path, lm_model_and_shards):
+    """2 ranks -> 1 rank at ZeRO-2: the wrapped model's consolidated weights (frozen base
+    included) load into a fresh wrapped model."""
+    model, shards = lm_model_and_shards
+    run = tmp_path / "run"
+    killed = lora_finetune(run, model, shards, 2, fault="kill_after_checkpoint:2")
+    assert killed.returncode != 0 and latest_tag(run) == "step_2"
+    resumed = scilm_run("resume", str(run), "cluster.tasks_per_node=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.err"))
+    assert "saved on 2 rank(s) on 1" in logs
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4]
+    adapter = load_file(run / "export" / "adapter" / "adapter_model.safetensors")
+    initial = load_file(model / "model.safetensors")
+    merged = load_file(run / "export" / "model.safetensors")
+    assert_merged_is_base_plus_ba(merged, initial, adapter, scale=8 / 4)
