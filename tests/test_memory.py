@@ -40,12 +40,12 @@ def assert_same_gradients(make_model, inputs: dict) -> None:
 
 def test_checkpointing_keeps_the_gradients_of_a_packed_causal_lm():
     batch = packed_batch(documents([9, 14, 9, 20], vocab=64), 32)
-    assert_same_gradients(tiny_llama, get_task("causal_lm").model_inputs(batch))
+    assert_same_gradients(tiny_llama, get_task("causal_lm").model_inputs(batch, tiny_llama()))
 
 
 def test_checkpointing_keeps_the_gradients_of_lora_adapters():
     batch = packed_batch(documents([9, 14, 9, 20], vocab=64), 32)
-    inputs = get_task("causal_lm").model_inputs(batch)
+    inputs = get_task("causal_lm").model_inputs(batch, tiny_llama())
     assert_same_gradients(lambda: apply_lora(tiny_llama(), LoraConfig(r=4), "causal_lm"), inputs)
 
 

@@ -81,19 +81,70 @@ def test_collate_masks_padding_and_document_starts():
 # --- no attention and no loss across a document -----------------------------------------
 
 
+def opt_model(attn: str) -> torch.nn.Module:
+    """OPT: learned absolute positions (offset 2), and a mask code that ignores position ids."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        attn_implementation=attn,
+    )
+    return OPTForCausalLM(config).eval()
+
+
+def gpt2_model(attn: str) -> torch.nn.Module:
+    """GPT-2: learned absolute positions from 0."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64, attn_implementation=attn
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("explicit_mask", [False, True], ids=["transformers", "4d-mask"])
-def test_packed_logits_equal_each_document_alone(monkeypatch, attn, explicit_mask):
-    if explicit_mask:
-        monkeypatch.setattr(packing, "transformers_detects_packing", lambda: False)
-    model = tiny_llama(attn)
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_packed_logits_equal_each_document_alone(family, attn):
+    model = {"llama": tiny_llama, "opt": opt_model, "gpt2": gpt2_model}[family](attn)
     docs = documents([9, 14, 9, 20])
     batch = packed_batch(docs, 32)  # one block of 3 documents, one of 20 tokens + padding
+    inputs = TASK.model_inputs(batch, model)
+    assert inputs["use_cache"] is False and inputs["attention_mask"].dim() == 4
     with torch.no_grad():
-        packed = model(**TASK.model_inputs(batch)).logits
+        packed = model(**inputs).logits
         alone = [model(input_ids=torch.from_numpy(d).long()[None]).logits[0] for d in docs]
     flat = torch.cat([packed[0, :32], packed[1, :20]])
     torch.testing.assert_close(flat, torch.cat(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_the_varlen_path_of_flash_attention_keeps_documents_apart(monkeypatch):
+    """What flash / flex attention get (position ids, no mask), checked through
+    transformers' own packed-sequence mask of Llama under SDPA."""
+    monkeypatch.setattr(packing, "attention_implementation", lambda model: "flash_attention_2")
+    model = tiny_llama()
+    docs = documents([9, 14, 9, 20])
+    inputs = TASK.model_inputs(packed_batch(docs, 32), model)
+    assert inputs["attention_mask"] is None
+    with torch.no_grad():
+        packed = model(**inputs).logits
+        alone = [model(input_ids=torch.from_numpy(d).long()[None]).logits[0] for d in docs]
+    flat = torch.cat([packed[0, :32], packed[1, :20]])
+    torch.testing.assert_close(flat, torch.cat(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_takes_the_mask():
+    model = tiny_llama()
+    inputs = TASK.model_inputs(packed_batch(documents([9, 14, 9, 20]), 32), model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(**inputs).loss)
 
 
 def test_the_cache_trap_is_real():
@@ -121,7 +172,7 @@ def test_packed_loss_with_a_split_document_is_the_weighted_loss_of_its_parts():
     parts = np.split(np.concatenate(docs), np.flatnonzero(np.concatenate(positions) == 0)[1:])
     assert [len(p) for p in parts] == [9, 14, 1, 4, 20, 3]
     with torch.no_grad():
-        packed = model(**TASK.model_inputs(batch)).loss.item()
+        packed = model(**TASK.model_inputs(batch, model)).loss.item()
         total, targets = 0.0, 0
         for part in parts:
             if len(part) > 1:
@@ -139,7 +190,7 @@ def test_packed_loss_matches_exactly_when_no_document_is_split():
     assert split == 0 and [len(b) for b in ids] == [28, 20]
     batch = packed_batch(docs, 28)
     with torch.no_grad():
-        packed = model(**TASK.model_inputs(batch)).loss.item()
+        packed = model(**TASK.model_inputs(batch, model)).loss.item()
         rows = [torch.from_numpy(d).long()[None] for d in docs]
         losses = [model(input_ids=row, labels=row).loss.item() for row in rows]
     weights = [len(d) - 1 for d in docs]
@@ -237,7 +288,7 @@ def test_shards_without_positions_still_train_one_document_per_row(scilm, tmp_pa
     assert "token_position_ids" not in data.shard(0).columns
     batch = TASK.collate([data[0], data[1]], pad_id=0)
     assert "position_ids" not in batch
-    assert TASK.model_inputs(batch).keys() == {"input_ids", "attention_mask", "labels"}
+    assert TASK.model_inputs(batch, None).keys() == {"input_ids", "attention_mask", "labels"}
 
 
 @pytest.mark.timeout(300)

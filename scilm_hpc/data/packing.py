@@ -10,11 +10,12 @@ column ``token_position_ids``): it restarts at 0 where a document starts and whe
 block starts, which is all a batch needs to keep documents apart.
 
 At batch time the position ids become the model's ``position_ids`` and the
-attention is made block-diagonal: through transformers' packed-sequence detection
-(``position_ids`` with no 2D mask and no cache: the flattening / varlen path of
-transformers 5) where the installed transformers has it, else through an explicit
-4D mask built here. ``use_cache=False`` always: with a cache transformers skips its
-packed-sequence mask and the documents of a block would attend to each other.
+attention is made block-diagonal: for flash / flex attention through transformers'
+packed-sequence path (``position_ids`` with no 2D mask and no cache: the varlen
+kernels), for SDPA and eager attention through an explicit 4D mask built here (see
+``packed_model_inputs`` for why). ``use_cache=False`` always: with a cache
+transformers skips its packed-sequence mask and the documents of a block would
+attend to each other.
 """
 
 from __future__ import annotations
@@ -76,48 +77,55 @@ def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids == 0
 
 
-def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The additive 4D mask (batch, 1, q, k) of causal attention within each document.
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The 4D mask (batch, 1, q, k) of causal attention within each document.
 
-    0 where query ``q`` may attend to key ``k`` (same document, ``k <= q``), the
-    dtype's lowest value elsewhere. The fallback of transformers versions without
-    packed-sequence detection.
+    Query ``q`` may attend to key ``k`` where both are in the same document and
+    ``k <= q``. ``dtype`` None: a boolean mask (True: attend), what torch's SDPA takes
+    whatever the query's dtype; else additive (0 where allowed, the dtype's lowest value
+    elsewhere), what eager attention adds to its scores.
     """
     document = document_starts(position_ids).long().cumsum(-1)
     same = document[:, :, None] == document[:, None, :]
     width = position_ids.shape[-1]
     causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril()
     allowed = (same & causal)[:, None]
+    if dtype is None:
+        return allowed
     mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def transformers_detects_packing() -> bool:
-    """Whether the installed transformers builds the per-document mask from
-    ``position_ids`` itself (``masking_utils.find_packed_sequence_indices``)."""
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        return False
-    return hasattr(masking_utils, "find_packed_sequence_indices")
+def attention_implementation(model: Any) -> str:
+    """The model's attention implementation (``config._attn_implementation``: ``sdpa``,
+    ``eager``, ``flash_attention_2``, ...); a DeepSpeed engine or peft wrapper passes the
+    question on to the model it holds."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine holds the model as .module
+    config = getattr(inner, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
 
 
-def packed_model_inputs(
-    batch: dict[str, torch.Tensor], mask_dtype: torch.dtype = torch.float32
-) -> dict[str, Any]:
-    """Forward arguments of a packed batch: ``position_ids``, the block-diagonal attention
-    (transformers' own from the position ids, or an explicit 4D mask), no cache.
+def packed_model_inputs(batch: dict[str, torch.Tensor], model: Any) -> dict[str, Any]:
+    """Forward arguments of a packed batch for ``model``: ``position_ids``, a
+    block-diagonal attention and no cache.
 
-    ``batch`` holds ``input_ids``, ``position_ids`` and ``attention_mask`` (2D padding
-    mask, dropped here) and optionally ``labels``.
+    Flash and flex attention get the position ids alone (transformers' varlen path:
+    no 2D mask, no cache). The others get an explicit 4D mask: transformers builds the
+    packed mask from position ids only in models whose mask code passes them on (Llama,
+    Qwen2, GPT-2 in transformers 5; not OPT, whose documents would silently attend to
+    each other), while every model takes a prepared 4D mask as it is.
+
+    ``batch`` holds ``input_ids``, ``position_ids``, ``attention_mask`` (2D padding mask,
+    replaced here) and optionally ``labels``.
     """
-    inputs: dict[str, Any] = {
-        k: v for k, v in batch.items() if k not in ("attention_mask", "position_ids")
-    }
-    inputs["position_ids"] = batch["position_ids"]
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "attention_mask"}
     inputs["use_cache"] = False
-    if transformers_detects_packing():
+    implementation = attention_implementation(model)
+    if implementation.startswith(("flash", "flex")):
         inputs["attention_mask"] = None
+    elif implementation == "sdpa":
+        inputs["attention_mask"] = block_causal_mask(batch["position_ids"], None)
     else:
-        inputs["attention_mask"] = block_causal_mask(batch["position_ids"], mask_dtype)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        inputs["attention_mask"] = block_causal_mask(batch["position_ids"], dtype)
     return inputs

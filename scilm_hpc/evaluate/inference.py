@@ -52,7 +52,7 @@ def run_examples(
         chunk = order[b * batch_size : (b + 1) * batch_size] if b < real else np.array([0])
         batch = task.collate([dataset[int(i)] for i in chunk], pad_id)
         inputs = task.model_inputs(
-            {k: v.to(device) for k, v in batch.items() if k not in ("labels",)}
+            {k: v.to(device) for k, v in batch.items() if k not in ("labels",)}, model
         )
         logits = model(**inputs).logits.cpu()
         if b < real:

@@ -134,9 +134,10 @@ class Task(ABC):
     def collate(self, items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         """A padded batch with ``labels`` in the form the model's own loss expects."""
 
-    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """The keyword arguments of the model's forward for a collated ``batch`` (the
-        batch itself by default; a packed batch adds its block-diagonal attention)."""
+    def model_inputs(self, batch: dict[str, torch.Tensor], model: Any) -> dict[str, Any]:
+        """The keyword arguments of ``model``'s forward for a collated ``batch`` (the batch
+        itself by default; a packed batch adds its block-diagonal attention for ``model``,
+        which may be a DeepSpeed engine or a peft wrapper)."""
         return dict(batch)
 
     def distill_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -96,9 +96,9 @@ class CausalLM(Task):
         batch["labels"] = labels
         return batch
 
-    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def model_inputs(self, batch: dict[str, torch.Tensor], model: Any) -> dict[str, Any]:
         if "position_ids" in batch:
-            return packed_model_inputs(batch)
+            return packed_model_inputs(batch, model)
         return dict(batch)
 
     def distill_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:

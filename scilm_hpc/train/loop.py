@@ -185,7 +185,7 @@ class Trainer:
 
     def compute_loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss of one micro-batch (the model's own task loss)."""
-        return engine(**self.task.model_inputs(batch)).loss
+        return engine(**self.task.model_inputs(batch, engine)).loss
 
     def _precision_context(self) -> Callable[[], contextlib.AbstractContextManager[Any]]:
         """What ``compute_loss`` runs in: bf16 autocast on CPU ranks with
