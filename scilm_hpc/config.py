@@ -323,6 +323,18 @@ def validate(job: JobConfig) -> list[str]:
             p.append("data.split.dev_ratio: set, but data.dev is given too; use one of them")
         if d.test is not None and d.split.test_ratio > 0:
             p.append("data.split.test_ratio: set, but data.test is given too; use one of them")
+    lora = job.model.lora
+    check_at_least(p, "model.lora.r", lora.r, 0)
+    if lora.r:
+        if lora.alpha <= 0:
+            p.append(f"model.lora.alpha: got {lora.alpha}; must be > 0")
+        if not 0.0 <= lora.dropout < 1.0:
+            p.append(f"model.lora.dropout: got {lora.dropout}; allowed: 0 <= dropout < 1")
+        if lora.target_modules is not None and not lora.target_modules:
+            p.append(
+                "model.lora.target_modules: empty; name modules (e.g. [q_proj, v_proj]) or "
+                "leave it null for peft's default for the model family"
+            )
     model_problem = path_problem(job.model.name_or_path)
     if model_problem:
         p.append(model_problem)

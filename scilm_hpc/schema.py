@@ -73,8 +73,26 @@ class DataConfig:
     compression: str = "gzip"
     compression_level: int = 4
     tokenize_batch_size: int = 512
+    # causal LM: join documents with EOS and cut them into max_length blocks (nothing
+    # discarded, attention kept within each document); false: one document per row, cut
+    # at max_length (the cut tokens are counted in the manifest)
+    packing: bool = True
     overwrite: bool = False
     split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft: ``r`` 0 (or null) trains every parameter instead.
+
+    Only the adapters (and a new task head) train; ``target_modules`` null takes peft's
+    default for the model family (e.g. q_proj, v_proj for Llama; query, value for BERT).
+    """
+
+    r: int | None = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
 
 
 @dataclass
@@ -83,6 +101,7 @@ class ModelConfig:
 
     name_or_path: str = "minilm"
     revision: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -108,6 +127,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_last: int = 2
     length_bucketing: bool = True
+    # recompute activations in the backward pass (less memory, about a third more compute)
+    gradient_checkpointing: bool = False
     # e.g. dev_loss or dev_macro_f1: keeps the best checkpoint (needs eval_every > 0)
     best_metric: str | None = None
     early_stopping_patience: int = 0

@@ -240,7 +240,12 @@ def test_causal_lm_zero3_trains_evaluates_and_exports(tmp_path, tiny_causal_lm_d
         f"data.dev={dev}",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((data / "shards" / "manifest.json").read_text())["task"] == "causal_lm"
+    manifest = json.loads((data / "shards" / "manifest.json").read_text())
+    assert manifest["task"] == "causal_lm"
+    # packed (the default): 10 dev lines fill fewer blocks; every token kept
+    dev_blocks = manifest["splits"]["dev"]["n_examples"]
+    assert dev_blocks < 10 and manifest["splits"]["dev"]["documents"] == 10
+    assert manifest["splits"]["train"]["tokens_kept"] == manifest["splits"]["train"]["tokens_in"]
 
     run = tmp_path / "run"
     done = finetune_here(
@@ -262,7 +267,7 @@ def test_causal_lm_zero3_trains_evaluates_and_exports(tmp_path, tiny_causal_lm_d
     for r in dev_rows:
         assert math.isfinite(r["dev_perplexity"]) and r["dev_perplexity"] > 1.0
         assert r["dev_perplexity"] == pytest.approx(math.exp(r["dev_loss"]))
-        assert r["dev_n_examples"] == 10
+        assert r["dev_n_examples"] == dev_blocks
     assert latest_tag(run) == "step_4"
 
     exported = load_file(run / "export" / "model.safetensors")

@@ -27,6 +27,35 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[
     return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
 
 
+def end_of_document_id(tokenizer: Any) -> int | None:
+    """The token that ends a document: the tokenizer's EOS, else its SEP (BERT-style
+    vocabularies), else None."""
+    for token_id in (tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    return None
+
+
+def encode_documents(tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
+    """Token ids (int32) of each whole text, never truncated, with the tokenizer's special
+    tokens and ending in the end-of-document token (appended where the special tokens do
+    not already end with it)."""
+    enc = tokenizer(
+        list(texts),
+        truncation=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,  # whole documents may exceed the model's length: packing splits them
+    )
+    eos = end_of_document_id(tokenizer)
+    out = []
+    for ids in enc["input_ids"]:
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = [*ids, eos]
+        out.append(np.asarray(ids, dtype=np.int32))
+    return out
+
+
 def encode_words(
     tokenizer: Any, words: Sequence[Sequence[str]], tags: Sequence[Sequence[int]], max_length: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:

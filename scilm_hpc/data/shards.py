@@ -6,8 +6,10 @@ A shard ``SPLIT/shard-NNNNN.h5`` holds examples as flat token storage:
 - ``offsets`` int64 [n_examples + 1]: example ``i`` is ``input_ids[offsets[i]:offsets[i+1]]``;
 - the task's label columns (``tasks.base``): a column named ``token_*`` holds one
   value per token, aligned with ``input_ids`` (``token_labels`` int32: token
-  classification, -100 where a token carries no tag); any other column one row per
-  example (``labels`` int64: classification). Causal LM stores none.
+  classification, -100 where a token carries no tag; ``token_position_ids`` int32: packed
+  causal LM, each token's position in its document, see ``data.packing``); any other
+  column one row per example (``labels`` int64: classification). Unpacked causal LM
+  stores none.
 
 ``manifest.json`` beside the split folders lists every shard with its example
 count, token count, byte size and SHA-256, plus the task, label map, tokenizer

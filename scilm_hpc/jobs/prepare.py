@@ -126,27 +126,6 @@ def build_label_map(task: Task, splits: dict[str, list[Example]]) -> list[str]:
     return labels
 
 
-def encode_batches(
-    task: Task,
-    tokenizer: Any,
-    examples: list[Example],
-    label_ids: dict[str, int],
-    max_length: int,
-    batch_size: int,
-) -> tuple[list[Any], dict[str, list[Any]]]:
-    """Token ids and the task's shard columns of ``examples``, tokenized in batches."""
-    ids: list[Any] = []
-    columns: dict[str, list[Any]] = {}
-    for start in range(0, len(examples), batch_size):
-        batch_ids, batch_columns = task.encode(
-            tokenizer, examples[start : start + batch_size], label_ids, max_length
-        )
-        ids += batch_ids
-        for name, values in batch_columns.items():
-            columns.setdefault(name, []).extend(values)
-    return ids, columns
-
-
 def plan_shards(
     splits: dict[str, list[Example]], per_shard: int
 ) -> list[tuple[str, int, int, int]]:
@@ -212,6 +191,7 @@ class PrepareJob:
         try:
             mine = [i for i in range(len(plan)) if i % comm.world_size == comm.rank]
             written: dict[int, ShardInfo] = {}
+            counted: dict[int, dict[str, int]] = {}
             started = time.perf_counter()
             for index in tqdm(
                 mine,
@@ -220,13 +200,8 @@ class PrepareJob:
                 disable=None if comm.rank == 0 else True,
             ):
                 split, shard_no, lo, hi = plan[index]
-                ids, columns = encode_batches(
-                    task,
-                    tokenizer,
-                    splits[split][lo:hi],
-                    label_ids,
-                    job.data.max_length,
-                    job.data.tokenize_batch_size,
+                ids, columns, counted[index] = task.encode_shard(
+                    tokenizer, splits[split][lo:hi], label_ids, job.data
                 )
                 written[index] = write_shard(
                     staging,
@@ -238,15 +213,19 @@ class PrepareJob:
                     job.data.compression_level,
                 )
             elapsed = time.perf_counter() - started
-            gathered = comm.gather((written, elapsed))
+            gathered = comm.gather((written, counted, elapsed))
             summary: dict[str, Any] = {}
             if comm.rank == 0:
                 assert gathered is not None
                 infos: dict[int, ShardInfo] = {}
-                for part, _ in gathered:
+                counts: dict[int, dict[str, int]] = {}
+                for part, part_counts, _ in gathered:
                     infos.update(part)
-                rank_seconds = [e for _, e in gathered]
-                manifest = self._manifest(plan, infos, labels, tokenizer, comm, rank_seconds)
+                    counts.update(part_counts)
+                rank_seconds = [e for _, _, e in gathered]
+                manifest = self._manifest(
+                    plan, infos, counts, labels, tokenizer, comm, rank_seconds
+                )
                 manifest["task_state"] = task_state
                 if residues is not None:
                     manifest["residues"] = residues.summary()
@@ -272,6 +251,7 @@ class PrepareJob:
         self,
         plan: list[tuple[str, int, int, int]],
         infos: dict[int, ShardInfo],
+        counts: dict[int, dict[str, int]],
         labels: list[str],
         tokenizer: Any,
         comm: Communicator,
@@ -287,6 +267,9 @@ class PrepareJob:
             entry["n_examples"] += info.n_examples
             entry["n_tokens"] += info.n_tokens
             entry["shards"].append(shard_entry(info))
+            # the task's token counts (causal LM: tokens in, kept, truncated)
+            for key, value in counts[index].items():
+                entry[key] = entry.get(key, 0) + value
         sources = {}
         for split in SPLITS:
             path = getattr(job.data, split)
@@ -312,6 +295,7 @@ class PrepareJob:
                 "format": job.data.format,
                 "text_field": job.data.text_field,
                 "label_field": job.data.label_field,
+                "packing": job.data.packing,
                 "split": vars(job.data.split),
             },
             "prepare": {

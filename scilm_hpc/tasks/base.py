@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from scilm_hpc.data.readers import Example
+from scilm_hpc.schema import DataConfig
 
 #: An example's evaluation result: (loss sum, counted targets, prediction, gold).
 ExampleResult = tuple[float, int, Any, Any]
@@ -124,10 +125,44 @@ class Task(ABC):
         per-example column, an array aligned with the tokens for a ``token_*`` one.
         """
 
+    def encode_shard(
+        self,
+        tokenizer: Any,
+        examples: Sequence[Example],
+        label_ids: dict[str, int],
+        data: DataConfig,
+    ) -> tuple[list[np.ndarray], dict[str, list[Any]], dict[str, int]]:
+        """Token ids, shard columns and token counts of the examples of one shard.
+
+        By default ``encode`` in batches of ``data.tokenize_batch_size``, no counts; a
+        task that packs documents into blocks (``data.packing``) overrides this. The
+        counts (e.g. ``tokens_in``, ``tokens_kept``) are summed per split into the
+        manifest.
+        """
+        ids: list[np.ndarray] = []
+        columns: dict[str, list[Any]] = {}
+        for start in range(0, len(examples), data.tokenize_batch_size):
+            batch_ids, batch_columns = self.encode(
+                tokenizer,
+                examples[start : start + data.tokenize_batch_size],
+                label_ids,
+                data.max_length,
+            )
+            ids += batch_ids
+            for name, values in batch_columns.items():
+                columns.setdefault(name, []).extend(values)
+        return ids, columns, {}
+
     # --- training ------------------------------------------------------------------
     @abstractmethod
     def collate(self, items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         """A padded batch with ``labels`` in the form the model's own loss expects."""
+
+    def model_inputs(self, batch: dict[str, torch.Tensor], model: Any) -> dict[str, Any]:
+        """The keyword arguments of ``model``'s forward for a collated ``batch`` (the batch
+        itself by default; a packed batch adds its block-diagonal attention for ``model``,
+        which may be a DeepSpeed engine or a peft wrapper)."""
+        return dict(batch)
 
     def distill_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Which logits rows the distillation loss compares (None: every example)."""

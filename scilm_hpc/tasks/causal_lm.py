@@ -1,7 +1,16 @@
 """``causal_lm``: continued pretraining of a decoder on plain text.
 
-Shards hold only token ids; the labels are the inputs (the model shifts them),
-padding excluded. Metrics: mean token loss and perplexity.
+Documents are tokenized whole and end with EOS. With ``data.packing`` (the
+default) a shard's documents are joined and cut into ``data.max_length`` blocks
+(``data.packing``), no token discarded, and the shard stores each token's position
+within its document (``token_position_ids``) so that attention and loss never cross
+a document; without it each document is one row, cut at ``data.max_length`` (the
+cut tokens are counted in the manifest). Shards without the position column (from
+before packing) are read as one document per row.
+
+The labels are the inputs (the model shifts them), padding excluded, and the first
+token of each document is never a target (it is not predicted from the previous
+document). Metrics: mean token loss and perplexity.
 """
 
 from __future__ import annotations
@@ -14,8 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scilm_hpc.data.encode import IGNORE_INDEX, encode_texts
+from scilm_hpc.data.encode import IGNORE_INDEX, encode_documents
+from scilm_hpc.data.packing import (
+    document_starts,
+    pack_documents,
+    packed_model_inputs,
+    pad_positions,
+)
 from scilm_hpc.data.readers import Example
+from scilm_hpc.schema import DataConfig
 from scilm_hpc.tasks.base import ExampleResult, Task, pad_inputs
 
 
@@ -42,13 +58,48 @@ class CausalLM(Task):
         label_ids: dict[str, int],
         max_length: int,
     ) -> tuple[list[np.ndarray], dict[str, Any]]:
-        return encode_texts(tokenizer, [ex.text or "" for ex in examples], max_length), {}
+        """Whole documents (``max_length`` is applied by ``encode_shard``)."""
+        return encode_documents(tokenizer, [ex.text or "" for ex in examples]), {}
+
+    def encode_shard(
+        self,
+        tokenizer: Any,
+        examples: Sequence[Example],
+        label_ids: dict[str, int],
+        data: DataConfig,
+    ) -> tuple[list[np.ndarray], dict[str, list[Any]], dict[str, int]]:
+        documents, _, _ = super().encode_shard(tokenizer, examples, label_ids, data)
+        tokens_in = sum(len(d) for d in documents)
+        counts = {"documents": len(documents), "tokens_in": tokens_in}
+        if data.packing:
+            blocks, positions, split = pack_documents(documents, data.max_length)
+            counts.update(tokens_kept=tokens_in, tokens_truncated=0, documents_split=split)
+            return blocks, {"token_position_ids": positions}, counts
+        rows = [d[: data.max_length] for d in documents]
+        kept = sum(len(r) for r in rows)
+        counts.update(
+            tokens_kept=kept,
+            tokens_truncated=tokens_in - kept,
+            documents_truncated=sum(len(d) > data.max_length for d in documents),
+        )
+        return rows, {}, counts
 
     def collate(self, items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         batch = pad_inputs(items, pad_id)
         # predict every real token, never the padding
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        if "position_ids" in items[0]:  # packed: no target across a document boundary
+            batch["position_ids"] = pad_positions(
+                [it["position_ids"] for it in items], batch["input_ids"].shape[1]
+            )
+            labels = labels.masked_fill(document_starts(batch["position_ids"]), IGNORE_INDEX)
+        batch["labels"] = labels
         return batch
+
+    def model_inputs(self, batch: dict[str, torch.Tensor], model: Any) -> dict[str, Any]:
+        if "position_ids" in batch:
+            return packed_model_inputs(batch, model)
+        return dict(batch)
 
     def distill_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return batch["attention_mask"].bool()

@@ -88,6 +88,12 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
     state = ckpt.read_state(run, tag)
     weights = ckpt.consolidated_weights(run, tag, state["zero_stage"])
     train_set = ShardDataset(job.data.shards, "train")
+    tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
+    if job.model.lora.r:
+        from scilm_hpc.train.lora import lora_model, write_lora_export
+
+        model = lora_model(job, train_set.label_names, weights)
+        return write_lora_export(model, tokenizer, run / "export")
     model = build_model(
         get_task(job.task, train_set.manifest),
         job.model.name_or_path,
@@ -95,5 +101,4 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
         job.model.revision,
         state_dict=weights,
     )
-    tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
     return write_export(model, tokenizer, run / "export")

@@ -36,6 +36,8 @@ from scilm_hpc.train import checkpoint as ckpt
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.evaluation import is_better
 from scilm_hpc.train.export import export_model
+from scilm_hpc.train.lora import export_lora, lora_enabled, lora_model, trainable_parameters
+from scilm_hpc.train.memory import enable_gradient_checkpointing, peak_memory
 from scilm_hpc.train.progress import Progress
 from scilm_hpc.train.report import MetricsLog, plot_loss
 
@@ -123,6 +125,8 @@ class Trainer:
                 weights = ckpt.consolidated_weights(self.run_dir, resume_tag, state["zero_stage"])
         torch.manual_seed(job.train.seed)  # new heads start the same on every rank and run
         model = self.build_model(weights)
+        if job.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         config = deepspeed_config(job, self.total_steps, self.on_gpu)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -146,15 +150,22 @@ class Trainer:
         return engine, state
 
     def build_model(self, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
-        """The model to train (``weights``: consolidated weights to start from instead)."""
+        """The model to train (``weights``: consolidated weights to start from instead);
+        with ``model.lora`` wrapped by peft, only the adapters and a new head training."""
         job = self.job
+        if lora_enabled(job.model.lora):
+            model = lora_model(job, self.labels, weights)
+            if self.rank == 0:
+                trainable, total = trainable_parameters(model)
+                print(f"LoRA: {trainable} of {total} parameters train", flush=True)
+            return model
         return build_model(
             self.task, job.model.name_or_path, self.labels, job.model.revision, state_dict=weights
         )
 
     def compute_loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss of one micro-batch (the model's own task loss)."""
-        return engine(**batch).loss
+        return engine(**self.task.model_inputs(batch, engine)).loss
 
     def _precision_context(self) -> Callable[[], contextlib.AbstractContextManager[Any]]:
         """What ``compute_loss`` runs in: bf16 autocast on CPU ranks with
@@ -293,6 +304,7 @@ class Trainer:
             "tokens_per_s": totals[1].item() / elapsed,
             "data_s_per_step": data_s,
             "data_fraction": data_s / elapsed,
+            **peak_memory(self.on_gpu),  # rank 0's
         }
         self.log.write(row)
         return row
@@ -345,9 +357,12 @@ class Trainer:
                 else self._evaluate(engine, run.step)
             )
         job = self.job
-        export_model(
-            engine, self.tokenizer, self.run_dir / "export", job.zero.stage_for(self.world)
-        )
+        if lora_enabled(job.model.lora):
+            export_lora(engine, job, self.labels, self.tokenizer, self.run_dir / "export")
+        else:
+            export_model(
+                engine, self.tokenizer, self.run_dir / "export", job.zero.stage_for(self.world)
+            )
         if self.rank == 0:
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "loss.png")
             write_run_state(

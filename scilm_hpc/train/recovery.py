@@ -71,10 +71,10 @@ class RecoveryTrainer(Trainer):
     def compute_loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.gradual is not None:
             self._grow_masks(int(engine.global_steps))
-        out = engine(**batch)
+        out = engine(**self.task.model_inputs(batch, engine))
         with torch.no_grad():
-            teacher = self.teacher(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+            inputs = self.task.model_inputs(unlabelled, self.teacher)
+            teacher = self.teacher(**inputs).logits
         kd = distillation_loss(out.logits, teacher, batch, self.job.task, self.step.temperature)
         return self.step.alpha * kd + (1.0 - self.step.alpha) * out.loss
