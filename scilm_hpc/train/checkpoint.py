@@ -4,7 +4,7 @@ Layout: ``RUN_DIR/checkpoints/step_N/`` holds DeepSpeed's files, ``scilm_state.j
 (step, sampler position, world size, best metric, scheduler state) and
 ``rng_rank{R}.pt`` per rank. ``checkpoints/latest`` names the newest complete
 checkpoint; it is written (temporary file + rename) only after every rank has
-finished writing and ``scilm_manifest.json`` (every file's size and SHA-256, see
+finished writing and ``scilm_manifest.json`` (every file's size and CRC-32, see
 ``train/manifest.py``) is in place, so a job killed mid-save resumes from the
 previous one.
 
@@ -15,6 +15,11 @@ skips by file name, and refuses with the list when step directories exist but
 none is usable. A skipped checkpoint is never deleted: when the run saves that
 step again, the old directory is set aside as ``step_N.rejected-*``. Retention
 (``keep_last``) counts only complete checkpoints up to the one just saved.
+
+A save runs in phases after each of which the ranks agree that no write failed
+(one all-reduce), so a full disk or a refused write on one rank ends every rank
+at once with a ``StorageError`` naming the path, ``latest`` unchanged; a save
+that cannot fit (the last checkpoint's size is not free) is refused up front.
 
 Fault injection for tests (a real SIGKILL at a precise point, which cannot be
 timed from outside): ``SCILM_FAULT=kill_in_checkpoint:N`` kills every rank after
