@@ -486,3 +486,53 @@ def test_other_tokenizer_refused(
     # The same tokenizer under another model name (the packaged MiniLM) is accepted.
     code, _, err = scilm("validate", job, "--data", "model.name_or_path=minilm")
     assert (code, err) == (0, "")
+
+
+def dataset_byte_offset(shard: Path, name: str) -> int:
+    """File offset of the first byte of dataset ``name`` in an HDF5 shard."""
+    import h5py
+
+    with h5py.File(shard, "r") as fh:
+        ds = fh[name]
+        offset = ds.id.get_offset()
+        return int(offset if offset is not None else ds.id.get_chunk_info(0).byte_offset)
+
+
+@pytest.mark.parametrize("name", ["labels", "input_ids", "offsets"])
+def test_a_flipped_byte_is_refused_on_first_read(shard_job: tuple[Path, Path], name: str) -> None:
+    from scilm_hpc.data.dataset import ShardDataset
+
+    _, shards = shard_job
+    shard = shards / "train" / "shard-00001.h5"
+    data = bytearray(shard.read_bytes())
+    data[dataset_byte_offset(shard, name)] ^= 0x01
+    shard.write_bytes(bytes(data))
+    dataset = ShardDataset(shards, "train")
+    assert len(dataset[0]["input_ids"]) > 0  # shard 0 is intact
+    with pytest.raises(UserError) as caught:
+        dataset[8]  # the first example of shard 1
+    assert caught.value.problems == [
+        f"{shard}: SHA-256 differs from the manifest; the shard is corrupt or was "
+        f"modified; prepare the shards again"
+    ]
+
+
+def test_an_unreadable_shard_is_not_called_corrupt(
+    shard_job: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # root reads a chmod-000 file anyway, so the open's PermissionError is raised by hand
+    import scilm_hpc.data.dataset as dataset_module
+
+    _, shards = shard_job
+    shard = shards / "train" / "shard-00000.h5"
+
+    def refused(path: Path) -> str:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(dataset_module, "file_sha256", refused)
+    with pytest.raises(UserError) as caught:
+        dataset_module.ShardDataset(shards, "train")[0]
+    assert caught.value.problems == [
+        f"{shard}: cannot read the shard (Permission denied); fix its permissions "
+        f"(the shard itself may be intact: do not prepare it again for this)"
+    ]

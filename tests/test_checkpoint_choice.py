@@ -122,7 +122,7 @@ def test_retention_counts_complete_checkpoints_up_to_the_new_one(tmp_path: Path)
     fake_checkpoint(tmp_path, 10, manifest=False, state=False)  # a partial save, not counted
     # resumed from step_4 (step_6 and step_8 were skipped), now step_5 is saved
     fake_checkpoint(tmp_path, 5)
-    _prune(tmp_path / "checkpoints", 5, keep_last=2, keep=set())
+    _prune(tmp_path / "checkpoints", 2, set(), step=5)
     left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert left == ["step_10", "step_4", "step_5", "step_6", "step_8"]
 

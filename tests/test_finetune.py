@@ -322,3 +322,46 @@ def test_a_full_disk_ends_every_rank_at_once_and_leaves_latest(
     assert "error: no space for checkpoint step_6 in " in more.stderr
     assert "latest stays step_4" in more.stderr
     assert latest_tag(small) == "step_4"
+
+
+def test_a_second_run_is_refused_and_a_killed_owner_is_taken_over(tmp_path, shards, tiny_model_dir):
+    import os
+    import signal
+
+    from .conftest import SCILM
+
+    run = tmp_path / "run"
+    args = (
+        "finetune",
+        FINETUNE,
+        f"run.dir={run}",
+        f"data.shards={shards}",
+        f"model.name_or_path={tiny_model_dir}",
+        "cluster=none",
+        "train.micro_batch_size=4",
+        "train.max_steps=100000",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
+    )
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("SCILM_FAULT", None)
+    first = subprocess.Popen(
+        [SCILM, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while latest_tag(run) is None:  # running and holding the lock
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        config = (run / "config.yaml").read_text()
+        second = scilm_run(*args[:-1], "train.eval_every=1")
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"is in use by finetune (pid {first.pid} on " in second.stderr
+        assert (run / "config.yaml").read_text() == config  # the live run's config kept
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    resumed = scilm_run("resume", str(run), "train.max_steps=4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"taking over the lock of finetune (pid {first.pid} on " in resumed.stdout
+    assert "resuming from step_" in resumed.stdout

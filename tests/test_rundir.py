@@ -178,6 +178,19 @@ def test_a_second_job_on_a_live_directory_is_refused_before_config_is_rewritten(
     assert (run / "config.yaml").read_text() == "the live run's config\n"
 
 
+@pytest.mark.timeout(60)
+def test_status_names_the_live_owner(tmp_path: Path, scilm) -> None:
+    holder = hold_lock(tmp_path)
+    try:
+        code, out, _ = scilm("status", str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 0
+    assert json.loads(out)["lock"]["pid"] == holder.pid
+    assert json.loads(scilm("status", str(tmp_path))[1])["lock"] is None
+
+
 @pytest.mark.parametrize(
     ("state", "refused"),
     [("PENDING", True), ("RUNNING", True), ("COMPLETED", False), ("UNKNOWN", False)],

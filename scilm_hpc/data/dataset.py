@@ -3,8 +3,11 @@
 Files are opened lazily and read whole into memory one shard at a time (a
 small LRU), and nothing stays open between calls, so the dataset is safe to
 use from DataLoader workers and forked processes. At construction it checks
-that every shard exists with the manifest's byte size; each shard's counts are
-checked when it is first read; ``verify_checksums`` compares full SHA-256s.
+that every shard exists with the manifest's byte size; when a shard is first
+read in a process its SHA-256 is compared with the manifest's (the checksum
+covers the whole file: token ids, offsets and labels) and its counts are
+checked; ``verify_checksums`` does the same for every shard at once. A shard
+that cannot be read (permission, I/O error) is reported as such, not as corrupt.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class ShardDataset:
         self._cache: OrderedDict[int, ShardArrays] = OrderedDict()
         self._lengths: np.ndarray | None = None
         self._pid = os.getpid()
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -82,6 +86,8 @@ class ShardDataset:
             self._pid = os.getpid()
         arrays = self._cache.get(index)
         if arrays is None:
+            if index not in self._verified:
+                self._verify(index)
             arrays = read_shard(self.root / self.shards[index].file, self.shards[index])
             self._cache[index] = arrays
             while len(self._cache) > self._cache_size:
@@ -117,13 +123,31 @@ class ShardDataset:
             UserError: naming the first shard that does not match.
         """
         for i, info in enumerate(self.shards):
-            path = self.root / info.file
-            if file_sha256(path) != info.sha256:
-                raise UserError(
-                    f"{path}: SHA-256 differs from the manifest; the shard is "
-                    f"corrupt or was modified; prepare the shards again"
-                )
-            read_shard(path, self.shards[i])
+            self._verify(i)
+            read_shard(self.root / info.file, info)
+
+    def _verify(self, index: int) -> None:
+        """Compare shard ``index``'s SHA-256 with the manifest (once per process)."""
+        info = self.shards[index]
+        path = self.root / info.file
+        try:
+            digest = file_sha256(path)
+        except PermissionError as exc:
+            raise UserError(
+                f"{path}: cannot read the shard ({exc.strerror}); fix its permissions "
+                f"(the shard itself may be intact: do not prepare it again for this)"
+            ) from None
+        except OSError as exc:
+            raise UserError(
+                f"{path}: I/O error reading the shard ({exc.strerror or exc}); check the "
+                f"filesystem before preparing the shards again"
+            ) from None
+        if digest != info.sha256:
+            raise UserError(
+                f"{path}: SHA-256 differs from the manifest; the shard is "
+                f"corrupt or was modified; prepare the shards again"
+            )
+        self._verified.add(index)
 
     def check_tokenizer(self, tokenizer: Any, model_name: str) -> None:
         """Refuse a model whose tokenizer is not the one the shards were made with.

@@ -14,7 +14,7 @@ from typing import Any
 
 from scilm_hpc.errors import UserError
 from scilm_hpc.launch.slurm import recorded_jobs, slurm_state
-from scilm_hpc.rundir import read_json, read_jsonl, write_json_atomic
+from scilm_hpc.rundir import live_owner, read_json, read_jsonl, write_json_atomic
 
 STATE_FILE = "state.json"
 FINISHED = {
@@ -84,6 +84,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "checkpoint_step": read_state(run_dir, tag)["step"] if tag else None,
         "last_metrics": train,
         "last_eval": dev,
+        "lock": live_owner(run_dir),  # who runs in the directory now (this host's view)
     }
 
 

@@ -4,7 +4,7 @@ Layout: ``RUN_DIR/checkpoints/step_N/`` holds DeepSpeed's files, ``scilm_state.j
 (step, sampler position, world size, best metric, scheduler state) and
 ``rng_rank{R}.pt`` per rank. ``checkpoints/latest`` names the newest complete
 checkpoint; it is written (temporary file + rename) only after every rank has
-finished writing and ``scilm_manifest.json`` (every file's size and SHA-256, see
+finished writing and ``scilm_manifest.json`` (every file's size and CRC-32, see
 ``train/manifest.py``) is in place, so a job killed mid-save resumes from the
 previous one.
 
@@ -15,6 +15,11 @@ skips by file name, and refuses with the list when step directories exist but
 none is usable. A skipped checkpoint is never deleted: when the run saves that
 step again, the old directory is set aside as ``step_N.rejected-*``. Retention
 (``keep_last``) counts only complete checkpoints up to the one just saved.
+
+A save runs in phases after each of which the ranks agree that no write failed
+(one all-reduce), so a full disk or a refused write on one rank ends every rank
+at once with a ``StorageError`` naming the path, ``latest`` unchanged; a save
+that cannot fit (the last checkpoint's size is not free) is refused up front.
 
 Fault injection for tests (a real SIGKILL at a precise point, which cannot be
 timed from outside): ``SCILM_FAULT=kill_in_checkpoint:N`` kills every rank after
@@ -86,7 +91,10 @@ def _latest_name(run_dir: str | Path) -> str | None:
 
 def step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
     """``(step, directory)`` of every ``step_N`` directory, newest first."""
-    root = checkpoint_root(run_dir)
+    return _scan(checkpoint_root(run_dir))
+
+
+def _scan(root: Path) -> list[tuple[int, Path]]:
     found = []
     for path in root.glob("step_*") if root.is_dir() else []:
         match = STEP_DIR.fullmatch(path.name)
@@ -279,7 +287,7 @@ def save_checkpoint(
         write_manifest(root / tag, {k: v for part in shares for k, v in part.items()})
         manifest_s = time.perf_counter() - hashing
         write_text_atomic(root / LATEST, tag + "\n")
-        _prune(root, step, keep_last, keep | {tag})
+        _prune(root, keep_last, keep | {tag}, step)
         total = time.perf_counter() - start
         print(
             f"checkpoint {tag}: {total:.2f} s, manifest {1000 * manifest_s:.0f} ms "
@@ -344,13 +352,14 @@ def _check_space(run_dir: str | Path, tag: str) -> None:
         )
 
 
-def _prune(root: Path, step: int, keep_last: int, keep: set[str]) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints up to ``step`` (the one just
-    saved and verified) and those in ``keep``; newer leftovers are not counted."""
+def _prune(root: Path, keep_last: int, keep: set[str], step: int | None = None) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints in ``root`` up to ``step`` (the
+    one just saved and verified) and those in ``keep``; newer leftovers (skipped at
+    resume) and partial saves are neither counted nor deleted."""
     complete = [
         path
-        for n, path in step_dirs(root.parent)
-        if n <= step and ((path / MANIFEST).is_file() or (path / STATE).is_file())
+        for n, path in _scan(root)
+        if (step is None or n <= step) and ((path / MANIFEST).is_file() or (path / STATE).is_file())
     ]
     for path in complete[keep_last:] if keep_last > 0 else []:
         if path.name not in keep:
