@@ -26,6 +26,7 @@ from scilm_hpc.launch.slurm import unsafe_values
 from scilm_hpc.model_source import path_problem
 from scilm_hpc.schema import JobConfig
 from scilm_hpc.tasks import TASKS
+from scilm_hpc.tasks.seq2seq import template_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The least time between a Slurm job's start and its time-limit USR2
@@ -370,8 +371,41 @@ def validate(job: JobConfig) -> list[str]:
     p += unsafe_values(job)
     _choice(p, "eval.split", job.eval.split, schema.SPLITS)
     _at_least(p, "eval.batch_size", job.eval.batch_size, 1)
+    if job.task == "seq2seq":
+        p += validate_seq2seq(job)
     if job.job == "compress":
         p += validate_compress(job)
+    return p
+
+
+def validate_seq2seq(job: JobConfig) -> list[str]:
+    """Checks of the seq2seq task's keys: target limit, prompt template, generation."""
+    p: list[str] = []
+    d = job.data
+    _at_least(p, "data.max_target_length", d.max_target_length, 2)
+    if d.max_target_length >= d.max_length:
+        p.append(
+            f"data.max_target_length: {d.max_target_length} leaves no room for the source "
+            f"in data.max_length={d.max_length}; make it smaller"
+        )
+    problem = template_problem(d.prompt_template)
+    if problem:
+        p.append(problem)
+    if job.model.decoder_name_or_path is not None:
+        decoder_problem = path_problem(job.model.decoder_name_or_path)
+        if decoder_problem:
+            p.append(decoder_problem.replace("model.name_or_path", "model.decoder_name_or_path"))
+    for key in ("max_new_tokens", "num_beams"):
+        _at_least(p, f"eval.{key}", getattr(job.eval, key), 1)
+    if job.eval.length_penalty != 1.0 and job.eval.num_beams == 1:
+        p.append("eval.length_penalty: applies to beam search only; set eval.num_beams > 1")
+    if job.train.best_metric not in (None, "dev_loss", "dev_perplexity"):
+        p.append(
+            f"train.best_metric: got {job.train.best_metric!r}; dev evaluation of seq2seq "
+            f"during fine-tuning scores the target loss: use dev_loss or dev_perplexity"
+        )
+    if job.job == "compress":
+        p.append("task: compression of seq2seq (generation) models is not supported yet")
     return p
 
 

@@ -51,10 +51,8 @@ def run_examples(
     for b in range(real if n_batches is None else n_batches):
         chunk = order[b * batch_size : (b + 1) * batch_size] if b < real else np.array([0])
         batch = task.collate([dataset[int(i)] for i in chunk], pad_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-        ).logits.cpu()
+        inputs = task.forward_inputs(batch)
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.cpu()
         if b < real:
             out += list(zip(chunk.tolist(), task.example_results(logits, batch), strict=True))
     return out

@@ -62,8 +62,9 @@ def write_reports(
     (run_dir / "eval.md").write_text(
         _markdown(job, evaluations, dataset.label_names, len(dataset), ranks)
     )
-    get_task(job.task).plots(evaluations, dataset.label_names, run_dir)
-    if job.eval.predictions:
+    task = get_task(job.task)
+    task.plots(evaluations, dataset.label_names, run_dir)
+    if job.eval.predictions or task.generates:
         with (run_dir / "predictions.jsonl").open("w") as fh:
             for ev in evaluations:
                 for index, (loss, count, pred, gold) in enumerate(ev["predictions"]):
@@ -72,8 +73,7 @@ def write_reports(
                             {
                                 "model": ev["model"],
                                 "index": index,
-                                "pred": pred,
-                                "gold": gold,
+                                **task.prediction_record(pred, gold),
                                 "loss": loss,
                                 "count": count,
                             }

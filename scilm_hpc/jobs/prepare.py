@@ -42,7 +42,8 @@ from scilm_hpc.tasks import Task, get_task
 def read_splits(job: JobConfig) -> dict[str, list[Example]]:
     """Read the configured corpus files and apply the ratio split, in a fixed order."""
     d = job.data
-    label_field = get_task(job.task).label_field(d.label_field)
+    task = get_task(job.task)
+    label_field = task.label_field(d.label_field)
     splits: dict[str, list[Example]] = {}
     for split in SPLITS:
         path = getattr(d, split)
@@ -55,6 +56,7 @@ def read_splits(job: JobConfig) -> dict[str, list[Example]]:
                 token_column=d.token_column,
                 tag_column=d.tag_column,
                 csv_delimiter=d.csv_delimiter,
+                targets=task.target_fields(d),
             )
     if "train" not in splits:
         raise UserError("data.train: required for prepare: the training corpus file")
@@ -152,7 +154,7 @@ class PrepareJob:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             os.environ.setdefault("RAYON_NUM_THREADS", "1")
         tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
-        task = get_task(job.task)
+        task = get_task(job.task).for_job(job)
         splits = read_splits(job)
         labels = build_label_map(task, splits)
         label_ids = {name: i for i, name in enumerate(labels)}
@@ -185,6 +187,7 @@ class PrepareJob:
         try:
             mine = [i for i in range(len(plan)) if i % comm.world_size == comm.rank]
             written: dict[int, ShardInfo] = {}
+            stats: dict[str, dict[str, int]] = {}  # per split: what encoding cut (targets)
             started = time.perf_counter()
             for index in tqdm(
                 mine,
@@ -210,21 +213,33 @@ class PrepareJob:
                     job.data.compression,
                     job.data.compression_level,
                 )
+                for key, count in task.take_stats().items():
+                    stats.setdefault(split, {}).setdefault(key, 0)
+                    stats[split][key] += count
             elapsed = time.perf_counter() - started
-            gathered = comm.gather((written, elapsed))
+            gathered = comm.gather((written, elapsed, stats))
             summary: dict[str, Any] = {}
             if comm.rank == 0:
                 assert gathered is not None
                 infos: dict[int, ShardInfo] = {}
-                for part, _ in gathered:
+                counts: dict[str, dict[str, int]] = {}
+                for part, _, part_stats in gathered:
                     infos.update(part)
+                    for split, values in part_stats.items():
+                        for key, count in values.items():
+                            counts.setdefault(split, {}).setdefault(key, 0)
+                            counts[split][key] += count
                 manifest = self._manifest(plan, infos, labels, tokenizer, comm)
+                if counts or task.manifest_options():
+                    manifest["task_options"] = task.manifest_options()
+                    manifest["truncated"] = counts
+                    self._log_truncation(counts, manifest["splits"])
                 write_manifest(staging, manifest)
                 self._publish(staging, target)
                 summary = {
                     "shards": str(target),
                     "ranks": comm.world_size,
-                    "rank_seconds": [e for _, e in gathered],
+                    "rank_seconds": [e for _, e, _ in gathered],
                     "splits": {
                         s: {k: v for k, v in m.items() if k != "shards"}
                         for s, m in manifest["splits"].items()
@@ -287,6 +302,24 @@ class PrepareJob:
             },
             "splits": splits,
         }
+
+    def _log_truncation(
+        self, counts: dict[str, dict[str, int]], splits: dict[str, dict[str, Any]]
+    ) -> None:
+        """One line per split and kind of cut (targets, sources) that happened."""
+        limits = {
+            "truncated_targets": f"data.max_target_length={self.job.data.max_target_length}",
+            "truncated_sources": f"data.max_length={self.job.data.max_length}",
+        }
+        for split, values in counts.items():
+            for key, count in values.items():
+                if count:
+                    print(
+                        f"prepare: {split}: {count} of {splits[split]['n_examples']} "
+                        f"{key.removeprefix('truncated_')} cut to "
+                        f"{limits.get(key, key)}",
+                        flush=True,
+                    )
 
     @staticmethod
     def _publish(staging: Path, target: Path) -> None:

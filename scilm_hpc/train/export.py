@@ -65,6 +65,7 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
     from scilm_hpc.errors import UserError
     from scilm_hpc.model_source import load_tokenizer
     from scilm_hpc.models import build_model
+    from scilm_hpc.tasks import get_task
     from scilm_hpc.train import checkpoint as ckpt
 
     run = Path(run_dir)
@@ -78,7 +79,12 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
     weights = ckpt.consolidated_weights(run, tag, state["zero_stage"])
     labels = ShardDataset(job.data.shards, "train").label_names
     model = build_model(
-        job.task, job.model.name_or_path, labels, job.model.revision, state_dict=weights
+        get_task(job.task).for_job(job),
+        job.model.name_or_path,
+        labels,
+        job.model.revision,
+        state_dict=weights,
+        decoder_name_or_path=job.model.decoder_name_or_path,
     )
     tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
     return write_export(model, tokenizer, run / "export")
