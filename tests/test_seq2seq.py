@@ -423,6 +423,7 @@ def write_corpus(path: Path, n: int, offset: int = 0) -> Path:
 
 
 def prepare_corpus(root: Path, model: Path, *extra: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     done = scilm_run(
         "prepare",
         PREPARE,
