@@ -638,3 +638,70 @@ def test_kill_and_resume_is_exact_at_zero_2(tmp_path, tiny_bert_encoder_dir):
     assert [s for s, _ in reference] == [1, 2, 3, 4, 5, 6]
     assert losses(tmp_path / "killed") == reference
     assert_same_weights(export_weights(tmp_path / "killed"), export_weights(tmp_path / "straight"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
+    """A tiny random T5 (any ``AutoModelForSeq2SeqLM``) with MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("tiny-t5")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_any_seq2seq_lm_directory_with_beam_search_over_ranks(tmp_path, tiny_t5_dir):
+    """A T5 directory: prepared as encoder-decoder, its loss is its own, and beam search
+    over two ranks' batch ranges gives what one rank gives."""
+    from scilm_hpc.data.dataset import ShardDataset
+    from scilm_hpc.evaluate.generation import check_model_fits, generate_predictions
+    from scilm_hpc.models import load_for_eval
+    from scilm_hpc.schema import EvalConfig
+
+    shards = prepare_corpus(tmp_path, tiny_t5_dir)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["task_options"]["model_kind"] == ENCODER_DECODER
+    test = ShardDataset(shards, "test")
+    task = get_task("seq2seq")
+    tokenizer, model = load_for_eval(str(tiny_t5_dir), task, test)
+    check_model_fits(model, test, str(tiny_t5_dir))
+    batch = task.collate([test[i] for i in range(4)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = model(**task.forward_inputs(batch)).loss
+        own = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        ).loss
+    assert ours.item() == pytest.approx(own.item(), rel=1e-5)
+    options = EvalConfig(batch_size=3, max_new_tokens=5, num_beams=2)
+    one = generate_predictions(model, tokenizer, test, task, 0, options, 0, 1)
+    two = [
+        item
+        for rank in (0, 1)
+        for item in generate_predictions(model, tokenizer, test, task, 0, options, rank, 2)
+    ]
+    assert sorted(i for i, _ in two) == list(range(len(test)))
+    assert sorted(two, key=lambda x: x[0]) == sorted(one, key=lambda x: x[0])  # same batches
+    assert all(0 < r[2]["gen_tokens"] <= 5 for _, r in one)
+    # shards of the other kind are refused before any generation
+    llama_like = dict(manifest, task_options={"model_kind": DECODER_ONLY})
+    test.manifest = llama_like
+    with pytest.raises(UserError, match="prepared for a decoder-only model"):
+        check_model_fits(model, test, "t5")
