@@ -705,3 +705,31 @@ def test_any_seq2seq_lm_directory_with_beam_search_over_ranks(tmp_path, tiny_t5_
     test.manifest = llama_like
     with pytest.raises(UserError, match="prepared for a decoder-only model"):
         check_model_fits(model, test, "t5")
+
+
+def test_prepare_refuses_bad_seq2seq_input_before_writing(scilm, tmp_path, tiny_llama_dir):
+    good = write_corpus(tmp_path / "good.jsonl", 4)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"abstract": "a b c", "tldrs": ["x"]}) + "\n")
+    base = (
+        "prepare",
+        PREPARE,
+        "cluster=none",
+        "task=seq2seq",
+        "data.text_field=abstract",
+        "data.target_field=tldr",
+    )
+    cases = {
+        "target": ([f"data.train={bad}", f"model.name_or_path={tiny_llama_dir}"], f"{bad}:1:"),
+        "encoder": ([f"data.train={good}", "model.name_or_path=minilm"], "cannot generate text"),
+        "template": (
+            [f"data.train={good}", f"model.name_or_path={tiny_llama_dir}"]
+            + ["data.prompt_template=Summarise"],
+            "must hold the placeholder {source} exactly once",
+        ),
+    }
+    for name, (overrides, expected) in cases.items():
+        run_dir = tmp_path / name
+        code, _, err = scilm(*base, f"run.dir={run_dir}", *overrides)
+        assert code == 2 and expected in err, (name, err)
+        assert not (run_dir / "shards").exists()
