@@ -29,7 +29,7 @@ def _markdown(
     ]
     for ev in evaluations:
         values = " | ".join(f"{ev['metrics'][k]:.4f}" for k in keys)
-        speed = f"{ev['examples_per_s']:.1f}" if ev["examples_per_s"] else "-"
+        speed = f"{ev['examples_per_s']:.3g}" if ev["examples_per_s"] else "-"
         lines.append(f"| `{ev['model']}` | {values} | {speed} |")
     lines += task.report_sections(evaluations, labels)
     return "\n".join(lines) + "\n"
