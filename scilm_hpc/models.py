@@ -37,6 +37,7 @@ def build_model(
     labels: list[str],
     revision: str | None = None,
     state_dict: dict | None = None,
+    decoder_name_or_path: str | None = None,
 ) -> Any:
     """A pretrained model with a head for ``task`` (new heads initialised by the caller's seed).
 
@@ -48,18 +49,18 @@ def build_model(
         revision: hub revision.
         state_dict: weights to load instead of the pretrained ones (resume on another
             world size).
+        decoder_name_or_path: as in ``model.decoder_name_or_path`` (seq2seq warm start).
 
     Raises:
         UserError: if the model cannot be loaded.
     """
     task = get_task(task)
     source = resolve_model_path(name_or_path)
+    decoder = resolve_model_path(decoder_name_or_path) if decoder_name_or_path else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = task.auto_class().from_pretrained(
-                source, revision=revision, **task.model_kwargs(labels)
-            )
+            model = task.load_pretrained(source, revision, labels, decoder)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"model.name_or_path: cannot load '{name_or_path}' for task '{task.name}' "
@@ -88,7 +89,7 @@ def load_model(name: str, task: str | Task) -> Any:
     try:
         if is_compressed_dir(source):
             return load_compressed(source)
-        return task.auto_class().from_pretrained(source)
+        return task.load_finished(source)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"model.name_or_path: cannot load '{name}' for {task.name} ({exc})"

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import MISSING
 
 JOB_KINDS = ("prepare", "finetune", "compress", "evaluate")
-TASKS = ("classification", "token_classification", "causal_lm", "regression")
+TASKS = ("classification", "token_classification", "causal_lm", "regression", "seq2seq")
 DATA_FORMATS = ("jsonl", "csv", "conll", "fasta", "text")
 UNKNOWN_RESIDUE_POLICIES = ("refuse", "map_x", "skip")
 SHARD_COMPRESSIONS = ("none", "gzip", "lzf")
@@ -78,6 +78,13 @@ class DataConfig:
     # at max_length (the cut tokens are counted in the manifest)
     packing: bool = True
     overwrite: bool = False
+    # seq2seq: the target text, an optional list of references (multi-reference
+    # evaluation; default: the target alone), the target's token limit, and the prompt
+    # a decoder-only model reads (its ``{source}`` is the source text; the target follows)
+    target_field: str = "target"
+    references_field: str | None = None
+    max_target_length: int = 64
+    prompt_template: str = "{source}\nTL;DR:"
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
@@ -102,6 +109,8 @@ class ModelConfig:
     name_or_path: str = "minilm"
     revision: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # seq2seq: warm-start an encoder-decoder (name_or_path the encoder, this the decoder)
+    decoder_name_or_path: str | None = None
 
 
 @dataclass
@@ -258,6 +267,12 @@ class EvalConfig:
     predictions: bool = False
     # more models evaluated in the same job, side by side with model.name_or_path
     models: list[str] = field(default_factory=list)
+    # seq2seq generation: greedy (num_beams 1) or beam search, or sampling with ``seed``
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    do_sample: bool = False
+    seed: int = 0
 
 
 @dataclass

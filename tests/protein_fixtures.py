@@ -3,12 +3,11 @@ amino acid, case-sensitive) made on the fly, and the shared protein data sets.""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from .conftest import SHARED_DATA
+from .prerequisites import shared_data
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -45,11 +44,5 @@ def tiny_protein_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def shared_dataset(name: str) -> Path:
-    """``../shared/data/NAME``; skips the test when it is absent, fails under ``CI=true``."""
-    path = SHARED_DATA / name
-    if not path.is_dir():
-        reason = f"shared data set {path} is absent"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} (CI=true: the data must be there)")
-        pytest.skip(reason)
-    return path
+    """``../shared/data/NAME`` (the one rule of ``tests.prerequisites``)."""
+    return shared_data(name)

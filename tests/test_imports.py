@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "scilm_hpc.schema",
             "scilm_hpc.model_source",
             "scilm_hpc.model_import",
+            "scilm_hpc.gguf_model",
             "scilm_hpc.rundir",
         ),
     ),
@@ -155,7 +156,7 @@ def test_checker_sees_a_function_level_upward_import():
     assert ("scilm_hpc.data._planted_upward_import", "scilm_hpc.train.loop") in upward
 
 
-@pytest.mark.parametrize("name", ["classification", "token_classification", "causal_lm"])
+@pytest.mark.parametrize("name", ["classification", "token_classification", "causal_lm", "seq2seq"])
 def test_schema_task_names_are_the_registry(name):
     from scilm_hpc import schema
     from scilm_hpc.tasks import TASKS

@@ -17,7 +17,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scilm_hpc.errors import UserError
@@ -32,7 +32,8 @@ class Example:
 
     ``label`` is a document label (classification), ``tags`` one tag per word
     (token classification), ``values`` one or more numbers (regression); causal LM
-    examples have none. ``source`` is ``path:line`` of the row it came from, for
+    examples have none; seq2seq examples have a ``target`` text and the ``references``
+    it is scored against. ``source`` is ``path:line`` of the row it came from, for
     error messages.
     """
 
@@ -42,6 +43,8 @@ class Example:
     label: str | None = None
     tags: tuple[str, ...] | None = None
     values: tuple[float, ...] | None = None
+    target: str | None = None
+    references: tuple[str, ...] | None = None
 
 
 class _Problems:
@@ -96,9 +99,14 @@ def _label_text(value: object) -> str | None:
 
 
 def read_jsonl(
-    path: Path, text_field: str, label_field: str | None, label_kind: str = "name"
+    path: Path,
+    text_field: str,
+    label_field: str | None,
+    label_kind: str = "name",
+    targets: TargetFields | None = None,
 ) -> list[Example]:
-    """One JSON object a line with a text field and (unless None) a label field."""
+    """One JSON object a line with a text field and (unless None) a label field
+    (``targets``: the target and reference fields of a seq2seq corpus)."""
     problems = _Problems(path)
     examples: list[Example] = []
     for number, line in _decode_lines(path, problems):
@@ -114,11 +122,69 @@ def read_jsonl(
             continue
         examples.extend(
             _row_example(
-                row, f"{path}:{number}", number, text_field, label_field, problems, label_kind
+                row,
+                f"{path}:{number}",
+                number,
+                text_field,
+                label_field,
+                problems,
+                label_kind,
+                targets,
             )
         )
     problems.raise_if_any()
     return examples
+
+
+@dataclass(frozen=True)
+class TargetFields:
+    """Where a seq2seq record keeps its target (``data.target_field``) and, optionally,
+    its list of references (``data.references_field``)."""
+
+    target: str
+    references: str | None = None
+
+
+def _references(value: object) -> tuple[str, ...] | None:
+    """A reference list from a JSON list, a JSON-list string (CSV) or one string."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return None
+    kept = tuple(v for v in value if v.strip())
+    return kept or None
+
+
+def _with_target(
+    example: Example, row: dict, number: int, fields: TargetFields, problems: _Problems
+) -> list[Example]:
+    present = ", ".join(map(str, row)) or "none"
+    target = row.get(fields.target)
+    if not isinstance(target, str) or not target.strip():
+        what = "missing" if target is None else "empty" if target == "" else "not a string"
+        problems.add(
+            number,
+            f"target field '{fields.target}' (data.target_field) {what}"
+            + (f": {target!r}" if what == "not a string" else "")
+            + f"; fields present: {present}",
+        )
+        return []
+    references: tuple[str, ...] | None = (target,)
+    if fields.references is not None:
+        references = _references(row.get(fields.references))
+        if references is None:
+            problems.add(
+                number,
+                f"references field '{fields.references}' (data.references_field) must be "
+                f"a non-empty list of strings, got {row.get(fields.references)!r}",
+            )
+            return []
+    return [replace(example, target=target, references=references)]
 
 
 def _row_example(
@@ -129,6 +195,7 @@ def _row_example(
     label_field: str | None,
     problems: _Problems,
     label_kind: str = "name",
+    targets: TargetFields | None = None,
 ) -> list[Example]:
     present = ", ".join(map(str, row)) or "none"
     text = row.get(text_field)
@@ -147,6 +214,8 @@ def _row_example(
             number, f"text field '{text_field}' must be {allowed}, got {type(text).__name__}"
         )
         return []
+    if targets is not None:
+        return _with_target(Example(source=source, text=text), row, number, targets, problems)
     if label_field is None:
         return [Example(source=source, text=text)]
     raw = row.get(label_field)
@@ -229,14 +298,22 @@ def read_csv(
     label_field: str | None,
     delimiter: str = ",",
     label_kind: str = "name",
+    targets: TargetFields | None = None,
 ) -> list[Example]:
-    """A CSV file with a header row naming the text and label columns."""
+    """A CSV file with a header row naming the text and label columns (``targets``: the
+    target and reference columns of a seq2seq corpus; references as a JSON list)."""
     problems = _Problems(path)
     lines = _decode_lines(path, problems)
     problems.raise_if_any()
     reader = csv.DictReader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter)
     header = reader.fieldnames or []
-    for field_name, key in ((text_field, "data.text_field"), (label_field, "data.label_field")):
+    wanted = [(text_field, "data.text_field"), (label_field, "data.label_field")]
+    if targets is not None:
+        wanted += [
+            (targets.target, "data.target_field"),
+            (targets.references, "data.references_field"),
+        ]
+    for field_name, key in wanted:
         if field_name is not None and field_name not in header:
             problems.add(
                 1,
@@ -264,6 +341,7 @@ def read_csv(
                     label_field,
                     problems,
                     label_kind,
+                    targets,
                 )
             )
     except csv.Error as exc:
@@ -350,9 +428,11 @@ def read_corpus(
     tag_column: int = -1,
     csv_delimiter: str = ",",
     label_kind: str = "name",
+    targets: TargetFields | None = None,
 ) -> list[Example]:
     """Read one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``, ``fasta``,
-    ``text``); ``label_kind`` (``LABEL_KINDS``) says what the label field holds.
+    ``text``); ``label_kind`` (``LABEL_KINDS``) says what the label field holds,
+    ``targets`` (JSONL, CSV) reads a seq2seq target and its references.
 
     Raises:
         UserError: naming the file and line of every problem found (up to ten),
@@ -362,9 +442,9 @@ def read_corpus(
     if not path.is_file():
         raise UserError(f"{path}: corpus file does not exist")
     if fmt == "jsonl":
-        examples = read_jsonl(path, text_field, label_field, label_kind)
+        examples = read_jsonl(path, text_field, label_field, label_kind, targets)
     elif fmt == "csv":
-        examples = read_csv(path, text_field, label_field, csv_delimiter, label_kind)
+        examples = read_csv(path, text_field, label_field, csv_delimiter, label_kind, targets)
     elif fmt == "conll":
         examples = read_conll(path, token_column, tag_column)
     elif fmt == "fasta":

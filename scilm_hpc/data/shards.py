@@ -9,7 +9,8 @@ A shard ``SPLIT/shard-NNNNN.h5`` holds examples as flat token storage:
   classification, -100 where a token carries no tag; ``token_position_ids`` int32: packed
   causal LM, each token's position in its document, see ``data.packing``); any other
   column one row per example (``labels`` int64: classification). Unpacked causal LM
-  stores none.
+  stores none. A per-example column of strings is stored as variable-length UTF-8
+  (seq2seq keeps its source text and references there, under the shard's checksum).
 
 ``manifest.json`` beside the split folders lists every shard with its example
 count, token count, byte size and SHA-256, plus the task, label map, tokenizer
@@ -105,6 +106,9 @@ def write_shard(
             if column.startswith(TOKEN_PREFIX):
                 per_token = np.concatenate(values) if values else np.zeros(0, np.int32)
                 fh.create_dataset(column, data=per_token, **opts)
+            elif values and isinstance(values[0], str):
+                text = np.asarray(values, dtype=h5py.string_dtype("utf-8"))
+                fh.create_dataset(column, data=text, track_times=False)
             else:
                 fh.create_dataset(column, data=np.asarray(values), track_times=False)
     return ShardInfo(
@@ -134,7 +138,7 @@ class ShardArrays:
                 item[column[len(TOKEN_PREFIX) :]] = values[lo:hi]
             else:
                 row = values[local]
-                item[column] = row.item() if row.ndim == 0 else row
+                item[column] = row.item() if getattr(row, "ndim", None) == 0 else row
         return item
 
 
@@ -161,7 +165,11 @@ def read_shard(path: Path, info: ShardInfo) -> ShardArrays:
         with h5py.File(path, "r") as fh:
             input_ids = fh["input_ids"][()]
             offsets = fh["offsets"][()]
-            columns = {k: fh[k][()] for k in fh if k not in ("input_ids", "offsets")}
+            columns = {
+                k: fh[k].asstr()[()] if h5py.check_string_dtype(fh[k].dtype) else fh[k][()]
+                for k in fh
+                if k not in ("input_ids", "offsets")
+            }
     except (OSError, KeyError, ValueError) as exc:
         raise UserError(
             f"{path}: shard is corrupt or truncated ({exc}); prepare the shards "

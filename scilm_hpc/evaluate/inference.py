@@ -51,9 +51,8 @@ def run_examples(
     for b in range(real if n_batches is None else n_batches):
         chunk = order[b * batch_size : (b + 1) * batch_size] if b < real else np.array([0])
         batch = task.collate([dataset[int(i)] for i in chunk], pad_id)
-        inputs = task.model_inputs(
-            {k: v.to(device) for k, v in batch.items() if k not in ("labels",)}, model
-        )
+        inputs = task.forward_inputs(batch)
+        inputs = task.model_inputs({k: v.to(device) for k, v in inputs.items()}, model)
         logits = model(**inputs).logits.cpu()
         if b < real:
             out += list(zip(chunk.tolist(), task.example_results(logits, batch), strict=True))

@@ -30,7 +30,7 @@ def _markdown(
     ]
     for ev in evaluations:
         values = " | ".join(f"{ev['metrics'][k]:.4f}" for k in keys)
-        speed = f"{ev['examples_per_s']:.1f}" if ev["examples_per_s"] else "-"
+        speed = f"{ev['examples_per_s']:.3g}" if ev["examples_per_s"] else "-"
         lines.append(f"| `{ev['model']}` | {values} | {speed} |")
     lines += task.report_sections(evaluations, labels)
     return "\n".join(lines) + "\n"
@@ -63,8 +63,9 @@ def write_reports(
     (run_dir / "eval.md").write_text(
         _markdown(job, evaluations, dataset.label_names, len(dataset), ranks)
     )
-    get_task(job.task).plots(evaluations, dataset.label_names, run_dir)
-    if job.eval.predictions:
+    task = get_task(job.task)
+    task.plots(evaluations, dataset.label_names, run_dir)
+    if job.eval.predictions or task.generates:
         with (run_dir / "predictions.jsonl").open("w") as fh:
             for ev in evaluations:
                 for index, (loss, count, pred, gold) in enumerate(ev["predictions"]):
@@ -73,8 +74,7 @@ def write_reports(
                             {
                                 "model": ev["model"],
                                 "index": index,
-                                "pred": pred,
-                                "gold": gold,
+                                **task.prediction_record(pred, gold),
                                 "loss": loss,
                                 "count": count,
                             }

@@ -24,6 +24,7 @@ import torch
 from scilm_hpc.config import load_and_validate
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.errors import UserError
+from scilm_hpc.evaluate.generation import check_model_fits, generate_predictions
 from scilm_hpc.evaluate.inference import predict, token_balanced_ranges
 from scilm_hpc.evaluate.metrics import metrics_from_results
 from scilm_hpc.evaluate.report import write_reports
@@ -31,6 +32,8 @@ from scilm_hpc.launch.dist import communicator
 from scilm_hpc.launch.hardware import cpu_threads
 from scilm_hpc.models import load_for_eval, pad_token_id
 from scilm_hpc.schema import JobConfig
+from scilm_hpc.tasks import get_task
+from scilm_hpc.tasks.seq2seq import Seq2Seq
 
 
 class EvaluateJob:
@@ -52,12 +55,21 @@ class EvaluateJob:
             )
         names = [job.model.name_or_path, *job.eval.models]
         loaded = [load_for_eval(name, job.task, dataset) for name in names]
+        task = get_task(job.task)
+        if task.generates:
+            for name, (_, model) in zip(names, loaded, strict=True):
+                check_model_fits(model, dataset, name)
         mine = token_balanced_ranges(dataset.lengths(), comm.world_size)[comm.rank]
         evaluations = []
         for name, (tokenizer, model) in zip(names, loaded, strict=True):
             pad_id = pad_token_id(tokenizer)
             start = time.perf_counter()
-            results = predict(model, dataset, mine, job.task, pad_id, job.eval.batch_size)
+            if isinstance(task, Seq2Seq):
+                results = generate_predictions(
+                    model, tokenizer, dataset, task, pad_id, job.eval, comm.rank, comm.world_size
+                )
+            else:
+                results = predict(model, dataset, mine, task, pad_id, job.eval.batch_size)
             seconds = time.perf_counter() - start
             gathered = comm.gather((results, seconds))
             if comm.rank == 0:

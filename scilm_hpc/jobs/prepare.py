@@ -58,6 +58,7 @@ def read_splits(job: JobConfig) -> dict[str, list[Example]]:
                 tag_column=d.tag_column,
                 csv_delimiter=d.csv_delimiter,
                 label_kind=task.label_kind,
+                targets=task.target_fields(d),
             )
     if "train" not in splits:
         raise UserError("data.train: required for prepare: the training corpus file")
@@ -153,7 +154,7 @@ class PrepareJob:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             os.environ.setdefault("RAYON_NUM_THREADS", "1")
         tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
-        task = get_task(job.task)
+        task = get_task(job.task).for_job(job)
         splits = read_splits(job)
         residues = residue_checker(job, tokenizer)
         if residues is not None:
@@ -191,7 +192,8 @@ class PrepareJob:
         try:
             mine = [i for i in range(len(plan)) if i % comm.world_size == comm.rank]
             written: dict[int, ShardInfo] = {}
-            counted: dict[int, dict[str, int]] = {}
+            counted: dict[int, dict[str, int]] = {}  # per shard: the task's token counts
+            stats: dict[str, dict[str, int]] = {}  # per split: what encoding cut (targets)
             started = time.perf_counter()
             for index in tqdm(
                 mine,
@@ -212,23 +214,35 @@ class PrepareJob:
                     job.data.compression,
                     job.data.compression_level,
                 )
+                for key, count in task.take_stats().items():
+                    stats.setdefault(split, {}).setdefault(key, 0)
+                    stats[split][key] += count
             elapsed = time.perf_counter() - started
-            gathered = comm.gather((written, counted, elapsed))
+            gathered = comm.gather((written, counted, elapsed, stats))
             summary: dict[str, Any] = {}
             if comm.rank == 0:
                 assert gathered is not None
                 infos: dict[int, ShardInfo] = {}
                 counts: dict[int, dict[str, int]] = {}
-                for part, part_counts, _ in gathered:
+                truncated: dict[str, dict[str, int]] = {}
+                for part, part_counts, _, part_stats in gathered:
                     infos.update(part)
                     counts.update(part_counts)
-                rank_seconds = [e for _, _, e in gathered]
+                    for split, values in part_stats.items():
+                        for key, count in values.items():
+                            truncated.setdefault(split, {}).setdefault(key, 0)
+                            truncated[split][key] += count
+                rank_seconds = [e for _, _, e, _ in gathered]
                 manifest = self._manifest(
                     plan, infos, counts, labels, tokenizer, comm, rank_seconds
                 )
                 manifest["task_state"] = task_state
                 if residues is not None:
                     manifest["residues"] = residues.summary()
+                if truncated or task.manifest_options():
+                    manifest["task_options"] = task.manifest_options()
+                    manifest["truncated"] = truncated
+                    self._log_truncation(truncated, manifest["splits"])
                 write_manifest(staging, manifest)
                 self._publish(staging, target)
                 summary = {
@@ -306,6 +320,24 @@ class PrepareJob:
             },
             "splits": splits,
         }
+
+    def _log_truncation(
+        self, counts: dict[str, dict[str, int]], splits: dict[str, dict[str, Any]]
+    ) -> None:
+        """One line per split and kind of cut (targets, sources) that happened."""
+        limits = {
+            "truncated_targets": f"data.max_target_length={self.job.data.max_target_length}",
+            "truncated_sources": f"data.max_length={self.job.data.max_length}",
+        }
+        for split, values in counts.items():
+            for key, count in values.items():
+                if count:
+                    print(
+                        f"prepare: {split}: {count} of {splits[split]['n_examples']} "
+                        f"{key.removeprefix('truncated_')} cut to "
+                        f"{limits.get(key, key)}",
+                        flush=True,
+                    )
 
     @staticmethod
     def _publish(staging: Path, target: Path) -> None:

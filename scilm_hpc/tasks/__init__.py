@@ -14,10 +14,12 @@ from scilm_hpc.tasks.base import ExampleResult, Task
 from scilm_hpc.tasks.causal_lm import CausalLM
 from scilm_hpc.tasks.classification import Classification
 from scilm_hpc.tasks.regression import Regression
+from scilm_hpc.tasks.seq2seq import Seq2Seq
 from scilm_hpc.tasks.token_classification import TokenClassification
 
 TASKS: dict[str, Task] = {
-    task.name: task for task in (Classification(), TokenClassification(), CausalLM(), Regression())
+    task.name: task
+    for task in (Classification(), TokenClassification(), CausalLM(), Regression(), Seq2Seq())
 }
 
 

@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from scilm_hpc.data.readers import Example
-from scilm_hpc.schema import DataConfig
+from scilm_hpc.data.readers import Example, TargetFields
+from scilm_hpc.schema import DataConfig, JobConfig
 
 #: An example's evaluation result: (loss sum, counted targets, prediction, gold).
 ExampleResult = tuple[float, int, Any, Any]
@@ -70,6 +70,12 @@ class Task(ABC):
     headline: ClassVar[tuple[str, ...]]
     #: the metric a trade-off is judged by, and whether higher is better
     main_metric: ClassVar[tuple[str, bool]]
+    #: whether evaluation generates text (``evaluate.generation``) besides scoring
+    generates: ClassVar[bool] = False
+
+    def for_job(self, job: JobConfig) -> Task:
+        """This task set up with a job's options (tasks without options: itself)."""
+        return self
 
     def auto_class(self) -> Any:
         """The ``transformers`` ``AutoModelFor*`` class of this task."""
@@ -93,6 +99,24 @@ class Task(ABC):
         export, so a plain ``from_pretrained`` user has them)."""
         return {}
 
+    def config_problems(self, job: JobConfig) -> list[str]:
+        """Checks of this task's own config keys, one line per problem (``config.validate``
+        adds them to its own)."""
+        return []
+
+    def load_pretrained(
+        self, source: str, revision: str | None, labels: list[str], decoder: str | None = None
+    ) -> Any:
+        """A pretrained model to train (``decoder``: a second checkpoint, where the task
+        builds one model from two)."""
+        return self.auto_class().from_pretrained(
+            source, revision=revision, **self.model_kwargs(labels)
+        )
+
+    def load_finished(self, source: str) -> Any:
+        """A finished (exported) model of this task."""
+        return self.auto_class().from_pretrained(source)
+
     # --- prepare -------------------------------------------------------------------
     def fit(self, train: Sequence[Example]) -> dict[str, Any]:
         """What the task learns from the training split (JSON; the manifest's
@@ -102,6 +126,18 @@ class Task(ABC):
     def bind(self, state: dict[str, Any]) -> Task:
         """This task bound to a ``fit`` result (itself when it learns nothing)."""
         return self
+
+    def target_fields(self, data: DataConfig) -> TargetFields | None:
+        """The target (and references) fields a record needs, or None (no target)."""
+        return None
+
+    def take_stats(self) -> dict[str, int]:
+        """Counts ``encode`` kept since the last call (e.g. truncated targets), then reset."""
+        return {}
+
+    def manifest_options(self) -> dict[str, Any]:
+        """This task's options the manifest records (how the shards were encoded)."""
+        return {}
 
     def label_field(self, configured: str) -> str | None:
         """The record field read as the label (``data.label_field``), or None."""
@@ -164,6 +200,11 @@ class Task(ABC):
         which may be a DeepSpeed engine or a peft wrapper)."""
         return dict(batch)
 
+    def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of a collated batch that scoring feeds the model (without the labels:
+        logits only, the task computes its own per-example losses)."""
+        return {k: v for k, v in batch.items() if k != "labels"}
+
     def distill_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Which logits rows the distillation loss compares (None: every example)."""
         return None
@@ -178,6 +219,10 @@ class Task(ABC):
     @abstractmethod
     def metrics(self, results: Sequence[ExampleResult], labels: Sequence[str]) -> dict[str, Any]:
         """The task's metrics from per-example results in example order."""
+
+    def prediction_record(self, pred: Any, gold: Any) -> dict[str, Any]:
+        """One example's row of ``predictions.jsonl`` (besides model, index and loss)."""
+        return {"pred": pred, "gold": gold}
 
     def report_sections(self, evaluations: list[dict[str, Any]], labels: list[str]) -> list[str]:
         """Markdown lines ``eval.md`` shows after the headline table."""

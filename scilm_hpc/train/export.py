@@ -95,10 +95,11 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
         model = lora_model(job, train_set.label_names, weights)
         return write_lora_export(model, tokenizer, run / "export")
     model = build_model(
-        get_task(job.task, train_set.manifest),
+        get_task(job.task, train_set.manifest).for_job(job),
         job.model.name_or_path,
         train_set.label_names,
         job.model.revision,
         state_dict=weights,
+        decoder_name_or_path=job.model.decoder_name_or_path,
     )
     return write_export(model, tokenizer, run / "export")

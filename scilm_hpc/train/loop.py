@@ -102,7 +102,7 @@ class Trainer:
             t.max_steps if t.max_steps > 0 else t.epochs * self.batches.steps_per_epoch
         )
         self.pad_id = pad_token_id(self.tokenizer)
-        self.task = get_task(job.task, self.train_set.manifest)
+        self.task = get_task(job.task, self.train_set.manifest).for_job(job)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=rank == 0)
         self._last_eval_step = -1
         self._last_eval: dict[str, Any] | None = None
@@ -160,7 +160,12 @@ class Trainer:
                 print(f"LoRA: {trainable} of {total} parameters train", flush=True)
             return model
         return build_model(
-            self.task, job.model.name_or_path, self.labels, job.model.revision, state_dict=weights
+            self.task,
+            job.model.name_or_path,
+            self.labels,
+            job.model.revision,
+            state_dict=weights,
+            decoder_name_or_path=job.model.decoder_name_or_path,
         )
 
     def compute_loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""Generation evaluation over MPI ranks: teacher-forced loss and generated text per example.
+
+The batches do not depend on the number of ranks: within each shard the examples are
+sorted by length and cut into ``eval.batch_size`` chunks, in a fixed order; each rank
+then takes a contiguous, token-balanced range of these batches
+(``inference.token_balanced_ranges`` over the batches' token counts). Every example is
+therefore generated in the same batch, with the same padding, whatever the number of
+ranks, and the generated text is identical for 1, 2 or N ranks. Decoder-only prompts
+are padded on the left, so that generation continues every prompt right at its end.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from scilm_hpc.data.dataset import ShardDataset
+from scilm_hpc.errors import UserError
+from scilm_hpc.evaluate.inference import token_balanced_ranges
+from scilm_hpc.schema import EvalConfig
+from scilm_hpc.tasks import ExampleResult
+from scilm_hpc.tasks.seq2seq import ENCODER_DECODER, Seq2Seq, eos_token_id
+
+
+def generation_batches(dataset: ShardDataset, batch_size: int) -> list[np.ndarray]:
+    """Example indices of every batch, shard by shard, length-sorted within a shard."""
+    lengths = dataset.lengths()
+    starts = np.concatenate([[0], np.cumsum([s.n_examples for s in dataset.shards])])
+    batches: list[np.ndarray] = []
+    for lo, hi in zip(starts[:-1], starts[1:], strict=True):
+        order = np.arange(lo, hi, dtype=np.int64)
+        order = order[np.argsort(lengths[order], kind="stable")]
+        batches += [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
+    return batches
+
+
+def check_model_fits(model: Any, dataset: ShardDataset, name: str) -> None:
+    """Refuse a model that cannot generate, or whose kind differs from the shards'.
+
+    Raises:
+        UserError: naming the model and what the shards were prepared for.
+    """
+    if not model.can_generate():
+        raise UserError(
+            f"model.name_or_path: '{name}' ({type(model).__name__}) cannot generate text"
+        )
+    prepared = dataset.manifest.get("task_options", {}).get("model_kind")
+    kind = ENCODER_DECODER if model.config.is_encoder_decoder else "decoder-only"
+    if prepared is not None and prepared != kind:
+        raise UserError(
+            f"model.name_or_path: '{name}' is {kind}, the shards in '{dataset.root}' were "
+            f"prepared for a {prepared} model; prepare them again with this model"
+        )
+
+
+def _generated_tokens(sequence: list[int], eos: int, skip_first: bool) -> list[int]:
+    """The generated tokens up to (without) the first EOS."""
+    tokens = sequence[1:] if skip_first else sequence
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+@torch.no_grad()
+def generate_predictions(
+    model: Any,
+    tokenizer: Any,
+    dataset: ShardDataset,
+    task: Seq2Seq,
+    pad_id: int,
+    options: EvalConfig,
+    rank: int,
+    world: int,
+) -> list[tuple[int, ExampleResult]]:
+    """(example index, (loss sum, target tokens, prediction, references)) for this rank's
+    batches; the prediction holds the record id, source text, generated text and its
+    length in tokens."""
+    batches = generation_batches(dataset, options.batch_size)
+    lengths = dataset.lengths()
+    tokens = np.asarray([int(lengths[b].sum()) for b in batches], dtype=np.int64)
+    mine = token_balanced_ranges(tokens, world)[rank]
+    device = getattr(model, "device", torch.device("cpu"))
+    eos = eos_token_id(tokenizer)
+    encoder_decoder = bool(model.config.is_encoder_decoder)
+    out: list[tuple[int, ExampleResult]] = []
+    for b in mine:
+        chunk = batches[b]
+        items = [dataset[int(i)] for i in chunk]
+        batch = task.collate(items, pad_id)
+        inputs = task.forward_inputs(batch)
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.cpu()
+        scores = task.example_results(logits, batch)
+        prompts = {k: v.to(device) for k, v in task.generation_inputs(items, pad_id).items()}
+        if options.do_sample:
+            torch.manual_seed(options.seed + b)  # per batch: the same for any rank count
+        generated = model.generate(
+            **prompts,
+            max_new_tokens=options.max_new_tokens,
+            num_beams=options.num_beams,
+            length_penalty=options.length_penalty,
+            do_sample=options.do_sample,
+            pad_token_id=pad_id,
+            eos_token_id=eos,
+        ).cpu()
+        if not encoder_decoder:  # decoder-only: the prompt comes back first
+            generated = generated[:, prompts["input_ids"].shape[1] :]
+        for row, (index, item, score) in enumerate(zip(chunk, items, scores, strict=True)):
+            new = _generated_tokens(generated[row].tolist(), eos, encoder_decoder)
+            prediction = {
+                "id": item["record"],
+                "source": item["source_text"],
+                "generated": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                "gen_tokens": len(new),
+            }
+            out.append(
+                (int(index), (score[0], score[1], prediction, json.loads(item["references"])))
+            )
+    return out
