@@ -159,8 +159,12 @@ def describe_owner(owner: dict[str, Any]) -> str:
 
 
 def read_owner(run_dir: str | Path) -> dict[str, Any]:
-    """The owner recorded in ``RUN_DIR/.lock`` ({} if none)."""
-    owner = read_json(Path(run_dir) / LOCK_FILE, {})
+    """The owner recorded in ``RUN_DIR/.lock`` ({} if none; an empty file is a lock
+    just created, not a damaged one)."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.is_file() or path.stat().st_size == 0:
+        return {}
+    owner = read_json(path, {})
     return owner if isinstance(owner, dict) else {}
 
 
