@@ -105,13 +105,34 @@ def test_metrics_identical_for_1_2_and_3_ranks(tmp_path, eval_setup):
 
 
 def test_two_models_side_by_side(tmp_path, eval_setup):
-    shards, model = eval_setup
-    done = evaluate(tmp_path, shards, model, "cluster=none", f"eval.models=[{model}]")
+    """Two different models in one report, each with exactly the metrics of its own
+    single-model run (and so not each other's)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    shards, first = eval_setup
+    second = tmp_path / "second"
+    model = AutoModelForSequenceClassification.from_pretrained(first)
+    torch.manual_seed(11)
+    with torch.no_grad():  # another head: other predictions on the same encoder
+        model.classifier.weight.normal_(0, 1.0)
+    model.save_pretrained(second)
+    AutoTokenizer.from_pretrained(first).save_pretrained(second)
+    alone = {}
+    for name, path in (("first", first), ("second", second)):
+        done = evaluate(tmp_path / name, shards, path, "cluster=none")
+        assert done.returncode == 0, done.stderr[-3000:]
+        alone[name] = json.loads((tmp_path / name / "eval.json").read_text())["metrics"]
+    assert alone["first"] != alone["second"]
+    both = tmp_path / "both"
+    done = evaluate(both, shards, first, "cluster=none", f"eval.models=[{second}]")
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "eval.json").read_text())
-    assert [m["model"] for m in report["models"]] == [str(model), str(model)]
-    assert report["models"][0]["metrics"] == report["models"][1]["metrics"]
-    assert (tmp_path / "eval.md").read_text().count(f"| `{model}` |") == 2
+    report = json.loads((both / "eval.json").read_text())
+    assert [m["model"] for m in report["models"]] == [str(first), str(second)]
+    assert report["models"][0]["metrics"] == alone["first"]
+    assert report["models"][1]["metrics"] == alone["second"]
+    table = (both / "eval.md").read_text()
+    assert f"| `{first}` |" in table and f"| `{second}` |" in table
 
 
 @pytest.mark.parametrize("case", ["labels", "tokenizer", "split"])
