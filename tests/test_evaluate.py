@@ -88,6 +88,8 @@ def test_metrics_identical_for_1_2_and_3_ranks(tmp_path, eval_setup):
     }
     assert preds[1] == preds[2] == preds[3] and len(preds[1]) == 53
     assert len({p for p, _ in preds[1]}) >= 2  # a model that predicts more than one class
+    # label names, not class ids
+    assert {x for pair in preds[1] for x in pair} <= {"background", "method", "result"}
     for ranks in (2, 3):
         a, b = dict(reports[1]["metrics"]), dict(reports[ranks]["metrics"])
         # the loss is summed in another order of batches: equal to float rounding
@@ -102,6 +104,15 @@ def test_metrics_identical_for_1_2_and_3_ranks(tmp_path, eval_setup):
     assert (tmp_path / "1" / "plots" / "confusion_matrix.png").stat().st_size > 1000
     table = (tmp_path / "1" / "eval.md").read_text()
     assert "| background |" in table and f"{metrics['macro_f1']:.4f}" in table
+
+
+def test_predictions_name_classes_and_tags():
+    from scilm_hpc.evaluate.report import label_names
+
+    assert label_names(2, ["background", "method", "result"]) == "result"
+    tags = ["O", "B-Disease", "I-Disease"]
+    assert label_names([0, 1, 2, 0], tags) == ["O", "B-Disease", "I-Disease", "O"]
+    assert label_names(0.25, tags) == 0.25  # not an id: kept
 
 
 def test_two_models_side_by_side(tmp_path, eval_setup):

@@ -12,6 +12,16 @@ from scilm_hpc.schema import JobConfig
 from scilm_hpc.tasks import get_task
 
 
+def label_names(value: Any, labels: list[str]) -> Any:
+    """A prediction or gold value with its class ids as label names: one id (a class) or
+    a list of ids (one tag per word) becomes the names; anything else stays as it is."""
+    if isinstance(value, list):
+        return [label_names(v, labels) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return labels[value]
+    return value
+
+
 def _markdown(
     job: JobConfig,
     evaluations: list[dict[str, Any]],
@@ -65,6 +75,11 @@ def write_reports(
     )
     get_task(job.task).plots(evaluations, dataset.label_names, run_dir)
     if job.eval.predictions:
+        names = dataset.label_names if get_task(job.task).has_label_map else []
+
+        def named(value: Any) -> Any:
+            return label_names(value, names) if names else value
+
         with (run_dir / "predictions.jsonl").open("w") as fh:
             for ev in evaluations:
                 for index, (loss, count, pred, gold) in enumerate(ev["predictions"]):
@@ -73,8 +88,8 @@ def write_reports(
                             {
                                 "model": ev["model"],
                                 "index": index,
-                                "pred": pred,
-                                "gold": gold,
+                                "pred": named(pred),
+                                "gold": named(gold),
                                 "loss": loss,
                                 "count": count,
                             }
