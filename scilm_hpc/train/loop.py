@@ -37,6 +37,7 @@ from scilm_hpc.train.evaluation import is_better
 from scilm_hpc.train.export import export_model
 from scilm_hpc.train.progress import Progress
 from scilm_hpc.train.report import MetricsLog, plot_loss
+from scilm_hpc.train.tensorboard import wanted
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -89,7 +90,11 @@ class Trainer:
         )
         self.pad_id = pad_token_id(self.tokenizer)
         self.task = get_task(job.task)
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=rank == 0)
+        self.log = MetricsLog(
+            self.run_dir / "metrics.jsonl",
+            enabled=rank == 0,
+            tensorboard_dir=self.run_dir / "tensorboard" if wanted(job.train.tensorboard) else None,
+        )
         self._last_eval_step = -1
         self._last_eval: dict[str, Any] | None = None
 
