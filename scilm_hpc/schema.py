@@ -132,6 +132,9 @@ class TrainConfig:
     precision: str = "auto"
     seed: int = 42
     log_every: int = 10
+    # TensorBoard event files under RUN_DIR/tensorboard/ (rank 0) mirroring metrics.jsonl;
+    # None (auto): on where the ``tensorboard`` package is installed
+    tensorboard: bool | None = None
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_last: int = 2

@@ -191,9 +191,47 @@ def test_dynamic_int8_is_close_to_float(tiny_model_dir):
     done = quantize.quantize_model(q, prunable_linears(q), "dynamic", 8, None, False)
     assert len(done) == 12  # 2 blocks x (q, k, v, attention out, FFN in, FFN out)
     assert isinstance(q.bert.encoder.layer[0].output.dense, quantize.DynamicInt8Linear)
-    assert torch.allclose(logits(q), logits(model), atol=0.05)
     with pytest.raises(UserError, match="already quantised"):
         quantize.quantize_model(q, prunable_linears(q), "dynamic", 8, None, False)
+
+
+def test_dynamic_int8_minilm_layers_match_float(minilm_path):
+    """On the real MiniLM (trained weights, 384 wide) and real sentences, each int8 linear
+    layer reproduces its float output on the activations it really sees within 15%
+    relative L2 (measured: at most 0.097; a layer returning zeros is at 1.0), and the
+    fully quantised encoder's token states keep a cosine above 0.9 (measured 0.97;
+    torch's own quantize_dynamic reaches 0.45 relative L2 on the same states)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(minilm_path).eval()
+    sentences = [
+        "We use the method of Smith et al. to estimate the parameters.",
+        "Results agree with previous findings in mice.",
+    ]
+    inputs = AutoTokenizer.from_pretrained(minilm_path)(
+        sentences * 4, padding=True, return_tensors="pt"
+    )
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    hooks = [
+        m.register_forward_hook(lambda _m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+        for n, m in linears.items()
+    ]
+    with torch.no_grad():
+        dense = model(**inputs).last_hidden_state
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) >= 36  # 6 blocks x 6 linears (+ the pooler)
+    for name, (x, y) in seen.items():
+        with torch.no_grad():
+            out = quantize.dynamic_int8_linear(linears[name])(x)
+        assert ((out - y).norm() / y.norm()).item() < 0.15, name
+    q = copy.deepcopy(model)
+    quantize.quantize_model(q, {n: q.get_submodule(n) for n in linears}, "dynamic", 8, None, False)
+    with torch.no_grad():
+        int8 = q(**inputs).last_hidden_state
+    mask = inputs["attention_mask"].bool()
+    assert F.cosine_similarity(int8[mask], dense[mask]).mean() > 0.9
 
 
 def variants(model: nn.Module) -> dict[str, nn.Module]:

@@ -88,6 +88,8 @@ def test_metrics_identical_for_1_2_and_3_ranks(tmp_path, eval_setup):
     }
     assert preds[1] == preds[2] == preds[3] and len(preds[1]) == 53
     assert len({p for p, _ in preds[1]}) >= 2  # a model that predicts more than one class
+    # label names, not class ids
+    assert {x for pair in preds[1] for x in pair} <= {"background", "method", "result"}
     for ranks in (2, 3):
         a, b = dict(reports[1]["metrics"]), dict(reports[ranks]["metrics"])
         # the loss is summed in another order of batches: equal to float rounding
@@ -104,14 +106,44 @@ def test_metrics_identical_for_1_2_and_3_ranks(tmp_path, eval_setup):
     assert "| background |" in table and f"{metrics['macro_f1']:.4f}" in table
 
 
+def test_predictions_name_classes_and_tags():
+    from scilm_hpc.evaluate.report import label_names
+
+    assert label_names(2, ["background", "method", "result"]) == "result"
+    tags = ["O", "B-Disease", "I-Disease"]
+    assert label_names([0, 1, 2, 0], tags) == ["O", "B-Disease", "I-Disease", "O"]
+    assert label_names(0.25, tags) == 0.25  # not an id: kept
+
+
 def test_two_models_side_by_side(tmp_path, eval_setup):
-    shards, model = eval_setup
-    done = evaluate(tmp_path, shards, model, "cluster=none", f"eval.models=[{model}]")
+    """Two different models in one report, each with exactly the metrics of its own
+    single-model run (and so not each other's)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    shards, first = eval_setup
+    second = tmp_path / "second"
+    model = AutoModelForSequenceClassification.from_pretrained(first)
+    torch.manual_seed(11)
+    with torch.no_grad():  # another head: other predictions on the same encoder
+        model.classifier.weight.normal_(0, 1.0)
+    model.save_pretrained(second)
+    AutoTokenizer.from_pretrained(first).save_pretrained(second)
+    alone = {}
+    for name, path in (("first", first), ("second", second)):
+        done = evaluate(tmp_path / name, shards, path, "cluster=none")
+        assert done.returncode == 0, done.stderr[-3000:]
+        alone[name] = json.loads((tmp_path / name / "eval.json").read_text())["metrics"]
+    assert alone["first"] != alone["second"]
+    both = tmp_path / "both"
+    done = evaluate(both, shards, first, "cluster=none", f"eval.models=[{second}]")
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "eval.json").read_text())
-    assert [m["model"] for m in report["models"]] == [str(model), str(model)]
-    assert report["models"][0]["metrics"] == report["models"][1]["metrics"]
-    assert (tmp_path / "eval.md").read_text().count(f"| `{model}` |") == 2
+    report = json.loads((both / "eval.json").read_text())
+    assert [m["model"] for m in report["models"]] == [str(first), str(second)]
+    assert report["models"][0]["metrics"] == alone["first"]
+    assert report["models"][1]["metrics"] == alone["second"]
+    table = (both / "eval.md").read_text()
+    assert f"| `{first}` |" in table and f"| `{second}` |" in table
 
 
 @pytest.mark.parametrize("case", ["labels", "tokenizer", "split"])

@@ -64,22 +64,6 @@ def test_user_json_can_still_choose_the_optimizer(tmp_path: Path):
     assert params["fused"] is True and params["foreach"] is False
 
 
-def test_foreach_adamw_is_bit_identical_to_the_loop():
-    torch.manual_seed(0)
-    start = [torch.randn(64, 33), torch.randn(33)]
-    results = []
-    for foreach in (False, True):
-        params = [p.clone().requires_grad_() for p in start]
-        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, foreach=foreach)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(5):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        results.append(params)
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
-
-
 def test_threads_per_rank(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     local = load_and_validate(FINETUNE, ["cluster=local", "cluster.cpus_per_task=3"], "finetune")
@@ -93,9 +77,9 @@ def test_threads_per_rank(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.parametrize(
-    ("world", "stage", "allreduce"), [(1, 0, False), (2, 0, True), (1, 2, True), (1, 3, True)]
+    ("world", "stage", "allreduce"), [(2, 0, True), (1, 2, True), (1, 3, True)]
 )
-def test_lone_rank_skips_the_gradient_allreduce(world, stage, allreduce):
+def test_the_gradient_allreduce_stays_where_it_reduces(world, stage, allreduce):
     from types import SimpleNamespace
 
     from scilm_hpc.train.loop import Trainer
@@ -106,6 +90,73 @@ def test_lone_rank_skips_the_gradient_allreduce(world, stage, allreduce):
     engine = SimpleNamespace(enable_backward_allreduce=True)
     trainer._skip_lone_allreduce(engine)
     assert engine.enable_backward_allreduce is allreduce
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_lone_rank_skips_the_gradient_allreduce(monkeypatch, tiny_model_dir):
+    """On a real DeepSpeed engine at one rank (stage 0, the config the trainer builds),
+    the trainer's switch stops DeepSpeed from all-reducing in ``backward`` and leaves
+    the gradients exactly those of an engine that all-reduces; the optimizer DeepSpeed
+    builds from that config is torch's foreach AdamW."""
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoModelForSequenceClassification
+
+    from scilm_hpc.launch.env import free_port
+    from scilm_hpc.train.loop import Trainer
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    job = load_and_validate(FINETUNE, ["zero.stage=0", "train.micro_batch_size=4"], "finetune")
+    trainer = Trainer.__new__(Trainer)  # only what the switch reads
+    trainer.world, trainer.job = 1, job
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 2000, (4, 10), generator=g),
+        "attention_mask": torch.ones(4, 10, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
+    try:
+        grads, calls = [], []
+        for skip in (True, False):
+            torch.manual_seed(0)
+            model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+            model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+            model.eval()  # no dropout: both engines compute the same loss
+            engine, _, _, _ = deepspeed.initialize(
+                model=model,
+                config=deepspeed_config(job, 10, False),
+                model_parameters=list(model.parameters()),
+            )
+            assert engine.enable_backward_allreduce is True  # DeepSpeed's default
+            # the optimizer DeepSpeed builds from our fp32 CPU config: torch's AdamW, foreach
+            optimizer = engine.optimizer
+            assert isinstance(optimizer, torch.optim.AdamW), type(optimizer)
+            assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
+            if skip:
+                trainer._skip_lone_allreduce(engine)
+                assert engine.enable_backward_allreduce is False
+            counted = [0]
+            reduce = engine.allreduce_gradients
+
+            def counting(*args, counted=counted, reduce=reduce, **kwargs):
+                counted[0] += 1
+                return reduce(*args, **kwargs)
+
+            engine.allreduce_gradients = counting
+            engine.backward(engine(**batch).loss)
+            grads.append({n: p.grad.clone() for n, p in engine.module.named_parameters()})
+            calls.append(counted[0])
+        assert calls == [0, 1]
+        assert grads[0].keys() == grads[1].keys()
+        assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+        assert any(bool(v.abs().sum() > 0) for v in grads[0].values())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- real runs

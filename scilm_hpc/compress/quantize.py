@@ -14,6 +14,7 @@ what ``saving`` writes and reads back bit for bit.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -177,11 +178,17 @@ def dynamic_from_int8(
 ) -> DynamicInt8Linear:
     """A dynamic int8 layer from stored int8 weights and per-channel scales."""
     out_features, in_features = values.shape
-    module = DynamicInt8Linear(in_features, out_features, bias_=bias is not None, dtype=torch.qint8)
-    qweight = torch._make_per_channel_quantized_tensor(
-        values, scales.double(), torch.zeros(out_features, dtype=torch.long), 0
-    )
-    module.set_weight_bias(qweight, None if bias is None else bias.detach().float())
+    with warnings.catch_warnings():
+        # recent torch deprecates its quantized tensors (moving to torchao); these kernels
+        # are still the measured fast path here, so the warning is noise for users
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions")
+        module = DynamicInt8Linear(
+            in_features, out_features, bias_=bias is not None, dtype=torch.qint8
+        )
+        qweight = torch._make_per_channel_quantized_tensor(
+            values, scales.double(), torch.zeros(out_features, dtype=torch.long), 0
+        )
+        module.set_weight_bias(qweight, None if bias is None else bias.detach().float())
     return module
 
 

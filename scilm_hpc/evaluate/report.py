@@ -12,6 +12,16 @@ from scilm_hpc.schema import JobConfig
 from scilm_hpc.tasks import get_task
 
 
+def label_names(value: Any, labels: list[str]) -> Any:
+    """A prediction or gold value with its class ids as label names: one id (a class) or
+    a list of ids (one tag per word) becomes the names; anything else stays as it is."""
+    if isinstance(value, list):
+        return [label_names(v, labels) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return labels[value]
+    return value
+
+
 def _markdown(
     job: JobConfig,
     evaluations: list[dict[str, Any]],
@@ -66,6 +76,11 @@ def write_reports(
     task = get_task(job.task)
     task.plots(evaluations, dataset.label_names, run_dir)
     if job.eval.predictions or task.generates:
+        names = dataset.label_names if task.has_label_map else []
+
+        def named(value: Any) -> Any:
+            return label_names(value, names) if names else value
+
         with (run_dir / "predictions.jsonl").open("w") as fh:
             for ev in evaluations:
                 for index, (loss, count, pred, gold) in enumerate(ev["predictions"]):
@@ -74,7 +89,7 @@ def write_reports(
                             {
                                 "model": ev["model"],
                                 "index": index,
-                                **task.prediction_record(pred, gold),
+                                **task.prediction_record(named(pred), named(gold)),
                                 "loss": loss,
                                 "count": count,
                             }

@@ -40,6 +40,7 @@ from scilm_hpc.train.lora import export_lora, lora_enabled, lora_model, trainabl
 from scilm_hpc.train.memory import enable_gradient_checkpointing, peak_memory
 from scilm_hpc.train.progress import Progress
 from scilm_hpc.train.report import MetricsLog, plot_loss
+from scilm_hpc.train.tensorboard import wanted
 
 
 @dataclass
@@ -103,7 +104,11 @@ class Trainer:
         )
         self.pad_id = pad_token_id(self.tokenizer)
         self.task = get_task(job.task, self.train_set.manifest).for_job(job)
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=rank == 0)
+        self.log = MetricsLog(
+            self.run_dir / "metrics.jsonl",
+            enabled=rank == 0,
+            tensorboard_dir=self.run_dir / "tensorboard" if wanted(job.train.tensorboard) else None,
+        )
         self._last_eval_step = -1
         self._last_eval: dict[str, Any] | None = None
 

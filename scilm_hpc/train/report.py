@@ -9,14 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from scilm_hpc.rundir import read_jsonl, write_text_atomic
+from scilm_hpc.train.tensorboard import TensorBoardMirror
 
 
 class MetricsLog:
-    """Append-only JSON-lines log written by rank 0."""
+    """Append-only JSON-lines log written by rank 0, mirrored to TensorBoard event files
+    under ``tensorboard_dir`` when one is given."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None) -> None:
         self.path = path
         self.enabled = enabled
+        self.tensorboard = (
+            TensorBoardMirror(tensorboard_dir) if enabled and tensorboard_dir else None
+        )
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row and flush it to disk."""
@@ -27,6 +32,8 @@ class MetricsLog:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
 
     def set_aside(self) -> None:
         """At a fresh start: keep an earlier run's rows as ``metrics.jsonl.before-TIME``
