@@ -152,7 +152,8 @@ def test_paratope_style_finetune_and_evaluate(tmp_path, tiny_protein_bert, write
     predictions = [
         json.loads(x) for x in (evaluated / "predictions.jsonl").read_text().splitlines()
     ]
-    gold = np.array([t for p in predictions for t in p["gold"]])
+    # gold: tag names (P / N); pred: the probability of the positive tag P
+    gold = np.array([t == "P" for p in predictions for t in p["gold"]], dtype=np.int64)
     score = np.array([s for p in predictions for s in p["pred"]])
     assert len(gold) == sum(len(r["sequence"]) for r in paratope_rows(24, 2))
     assert metrics["roc_auc"] == pytest.approx(roc_auc_score(gold, score))
