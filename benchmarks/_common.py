@@ -196,6 +196,16 @@ def minilm_classifier(out: Path, labels: list[str]) -> Path:
     return out
 
 
+#: The tests' tiny Llama (fields of LlamaConfig).
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+
+
 def random_llama(out: Path, shape: dict[str, int], max_positions: int) -> Path:
     """A randomly initialised Llama of ``shape`` (LlamaConfig fields) with MiniLM's
     tokenizer, untied lm_head, saved in fp32 in ``out`` (kept if already there)."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks._common import TINY_LLAMA, random_llama
 from scilm_hpc.train.checkpoint import consolidated_weights, latest_tag
 from scilm_hpc.train.tensorboard import tensorboard_available
 
@@ -186,27 +187,9 @@ def test_finetune_does_not_need_the_raw_data_format(tmp_path, scilm):
 
 
 @pytest.fixture(scope="module")
-def tiny_causal_lm_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
+def tiny_causal_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny randomly initialised Llama with MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return random_llama(tmp_path_factory.mktemp("tiny-llama"), TINY_LLAMA, max_positions=256)
 
 
 WORDS = (

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks._common import TINY_LLAMA, random_llama
 from scilm_hpc.errors import UserError
 from scilm_hpc.schema import LoraConfig
 from scilm_hpc.train.checkpoint import latest_tag
@@ -161,26 +162,10 @@ def assert_merged_is_base_plus_ba(
 
 
 @pytest.fixture(scope="module")
-def lm_model_and_shards(tmp_path_factory: pytest.TempPathFactory, minilm_path: str):
+def lm_model_and_shards(tmp_path_factory: pytest.TempPathFactory):
     """A tiny Llama with MiniLM's tokenizer and packed shards of a small text corpus."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("lora-lm")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    random_llama(root / "model", TINY_LLAMA, max_positions=128)
     words = "protein binding assay cells expression gene tumor growth inhibitor receptor".split()
     text = "\n".join(
         " ".join(words[(i * 3 + j) % len(words)] for j in range(4 + i % 9)) + "."
