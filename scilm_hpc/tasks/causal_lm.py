@@ -41,6 +41,19 @@ def lm_metrics(total_loss: float, total_tokens: int) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def token_loss_results(logits: torch.Tensor, labels: torch.Tensor) -> list[ExampleResult]:
+    """Per-example (summed token loss, counted tokens) of ``logits`` against ``labels``
+    already aligned (position t scores label t), ``IGNORE_INDEX`` left out."""
+    losses = F.cross_entropy(
+        logits.float().transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX
+    )
+    out: list[ExampleResult] = []
+    for i in range(len(labels)):
+        keep = labels[i] != IGNORE_INDEX
+        out.append((losses[i][keep].sum().item(), int(keep.sum()), None, None))
+    return out
+
+
 class CausalLM(Task):
     """Next-token prediction on every real token."""
 
@@ -107,15 +120,7 @@ class CausalLM(Task):
     def example_results(
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> list[ExampleResult]:
-        logits, labels = logits[:, :-1], batch["labels"][:, 1:]
-        losses = F.cross_entropy(
-            logits.float().transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX
-        )
-        out: list[ExampleResult] = []
-        for i in range(len(labels)):
-            keep = labels[i] != IGNORE_INDEX
-            out.append((losses[i][keep].sum().item(), int(keep.sum()), None, None))
-        return out
+        return token_loss_results(logits[:, :-1], batch["labels"][:, 1:])
 
     def metrics(self, results: Sequence[ExampleResult], labels: Sequence[str]) -> dict[str, Any]:
         return lm_metrics(sum(r[0] for r in results), sum(r[1] for r in results))

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from scilm_hpc.data.encode import IGNORE_INDEX
 from scilm_hpc.data.readers import Example, TargetFields
@@ -41,7 +40,7 @@ from scilm_hpc.errors import UserError
 from scilm_hpc.model_source import load_tokenizer, path_problem, resolve_model_path
 from scilm_hpc.schema import DataConfig, JobConfig, check_at_least
 from scilm_hpc.tasks.base import ExampleResult, Task, pad_inputs
-from scilm_hpc.tasks.causal_lm import lm_metrics
+from scilm_hpc.tasks.causal_lm import lm_metrics, token_loss_results
 
 ENCODER_DECODER = "encoder-decoder"
 DECODER_ONLY = "decoder-only"
@@ -399,14 +398,7 @@ class Seq2Seq(Task):
         labels = batch["labels"]
         if "decoder_attention_mask" not in batch:  # decoder-only: position t predicts t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
-        losses = F.cross_entropy(
-            logits.float().transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX
-        )
-        out: list[ExampleResult] = []
-        for i in range(len(labels)):
-            keep = labels[i] != IGNORE_INDEX
-            out.append((losses[i][keep].sum().item(), int(keep.sum()), None, None))
-        return out
+        return token_loss_results(logits, labels)
 
     def metrics(self, results: Sequence[ExampleResult], labels: Sequence[str]) -> dict[str, Any]:
         out: dict[str, Any] = lm_metrics(sum(r[0] for r in results), sum(r[1] for r in results))
