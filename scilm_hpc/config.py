@@ -340,6 +340,7 @@ def validate(job: JobConfig) -> list[str]:
         p.append(model_problem)
     t = job.train
     check_choice(p, "train.precision", t.precision, schema.PRECISIONS)
+    check_choice(p, "train.adamw", t.adamw, schema.ADAMW_KERNELS)
     check_choice(p, "train.schedule", t.schedule, schema.SCHEDULES)
     for key in ("epochs", "micro_batch_size", "gradient_accumulation", "keep_last", "log_every"):
         check_at_least(p, f"train.{key}", getattr(t, key), 1)

@@ -20,6 +20,7 @@ DATA_FORMATS = ("jsonl", "csv", "conll", "fasta", "text")
 UNKNOWN_RESIDUE_POLICIES = ("refuse", "map_x", "skip")
 SHARD_COMPRESSIONS = ("none", "gzip", "lzf")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ADAMW_KERNELS = ("auto", "fused", "foreach")
 SCHEDULES = ("linear", "cosine", "constant")
 CLUSTER_BACKENDS = ("none", "local", "slurm")
 SPLITS = ("train", "dev", "test")
@@ -127,6 +128,11 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     schedule: str = "linear"
     clip_grad: float = 1.0
+    # AdamW kernel on CPU ranks: auto = torch's fused kernel (one pass over each tensor, the
+    # fastest on every CPU measured; docs/decisions.md "Training speed against the HF
+    # Trainer"), foreach = the multi-tensor loop (bit-identical to the per-tensor loop, the
+    # default before); GPUs use DeepSpeed's fused Adam, CPU offload DeepSpeed's CPU Adam
+    adamw: str = "auto"
     # auto: bf16 where the hardware multiplies it natively (a CUDA GPU with bf16, a CPU with
     # AVX-512 BF16 or AMX), else fp32; resolved on each rank (launch.hardware)
     precision: str = "auto"
