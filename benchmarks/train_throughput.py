@@ -1,33 +1,37 @@
-"""Training throughput of ``scilm finetune`` against the plain HF Trainer, with MFU.
+"""Training throughput of ``scilm finetune`` against the HF Trainer at its best, with MFU.
 
-In one run, on the same SciCite training examples (the shards ``scilm prepare`` makes,
-so every trainer sees identical token ids), for ``--epochs`` epochs of ``--samples``
-examples each:
+In one run, for each example set -- SciCite (``data.max_length=128``) and short texts
+(the same SciCite sentences cut to their first ``--short-length`` tokens) -- on the same
+training examples (the shards ``scilm prepare`` makes, so every trainer sees identical
+token ids), for ``--epochs`` epochs of ``--samples`` examples:
 
-  (a) HF ``transformers.Trainer``, fp32, every example padded to max_length=128
-      (what most tutorials do);
-  (b) HF Trainer, fp32, dynamic padding (``DataCollatorWithPadding``);
-  (c) ``scilm finetune`` on one rank (``cluster=none``, every core, ``zero.stage=0``:
-      one rank has nothing to partition), length-bucketed batches, bf16 autocast where
-      the CPU multiplies bf16 natively, else fp32.
+  hf_best     HF ``transformers.Trainer`` at its best on this hardware: dynamic padding
+              (``DataCollatorWithPadding``), ``train_sampling_strategy="group_by_length"``,
+              torch's fused AdamW (``adamw_torch_fused``), bf16 only where the CPU
+              multiplies it natively (else fp32, like scilm's ``train.precision=auto``);
+  hf_dynamic  the same without length grouping (what most scripts run);
+  hf_padded   (``--history``, SciCite only) every example padded to max_length, fp32;
+  scilm       ``scilm finetune`` on one rank (``cluster=none``, every core, ZeRO stage 0,
+              the shipped defaults: length-bucketed batches, fused AdamW, precision auto);
+  scilm_compiled (``--compile``) the same with ``train.compile=true``.
 
-Each trainer runs in its own process. Printed per trainer: samples/s and real
-(non-pad) tokens/s over the training loop (model loading, evaluation and saving
-excluded), peak RSS per rank (kernel high-water mark of every process of the run),
-model FLOP/s and MFU against the matrix-multiply peak this script measures (fp32 and
-bf16 ``torch.matmul``), and dev macro-F1 (``scilm evaluate`` on the SciCite dev split,
-the same way for all three exported models). Then ZeRO-2 against ZeRO-3 for
-``--zero-steps`` steps on 2 local CPU ranks (1 thread each): samples/s and peak RSS per
-rank. For (c), the share of step time spent fetching and collating batches.
+Each trainer runs in its own process with the same threads. Printed per run: samples/s
+and real (non-pad) tokens/s over the training loop (model loading, evaluation and
+saving excluded), peak RSS, model FLOP/s and MFU against the matrix-multiply peak this
+script measures for the run's precision (``torch.matmul``, best of before and after),
+dev macro-F1 (``scilm evaluate`` on the SciCite dev split for every exported model), and
+the ratios scilm / hf_best and scilm / hf_dynamic. ``--zero-steps N`` adds ZeRO-2 against
+ZeRO-3 on 2 local ranks (1 thread each) on SciCite.
 
 Model FLOPs per trained example of n real tokens: 6 * N * n + 12 * L * d * n^2, where N
 counts the non-embedding parameters (encoder, pooler, classifier), L the layers and d
-the hidden size (the second term is attention scores and values, forward + backward;
-PaLM appendix B). Only real tokens count: padding is work, not model FLOPs.
+the hidden size (attention scores and values, forward + backward; PaLM appendix B). Only
+real tokens count: padding is work, not model FLOPs.
 
-    python benchmarks/train_throughput.py [--samples N] [--epochs 1] [--zero-steps 20]
-        [--precision auto|fp32|bf16] [--zero-stage 0] [--out DIR]
-    quick check: --samples 256 --zero-steps 10 (about 3 minutes on 2 cores)
+    python benchmarks/train_throughput.py [--samples 2000] [--epochs 1] [--sets scicite,short]
+        [--short-length 20] [--history] [--compile] [--zero-steps 0] [--out DIR]
+    quick check: --samples 256 (about 4 minutes on 2 cores)
+Machines are shared: run it on a quiet one (or under ``chrt -r 10``) and quote ratios.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def train_flops(lengths: np.ndarray, shape: dict[str, int]) -> float:
 
 
 def hf_worker(args: argparse.Namespace) -> None:
-    """(a)/(b) in this process: HF Trainer on the train shards; writes a JSON result."""
+    """One HF Trainer run in this process, on the train shards; writes a JSON result."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -115,10 +119,13 @@ def hf_worker(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source)
     padded = args.hf == "padded"
     collator = (
-        DataCollatorWithPadding(tokenizer, padding="max_length", max_length=MAX_LENGTH)
+        DataCollatorWithPadding(tokenizer, padding="max_length", max_length=args.max_length)
         if padded
         else DataCollatorWithPadding(tokenizer)
     )
+    best = {"train_sampling_strategy": "group_by_length"} if args.hf == "best" else {}
+    if args.hf == "best" and args.precision == "bf16":
+        best["bf16"] = True
     set_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         source,
@@ -139,6 +146,8 @@ def hf_worker(args: argparse.Namespace) -> None:
         seed=args.seed,
         use_cpu=True,
         dataloader_pin_memory=False,
+        optim="adamw_torch_fused",
+        **best,
     )
     export = args.out / f"hf_{args.hf}" / "export"
     trainer.save_model(str(export))
@@ -151,6 +160,7 @@ def hf_worker(args: argparse.Namespace) -> None:
         "train_s": float(steps.sum()),
         "step_s_median": float(np.median(steps)),
         "train_samples": len(examples) * args.epochs,
+        "precision": args.precision if args.hf == "best" else "fp32",
         "export": str(export),
     }
     (args.out / f"hf_{args.hf}" / "result.json").write_text(json.dumps(result))
@@ -236,32 +246,34 @@ def scilm_finetune(
 
 
 def hf_run(
-    kind: str, args: argparse.Namespace, shards: Path, shape: dict[str, int]
+    kind: str, args: argparse.Namespace, shards: Path, shape: dict[str, int], max_length: int
 ) -> dict[str, Any]:
-    """(a) or (b) in a child process."""
+    """hf_best, hf_dynamic or hf_padded in a child process."""
     from scilm_hpc.data.dataset import ShardDataset
 
+    out = shards.parent
     cmd = worker_command(
         __file__,
         hf_worker=kind,
         shards=shards,
-        out=args.out,
+        out=out,
         epochs=args.epochs,
         micro_batch_size=args.micro_batch_size,
         lr=args.lr,
         seed=args.seed,
+        max_length=max_length,
+        precision=args.precision,
     )
-    proc = run_measured(cmd, args.out / f"hf_{kind}.log", {**os.environ, **CPU_ENV})
-    result = json.loads((args.out / f"hf_{kind}" / "result.json").read_text())
+    proc = run_measured(cmd, out / f"hf_{kind}.log", {**os.environ, **CPU_ENV})
+    result = json.loads((out / f"hf_{kind}" / "result.json").read_text())
     lengths = np.tile(ShardDataset(shards, "train").lengths(), args.epochs)
     train_s = result["train_s"]
     return {
         **proc,
         **result,
         "ranks": 1,
-        "precision": "fp32",
         "train_tokens": int(lengths.sum()),
-        "padded_tokens": (len(lengths) * MAX_LENGTH if kind == "padded" else None),
+        "padded_tokens": (len(lengths) * max_length if kind == "padded" else None),
         "samples_per_s": result["train_samples"] / train_s,
         "tokens_per_s": float(lengths.sum()) / train_s,
         "model_gflops_per_s": train_flops(lengths, shape) / train_s / 1e9,
@@ -271,42 +283,89 @@ def hf_run(
 # ---------------------------------------------------------------- main
 
 
-def prepare(out: Path, samples: int | None, seed: int) -> Path:
-    """SciCite shards (train cut to ``samples`` examples, a seeded random subset)."""
+def prepare(out: Path, samples: int | None, seed: int, max_length: int) -> Path:
+    """SciCite shards cut at ``max_length`` tokens (train: ``samples`` examples, a
+    seeded random subset; dev whole)."""
     splits = scicite("train", "dev")
     if samples:
         lines = splits["train"].read_text(encoding="utf-8").splitlines()
         keep = np.sort(np.random.default_rng(seed).permutation(len(lines))[:samples])
         splits["train"] = out / "train.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
         splits["train"].write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
-    return prepare_shards(out, splits, f"data.max_length={MAX_LENGTH}")
+    return prepare_shards(out, splits, f"data.max_length={max_length}")
+
+
+def example_set(
+    name: str, max_length: int, args: argparse.Namespace, shape: dict[str, int]
+) -> dict[str, dict[str, Any]]:
+    """Every trainer on one example set; results keyed ``SET/RUN``."""
+    out = args.out / name
+    shards = prepare(out, args.samples or None, args.seed, max_length)
+    kinds = ["best", "dynamic"] + (["padded"] if args.history and name == "scicite" else [])
+    runs = {f"{name}/hf_{kind}": hf_run(kind, args, shards, shape, max_length) for kind in kinds}
+    scilm = [
+        "cluster=none",
+        f"zero.stage={args.zero_stage}",
+        f"train.precision={args.precision}",
+        f"train.epochs={args.epochs}",
+        f"train.micro_batch_size={args.micro_batch_size}",
+        f"train.lr={args.lr}",
+        f"train.seed={args.seed}",
+        "train.warmup_ratio=0.1",
+    ]
+    runs[f"{name}/scilm"] = scilm_finetune("scilm", out, shards, scilm, shape)
+    if args.compile:  # the compile lands in the first step's time, which counts
+        runs[f"{name}/scilm_compiled"] = scilm_finetune(
+            "scilm_compiled", out, shards, [*scilm, "train.compile=true"], shape
+        )
+    for key, run in runs.items():
+        dev = eval_metrics(run["export"], shards, "dev", out / f"dev_{key.split('/')[1]}")
+        run["dev_macro_f1"] = 100.0 * dev["macro_f1"]
+    if args.zero_steps and name == "scicite":
+        for stage in (2, 3):
+            runs[f"{name}/zero{stage}_2ranks"] = scilm_finetune(
+                f"zero{stage}",
+                out,
+                shards,
+                [
+                    *ranks_cluster(2),
+                    f"zero.stage={stage}",
+                    f"train.precision={args.precision}",
+                    f"train.max_steps={args.zero_steps}",
+                    f"train.micro_batch_size={args.micro_batch_size}",
+                    f"train.seed={args.seed}",
+                ],
+                shape,
+            )
+    return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=0, help="training examples (0: all)")
+    parser.add_argument("--samples", type=int, default=2000, help="training examples (0: all)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--sets", default="scicite,short", help="scicite, short or both")
+    parser.add_argument("--short-length", type=int, default=20, help="tokens of a short text")
     parser.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="(c)'s train.precision; auto: bf16 where the CPU multiplies bf16 natively",
+        help="precision of scilm and hf_best; auto: bf16 where the CPU multiplies bf16 natively",
     )
-    parser.add_argument(
-        "--zero-stage",
-        type=int,
-        default=0,
-        help="(c)'s zero.stage (default 0: one rank has nothing to partition)",
-    )
-    parser.add_argument(
-        "--zero-steps", type=int, default=20, help="steps of each ZeRO run (0: skip)"
-    )
+    parser.add_argument("--zero-stage", type=int, default=0, help="scilm's zero.stage")
+    parser.add_argument("--zero-steps", type=int, default=0, help="steps of each ZeRO run")
+    parser.add_argument("--history", action="store_true", help="add hf_padded (SciCite)")
+    parser.add_argument("--compile", action="store_true", help="add scilm train.compile=true")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--hf-worker", choices=["padded", "dynamic"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--hf-worker", choices=["padded", "dynamic", "best"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -317,86 +376,54 @@ def main() -> None:
     args.out = args.out or Path(tempfile.mkdtemp(prefix="scilm-bench-tput-"))
     args.out.mkdir(parents=True, exist_ok=True)
 
+    from scilm_hpc.launch.hardware import cpu_has_native_bf16
     from scilm_hpc.model_source import resolve_model_path
-    from scilm_hpc.train.loop import cpu_has_native_bf16
 
     native_bf16 = cpu_has_native_bf16()
-    precision = args.precision if args.precision != "auto" else "bf16" if native_bf16 else "fp32"
+    if args.precision == "auto":
+        args.precision = "bf16" if native_bf16 else "fp32"
     # the machine's peak: the best of a measurement before and one after the runs
     peak = {"fp32": matmul_peak_gflops("float32"), "bf16": matmul_peak_gflops("bfloat16")}
     shape = model_shape(resolve_model_path("minilm"))
-    shards = prepare(args.out, args.samples or None, args.seed)
-
-    runs: dict[str, dict[str, Any]] = {
-        "hf_padded": hf_run("padded", args, shards, shape),
-        "hf_dynamic": hf_run("dynamic", args, shards, shape),
-        "scilm": scilm_finetune(
-            "scilm",
-            args.out,
-            shards,
-            [
-                "cluster=none",
-                f"zero.stage={args.zero_stage}",
-                f"train.precision={precision}",
-                f"train.epochs={args.epochs}",
-                f"train.micro_batch_size={args.micro_batch_size}",
-                f"train.lr={args.lr}",
-                f"train.seed={args.seed}",
-                "train.warmup_ratio=0.1",
-            ],
-            shape,
-        ),
-    }
-    for name, run in runs.items():
-        dev = eval_metrics(run["export"], shards, "dev", args.out / f"dev_{name}")
-        run["dev_macro_f1"] = 100.0 * dev["macro_f1"]
-    if args.zero_steps:
-        for stage in (2, 3):
-            runs[f"zero{stage}_2ranks"] = scilm_finetune(
-                f"zero{stage}",
-                args.out,
-                shards,
-                [
-                    *ranks_cluster(2),
-                    f"zero.stage={stage}",
-                    f"train.precision={precision}",
-                    f"train.max_steps={args.zero_steps}",
-                    f"train.micro_batch_size={args.micro_batch_size}",
-                    f"train.seed={args.seed}",
-                ],
-                shape,
-            )
+    lengths = {"scicite": MAX_LENGTH, "short": args.short_length}
+    runs: dict[str, dict[str, Any]] = {}
+    for name in args.sets.split(","):
+        runs.update(example_set(name, lengths[name], args, shape))
     peak = {
         "fp32": max(peak["fp32"], matmul_peak_gflops("float32")),
         "bf16": max(peak["bf16"], matmul_peak_gflops("bfloat16")),
     }
     for run in runs.values():
         run["mfu"] = run["model_gflops_per_s"] / peak[run["precision"]]
-        run["mfu_vs_fp32_peak"] = run["model_gflops_per_s"] / peak["fp32"]
         run.pop("export", None)
 
-    a, b, c = runs["hf_padded"], runs["hf_dynamic"], runs["scilm"]
     figures: dict[str, Any] = {
         "benchmark": "train_throughput",
-        "train_examples": c["train_samples"] // args.epochs if args.epochs else 0,
+        "train_examples": args.samples,
         "epochs": args.epochs,
         "micro_batch_size": args.micro_batch_size,
+        "precision": args.precision,
         "cpu_native_bf16": native_bf16,
         "matmul_peak_gflops_fp32": peak["fp32"],
         "matmul_peak_gflops_bf16": peak["bf16"],
         "params_non_embedding": shape["params_non_embedding"],
         "flops_formula": "6*N_non_embedding*real_tokens + 12*layers*hidden*sum(len^2)",
-        "ratio_vs_hf_padded": c["samples_per_s"] / a["samples_per_s"],
-        "ratio_vs_hf_dynamic": c["samples_per_s"] / b["samples_per_s"],
-        "dev_macro_f1_vs_hf_padded": c["dev_macro_f1"] - a["dev_macro_f1"],
-        "scilm_data_fraction": c["data_fraction"],
     }
-    if args.zero_steps:
-        z2, z3 = runs["zero2_2ranks"], runs["zero3_2ranks"]
+    for name in args.sets.split(","):
+        best, dynamic, scilm = (runs[f"{name}/{k}"] for k in ("hf_best", "hf_dynamic", "scilm"))
+        figures[f"{name}_ratio_vs_hf_best"] = scilm["samples_per_s"] / best["samples_per_s"]
+        figures[f"{name}_ratio_vs_hf_dynamic"] = scilm["samples_per_s"] / dynamic["samples_per_s"]
+        figures[f"{name}_mfu_scilm"] = scilm["mfu"]
+        figures[f"{name}_dev_macro_f1_vs_hf_best"] = scilm["dev_macro_f1"] - best["dev_macro_f1"]
+        if f"{name}/hf_padded" in runs:
+            padded = runs[f"{name}/hf_padded"]
+            figures[f"{name}_ratio_vs_hf_padded"] = scilm["samples_per_s"] / padded["samples_per_s"]
+    if "scicite/zero2_2ranks" in runs:
+        z2, z3 = runs["scicite/zero2_2ranks"], runs["scicite/zero3_2ranks"]
         figures["zero3_vs_zero2_samples_per_s"] = z3["samples_per_s"] / z2["samples_per_s"]
         figures["zero3_vs_zero2_peak_rss"] = z3["peak_rss_mb"] / z2["peak_rss_mb"]
     figures["runs"] = runs
-    print(f"{'':>12} " + " ".join(f"{name:>14}" for name in runs))
+    print(f"{'':>12} " + " ".join(f"{name:>18.18}" for name in runs))
     for key in (
         "samples_per_s",
         "tokens_per_s",
@@ -407,7 +434,7 @@ def main() -> None:
         "data_fraction",
     ):
         values = [run.get(key) for run in runs.values()]
-        cells = [f"{v:>14.3f}" if isinstance(v, float) else f"{'-':>14}" for v in values]
+        cells = [f"{v:>18.3f}" if isinstance(v, float) else f"{'-':>18}" for v in values]
         print(f"{key:>12.12} " + " ".join(cells))
     show(figures, digits=3)
     print(json.dumps(figures))

@@ -147,6 +147,10 @@ class TrainConfig:
     length_bucketing: bool = True
     # recompute activations in the backward pass (less memory, about a third more compute)
     gradient_checkpointing: bool = False
+    # torch.compile the model's forward (inductor; dynamic shapes, dropout from torch's own
+    # generator so results and resume match eager): worth it only when the run is long
+    # enough to repay the compile (about a minute for MiniLM on 2 CPU cores)
+    compile: bool = False
     # e.g. dev_loss or dev_macro_f1: keeps the best checkpoint (needs eval_every > 0)
     best_metric: str | None = None
     early_stopping_patience: int = 0

@@ -37,7 +37,7 @@ from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.evaluation import is_better
 from scilm_hpc.train.export import export_model
 from scilm_hpc.train.lora import export_lora, lora_enabled, lora_model, trainable_parameters
-from scilm_hpc.train.memory import enable_gradient_checkpointing, peak_memory
+from scilm_hpc.train.memory import compile_model, enable_gradient_checkpointing, peak_memory
 from scilm_hpc.train.progress import Progress
 from scilm_hpc.train.report import MetricsLog, plot_loss
 from scilm_hpc.train.tensorboard import wanted
@@ -132,6 +132,8 @@ class Trainer:
         model = self.build_model(weights)
         if job.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if job.train.compile:
+            compile_model(model)
         config = deepspeed_config(job, self.total_steps, self.on_gpu)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

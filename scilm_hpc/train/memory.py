@@ -40,6 +40,18 @@ def enable_gradient_checkpointing(model: Any) -> None:
         base.config.use_cache = False  # a cache is useless in training and warns with it
 
 
+def compile_model(model: Any) -> None:
+    """``torch.compile`` the model's forward in place (its parameters, state_dict keys,
+    checkpoints and export stay those of the eager model). Inductor draws dropout masks
+    from torch's own generator (``fallback_random``), so a compiled run consumes the same
+    random numbers as an eager one and resumes exactly; shapes are dynamic, so batches of
+    other lengths do not recompile."""
+    import torch._inductor.config as inductor
+
+    inductor.fallback_random = True
+    model.compile(dynamic=True)
+
+
 def peak_memory(on_gpu: bool) -> dict[str, float]:
     """This process's peak memory so far, in MiB: ``peak_rss_mb`` (resident set size) and,
     on a GPU, ``peak_cuda_allocated_mb``."""
