@@ -118,7 +118,8 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_tokenizer(name: str, revision: str | None = None) -> Any:
-    """The model's own fast tokenizer.
+    """The model's own tokenizer: fast where it has one (``AutoTokenizer``'s choice),
+    else its Python one (ESM's ``EsmTokenizer`` has no fast version).
 
     Raises:
         UserError: if it cannot be loaded (missing files, hub unreachable, not fast).
@@ -148,20 +149,26 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
             f"there is no local directory of that name, and hub ids need network access: "
             f"on an offline cluster give a local directory"
         ) from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError(
-            f"model.name_or_path: '{name}' has no fast tokenizer "
-            f"(tokenizer.json); scilm needs one for batched tokenization and "
-            f"word alignment"
-        )
     return tokenizer
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """SHA-256 of the tokenizer's definition (vocabulary, normaliser, pre-tokeniser,
-    post-processor, special tokens), independent of truncation / padding state."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
+    post-processor, special tokens), independent of truncation / padding state.
+
+    A Python ("slow") tokenizer has no such definition: its class, vocabulary, special
+    and added tokens and case handling stand for it (what decides its token ids)."""
+    if getattr(tokenizer, "is_fast", False):
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:
+        spec = {
+            "class": type(tokenizer).__name__,
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+            "added_tokens": sorted((i, str(t)) for i, t in tokenizer.added_tokens_decoder.items()),
+            "do_lower_case": getattr(tokenizer, "do_lower_case", None),
+        }
     blob = json.dumps(spec, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()

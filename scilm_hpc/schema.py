@@ -208,12 +208,32 @@ class ClusterConfig:
 
 
 #: Compression step kinds and the values their fields allow (checked by config.validate).
-COMPRESS_KINDS = ("prune", "recover", "quantize")
+COMPRESS_KINDS = ("distill", "prune", "recover", "quantize")
 PRUNE_METHODS = ("magnitude", "wanda")
 PRUNE_PATTERNS = ("unstructured", "nm", "ffn", "heads")
 PRUNE_SCOPES = ("layer", "global")
 PRUNE_SCHEDULES = ("oneshot", "gradual")
 QUANT_METHODS = ("dynamic", "weight_only")
+
+
+@dataclass
+class StudentSpec:
+    """The student of a ``distill`` step: the teacher's architecture made smaller, or a
+    model directory of its own (``name_or_path``, same tokenizer and labels).
+
+    ``num_hidden_layers`` (None: half the teacher's, rounded up) layers initialised
+    from the teacher's layers ``layers`` (default: evenly spread, first and last
+    kept); ``hidden_size`` / ``intermediate_size`` / ``num_attention_heads`` (None:
+    the teacher's) narrow it, its tensors then starting as the leading slices of the
+    teacher's.
+    """
+
+    name_or_path: str | None = None
+    num_hidden_layers: int | None = None
+    layers: list[int] = field(default_factory=list)
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
 
 
 @dataclass
@@ -231,7 +251,9 @@ class CompressStep:
     ``train`` section's optimiser, masks fixed. ``quantize``: ``method`` dynamic
     (int8 activations and weights, CPU) | weight_only (``bits`` 8|4, per output
     channel or per ``group_size`` inputs); ``embeddings`` also quantises the word
-    embeddings (weight-only, per row).
+    embeddings (weight-only, per row). ``distill`` (the first step): ``steps``
+    optimizer steps training a smaller ``student`` from the dense model, loss as for
+    ``recover``.
     """
 
     kind: str = MISSING
@@ -250,6 +272,7 @@ class CompressStep:
     bits: int | None = None
     group_size: int | None = None
     embeddings: bool = False
+    student: StudentSpec = field(default_factory=StudentSpec)
 
 
 @dataclass

@@ -7,7 +7,7 @@ every problem at once, before anything is submitted.
 from __future__ import annotations
 
 from scilm_hpc import schema
-from scilm_hpc.schema import JobConfig, check_at_least, check_choice
+from scilm_hpc.schema import CompressStep, JobConfig, check_at_least, check_choice
 
 
 def recipe_problems(job: JobConfig, recipes: list[str]) -> list[str]:
@@ -73,18 +73,21 @@ def recipe_problems(job: JobConfig, recipes: list[str]) -> list[str]:
                         f"{key}.schedule: gradual pruning happens during a recover step, "
                         f"which must follow it"
                     )
-        elif step.kind == "recover":
+        elif step.kind in ("recover", "distill"):
             if step.steps is None or step.steps < 1:
-                p.append(f"{key}.steps: got {step.steps}; a recover step needs steps >= 1")
+                p.append(f"{key}.steps: got {step.steps}; a {step.kind} step needs steps >= 1")
             if not 0.0 <= step.alpha <= 1.0:
                 p.append(f"{key}.alpha: got {step.alpha}; allowed: 0 to 1 (weight of the KD loss)")
             if step.temperature <= 0:
                 p.append(f"{key}.temperature: got {step.temperature}; must be > 0")
             if job.zero.stage == 3:
                 p.append(
-                    "zero.stage: recovery runs on one task; ZeRO-3 partitions nothing there "
-                    "and its gathered parameters break the fixed masks; use zero.stage <= 2"
+                    f"zero.stage: {step.kind} training runs on one task; ZeRO-3 partitions "
+                    "nothing there (and its gathered parameters break recovery's fixed "
+                    "masks); use zero.stage <= 2"
                 )
+            if step.kind == "distill":
+                p += _student_problems(step, i, key)
         elif step.kind == "quantize":
             quantized = True
             check_choice(p, f"{key}.method", step.method, schema.QUANT_METHODS)
@@ -97,4 +100,43 @@ def recipe_problems(job: JobConfig, recipes: list[str]) -> list[str]:
                 check_choice(p, f"{key}.bits", step.bits, (8, 4))
             if step.group_size is not None and step.group_size < 2:
                 p.append(f"{key}.group_size: got {step.group_size}; must be >= 2 (or unset)")
+    return p
+
+
+def _student_problems(step: CompressStep, index: int, key: str) -> list[str]:
+    """Checks of a distill step that need no model (the rest: ``compress.distill``)."""
+    p: list[str] = []
+    spec = step.student
+    if index != 0:
+        p.append(
+            f"{key}: a distill step trains a student from the dense model; make it the "
+            f"first step (steps after it compress the student)"
+        )
+    if spec.name_or_path:
+        shaped = [
+            f
+            for f in (
+                "num_hidden_layers",
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+            )
+            if getattr(spec, f) is not None
+        ]
+        if shaped or spec.layers:
+            p.append(
+                f"{key}.student: name_or_path gives the student; remove "
+                f"{', '.join(shaped + (['layers'] if spec.layers else []))}"
+            )
+        return p
+    if spec.num_hidden_layers is not None and spec.num_hidden_layers < 1:
+        p.append(f"{key}.student.num_hidden_layers: got {spec.num_hidden_layers}; must be >= 1")
+    if spec.layers:
+        if spec.num_hidden_layers is not None and len(spec.layers) != spec.num_hidden_layers:
+            p.append(
+                f"{key}.student.layers: {len(spec.layers)} teacher layers given for "
+                f"num_hidden_layers {spec.num_hidden_layers}; give one per student layer"
+            )
+        if len(set(spec.layers)) != len(spec.layers) or min(spec.layers) < 0:
+            p.append(f"{key}.student.layers: got {list(spec.layers)}; distinct indices >= 0")
     return p

@@ -53,8 +53,35 @@ def _markdown(report: dict[str, Any]) -> str:
             f"| {step['speedup'] or 0:.2f} | {value if value is None else f'{value:.4f}'} "
             f"| {'' if delta is None else f'{delta:+.4f}'} |"
         )
+    lines += _students(report, metric)
     lines += ["", f"Loadable with `scilm_hpc.compress.load_compressed('{report['compressed']}')`."]
     return "\n".join(lines) + "\n"
+
+
+def _students(report: dict[str, Any], metric: str) -> list[str]:
+    """Teacher and distilled students side by side (nothing without a distill step)."""
+    students = [s for s in report["steps"] if "architecture" in s]
+    if not students:
+        return []
+    lines = [
+        "",
+        "## Teacher and student",
+        "",
+        f"| model | layers | hidden | FFN | heads | params | size (MB) | latency (ms) | {metric} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, entry in [("teacher (dense)", report["baseline"])] + [
+        (s["name"], s) for s in students
+    ]:
+        shape = entry.get("architecture", {})
+        value = entry["metrics"].get(metric)
+        lines.append(
+            f"| {name} | {shape.get('num_hidden_layers')} | {shape.get('hidden_size')} "
+            f"| {shape.get('intermediate_size')} | {shape.get('num_attention_heads')} "
+            f"| {entry['params']:,} | {entry['size_bytes'] / 1e6:.2f} "
+            f"| {entry['latency_ms']:.1f} | {value if value is None else f'{value:.4f}'} |"
+        )
+    return lines
 
 
 def plot_tradeoff(report: dict[str, Any], out: Path) -> None:

@@ -1,4 +1,8 @@
-"""Batched tokenization with the model's own fast tokenizer.
+"""Batched tokenization with the model's own tokenizer.
+
+Fast (Rust) tokenizers tokenise whole batches and give each token's word; Python
+("slow") tokenizers such as ESM's ``EsmTokenizer``, which has no fast version, get
+the same alignment by tokenising word by word.
 
 Token classification aligns word tags to sub-word tokens: the first sub-word of
 a word carries the tag, the other sub-words and the special tokens get
@@ -56,10 +60,33 @@ def encode_documents(tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
     return out
 
 
+def _slow_word_ids(
+    tokenizer: Any, words: Sequence[str], max_length: int
+) -> tuple[list[int], list[int | None]]:
+    """Token ids and each token's word (None: a special token) for a Python ("slow")
+    tokenizer, which has no ``word_ids``: each word tokenised alone, the pieces
+    truncated to what the special tokens leave of ``max_length``, the specials added."""
+    pieces = tokenizer(list(words), add_special_tokens=False)["input_ids"] if words else []
+    flat = [(token, word) for word, ids in enumerate(pieces) for token in ids]
+    flat = flat[: max(0, max_length - tokenizer.num_special_tokens_to_add(pair=False))]
+    tokens = [token for token, _ in flat]
+    ids = tokenizer.build_inputs_with_special_tokens(tokens)
+    special = tokenizer.get_special_tokens_mask(tokens)
+    assert len(special) == len(ids) and len(special) - sum(special) == len(flat)
+    owners = iter(word for _, word in flat)
+    return ids, [None if is_special else next(owners) for is_special in special]
+
+
 def encode_words(
     tokenizer: Any, words: Sequence[Sequence[str]], tags: Sequence[Sequence[int]], max_length: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Token ids and per-token tag ids for pre-split words (first sub-word tagged)."""
+    if not getattr(tokenizer, "is_fast", False):
+        aligned_pairs = [_slow_word_ids(tokenizer, w, max_length) for w in words]
+        return (
+            [np.asarray(ids, dtype=np.int32) for ids, _ in aligned_pairs],
+            [_aligned(word_ids, t) for (_, word_ids), t in zip(aligned_pairs, tags, strict=True)],
+        )
     enc = tokenizer(
         [list(w) for w in words],
         is_split_into_words=True,
@@ -71,12 +98,17 @@ def encode_words(
     ids_out: list[np.ndarray] = []
     tags_out: list[np.ndarray] = []
     for i, ids in enumerate(enc["input_ids"]):
-        aligned = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-        previous = None
-        for pos, word in enumerate(enc.word_ids(i)):
-            if word is not None and word != previous:
-                aligned[pos] = tags[i][word]
-            previous = word
         ids_out.append(np.asarray(ids, dtype=np.int32))
-        tags_out.append(aligned)
+        tags_out.append(_aligned(enc.word_ids(i), tags[i]))
     return ids_out, tags_out
+
+
+def _aligned(word_ids: Sequence[int | None], tags: Sequence[int]) -> np.ndarray:
+    """Per-token tag ids: a word's tag on its first token, ``IGNORE_INDEX`` elsewhere."""
+    aligned = np.full(len(word_ids), IGNORE_INDEX, dtype=np.int32)
+    previous = None
+    for pos, word in enumerate(word_ids):
+        if word is not None and word != previous:
+            aligned[pos] = tags[word]
+        previous = word
+    return aligned

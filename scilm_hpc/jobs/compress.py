@@ -24,9 +24,10 @@ from torch import nn
 
 from scilm_hpc.compress import measure
 from scilm_hpc.compress.calibration import calibration_batches, input_norms
+from scilm_hpc.compress.distill import build_student
 from scilm_hpc.compress.prune import apply_masks, nm_masks, unstructured_masks
 from scilm_hpc.compress.quantize import quantize_model
-from scilm_hpc.compress.recover import recovered_model, recovery_job
+from scilm_hpc.compress.recover import load_student, recovered_model, recovery_job
 from scilm_hpc.compress.report import with_ratios, write_report
 from scilm_hpc.compress.saving import load_compressed, save_compressed, weights_size
 from scilm_hpc.compress.structured import prune_structured
@@ -37,12 +38,13 @@ from scilm_hpc.evaluate.inference import dataset_metrics
 from scilm_hpc.jobs.startup import rank_session
 from scilm_hpc.launch.preemption import StopFlag
 from scilm_hpc.launch.status import write_run_state
-from scilm_hpc.model_source import resolve_model_path
-from scilm_hpc.models import load_for_eval, pad_token_id
+from scilm_hpc.model_source import load_tokenizer, resolve_model_path
+from scilm_hpc.models import build_model, load_for_eval, pad_token_id
 from scilm_hpc.rundir import read_json, replace_dir, write_json_atomic
 from scilm_hpc.schema import CompressStep, JobConfig
 from scilm_hpc.tasks import get_task
-from scilm_hpc.train.recovery import RecoveryTrainer
+from scilm_hpc.train.export import write_export
+from scilm_hpc.train.recovery import DistillTrainer, RecoveryTrainer
 
 STEP_RECORD = "step.json"
 
@@ -60,10 +62,19 @@ def step_name(step: CompressStep) -> str:
         return f"prune-{step.method}{pattern}-{amount}{gradual}"
     if step.kind == "recover":
         return f"recover-{step.steps}"
+    if step.kind == "distill":
+        layers = step.student.num_hidden_layers or len(step.student.layers)
+        return f"distill{f'-{layers}L' if layers else ''}-{step.steps}"
     if step.method == "dynamic":
         return "int8-dynamic"
     group = f"-g{step.group_size}" if step.group_size else ""
     return f"int{step.bits}-weight{group}{'-emb' if step.embeddings else ''}"
+
+
+def architecture(model: Any) -> dict[str, Any]:
+    """The model's shape as its config gives it (layers, widths), for the report."""
+    fields = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+    return {f: getattr(model.config, f, None) for f in fields}
 
 
 class CompressJob:
@@ -161,7 +172,12 @@ class _Compression:
             start = time.perf_counter()
             print(f"step {index + 1}/{len(c.steps)}: {name}", flush=True)
             changed: list[str]
-            if step.kind == "recover":
+            if step.kind == "distill":
+                result = self._distill(step, index, step_dir)
+                if result is None:
+                    return {"run_dir": str(self.run_dir), "stopped": f"step {index + 1} ({name})"}
+                model, changed = result, list(prunable_linears(result))
+            elif step.kind == "recover":
                 result = self._recover(step, gradual, model_dir, step_dir)
                 if result is None:
                     return {"run_dir": str(self.run_dir), "stopped": f"step {index + 1} ({name})"}
@@ -188,6 +204,7 @@ class _Compression:
                     **self._measured(model, weights_size(step_dir), baseline["prunable_params"]),
                     "modules_changed": len(changed),
                     "seconds": time.perf_counter() - start,
+                    **({"architecture": architecture(model)} if step.kind == "distill" else {}),
                 },
             )
             write_json_atomic(step_dir / STEP_RECORD, {"name": name, "spec": spec, "entry": entry})
@@ -227,6 +244,36 @@ class _Compression:
             masks = unstructured_masks(weights, step.sparsity or 0.0, method, step.scope, norms)
         apply_masks(linears, masks)
         return list(masks)
+
+    def _distill(self, step: CompressStep, index: int, step_dir: Path) -> nn.Module | None:
+        """Train the smaller student of ``step`` from the dense model; None if stopped.
+
+        The student's starting point is written once to ``NN-name.student/`` (a plain
+        HF directory) and trained in ``NN-name.run/`` like a recovery, so a restarted
+        job resumes from the run's checkpoints with the same student."""
+        init_dir = step_dir.with_name(step_dir.name + ".student")
+        if not (init_dir / "config.json").is_file():
+            torch.manual_seed(self.job.train.seed)
+            spec = step.student
+            if spec.name_or_path:
+                self.eval_set.check_tokenizer(
+                    load_tokenizer(spec.name_or_path), f"compress.steps.{index}.student"
+                )
+                task = get_task(self.job.task, self.eval_set.manifest)
+                student = build_model(task, spec.name_or_path, self.eval_set.label_names)
+            else:
+                key = f"compress.steps.{index}"
+                student = build_student(self.dense, spec, self.job.task, key)
+            write_export(student, self.tokenizer, init_dir)
+        run_dir = step_dir.with_name(step_dir.name + ".run")
+        job = recovery_job(self.job, run_dir, init_dir, step.steps or 0)
+        result = DistillTrainer(job, 0, 1, self.stop, self.dense, step, None).run()
+        if "stopped" in result:
+            write_run_state(
+                self.run_dir, "stopped", reason=f"{result['stopped']} during {step_dir.name}"
+            )
+            return None
+        return load_student(run_dir / "export", self.job.task).eval()
 
     def _recover(
         self,
@@ -269,7 +316,7 @@ class _Compression:
                 "threads": self.threads,
                 "repeats": c.latency_repeats,
             },
-            "baseline": baseline,
+            "baseline": {**baseline, "architecture": architecture(self.dense)},
             "steps": entries,
             "compressed": str(out),
         }

@@ -1,4 +1,5 @@
-"""Recovery training: the finetune ``Trainer`` on a masked student, distilled from a teacher.
+"""Recovery training: the finetune ``Trainer`` on a masked student, distilled from a teacher
+(and ``DistillTrainer``: the same on a smaller, unmasked student).
 
 It keeps everything of the finetune job (DeepSpeed engine, resumable sampler,
 checkpoints, USR2 / time-limit requeue, export) and changes two things: the model
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from scilm_hpc.compress.prune import MaskedLinear, gradual_sparsity, unstructured_masks
-from scilm_hpc.compress.recover import distillation_loss, masked_student
+from scilm_hpc.compress.recover import distillation_loss, load_student, masked_student
 from scilm_hpc.launch.preemption import StopFlag
 from scilm_hpc.schema import CompressStep, JobConfig
 from scilm_hpc.train.loop import Trainer
@@ -78,3 +79,15 @@ class RecoveryTrainer(Trainer):
             teacher = self.teacher(**inputs).logits
         kd = distillation_loss(out.logits, teacher, batch, self.job.task, self.step.temperature)
         return self.step.alpha * kd + (1.0 - self.step.alpha) * out.loss
+
+
+class DistillTrainer(RecoveryTrainer):
+    """Distillation into a smaller student: the recovery trainer (same loss, engine,
+    checkpoints, resume and requeue) on the student saved in ``model.name_or_path``,
+    nothing masked."""
+
+    def build_model(self, weights: dict[str, torch.Tensor] | None) -> nn.Module:
+        model = load_student(self.job.model.name_or_path, self.job.task)
+        if weights is not None:
+            model.load_state_dict(weights, strict=False)
+        return model
