@@ -261,3 +261,13 @@ def test_distill_step_trains_a_smaller_student_towards_the_teacher_and_resumes(
     assert entry["latency_ms"] > 0 and "macro_f1" in entry["metrics"]
     markdown = (killed / "compress_report.md").read_text()
     assert "| teacher (dense) | 4 | 32 |" in markdown and "| distill-8 | 2 | 32 |" in markdown
+
+    # the same recipe straight through gives the same student, bit for bit
+    straight = tmp_path / "straight"
+    done = distill(straight, shards, teacher_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(straight / "compressed" / "model.safetensors")
+    b = load_file(killed / "compressed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

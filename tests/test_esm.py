@@ -91,7 +91,9 @@ def test_residues_align_to_their_tags_with_the_python_tokenizer(esm_dir):
 
 
 def _prepare(tmp_path: Path, esm: Path, task: str, rows: tuple[list, list, list], write) -> Path:
-    paths = [write(f"{split}.jsonl", r) for split, r in zip(("train", "dev", "test"), rows)]
+    paths = [
+        write(f"{split}.jsonl", r) for split, r in zip(("train", "dev", "test"), rows, strict=True)
+    ]
     done = scilm_run(
         "prepare",
         str(REPO / "jobs/prepare.yaml"),
