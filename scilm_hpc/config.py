@@ -360,6 +360,19 @@ def validate(job: JobConfig) -> list[str]:
         )
     if t.early_stopping_patience and t.best_metric is None:
         p.append("train.early_stopping_patience: needs train.best_metric (e.g. dev_loss)")
+    check_choice(p, "train.loss", t.loss, schema.TRAIN_LOSSES)
+    if t.loss == "huber" and job.task != "regression":
+        p.append(f"train.loss: huber is a regression loss; task is {job.task} (use auto)")
+    if t.huber_delta <= 0:
+        p.append(f"train.huber_delta: got {t.huber_delta}; must be > 0")
+    if t.class_weights and job.task not in ("classification", "token_classification"):
+        p.append(
+            f"train.class_weights: weights classes of classification or "
+            f"token_classification; task is {job.task}"
+        )
+    for name, weight in t.class_weights.items():
+        if weight <= 0:
+            p.append(f"train.class_weights.{name}: got {weight}; must be > 0")
     ranks = job.cluster.world_size()
     if (
         t.global_batch_size is not None

@@ -154,6 +154,13 @@ class TrainConfig:
     # e.g. dev_loss or dev_macro_f1: keeps the best checkpoint (needs eval_every > 0)
     best_metric: str | None = None
     early_stopping_patience: int = 0
+    # the training loss: auto (the model's own: cross-entropy, MSE for regression) or
+    # huber (regression, quadratic within huber_delta standardised units, then linear)
+    loss: str = "auto"
+    huber_delta: float = 1.0
+    # classification / token_classification: weight of each class (label name -> weight,
+    # others 1.0) in the cross-entropy, e.g. {P: 9.0} for 10% positive residues
+    class_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -206,6 +213,9 @@ class ClusterConfig:
         """Ranks this section asks for (one in this process with ``backend=none``)."""
         return 1 if self.backend == "none" else self.nodes * self.tasks_per_node
 
+
+#: ``train.loss`` values
+TRAIN_LOSSES = ("auto", "huber")
 
 #: Compression step kinds and the values their fields allow (checked by config.validate).
 COMPRESS_KINDS = ("distill", "prune", "recover", "quantize")

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from scilm_hpc.data.readers import Example, TargetFields
-from scilm_hpc.schema import DataConfig, JobConfig
+from scilm_hpc.errors import UserError
+from scilm_hpc.schema import DataConfig, JobConfig, TrainConfig
 
 #: An example's evaluation result: (loss sum, counted targets, prediction, gold).
 ExampleResult = tuple[float, int, Any, Any]
@@ -48,6 +49,36 @@ def pad_inputs(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.
         ids[i, :n] = torch.from_numpy(it["input_ids"].astype(np.int64))
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def class_weight_tensor(weights: dict[str, float], labels: Sequence[str]) -> torch.Tensor | None:
+    """``train.class_weights`` as one weight per class id (1.0 where not named); None
+    without weights.
+
+    Raises:
+        UserError: for a name that is not in the shards' label map.
+    """
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - set(labels))
+    if unknown:
+        raise UserError(
+            f"train.class_weights: {', '.join(unknown)} not in the shards' label map "
+            f"({', '.join(labels)})"
+        )
+    return torch.tensor([float(weights.get(name, 1.0)) for name in labels])
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy with class weights (a weighted mean, ``IGNORE_INDEX`` skipped)."""
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        weight=weight.to(logits.device),
+        ignore_index=-100,
+    )
 
 
 class Task(ABC):
@@ -208,6 +239,18 @@ class Task(ABC):
     def distill_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Which logits rows the distillation loss compares (None: every example)."""
         return None
+
+    def training_loss(
+        self,
+        outputs: Any,
+        batch: dict[str, torch.Tensor],
+        train: TrainConfig,
+        labels: Sequence[str],
+    ) -> torch.Tensor:
+        """The loss training minimises: the model's own (``outputs.loss``) unless the task
+        honours ``train.loss`` / ``train.class_weights`` (``config.validate`` refuses them
+        for tasks that do not)."""
+        return outputs.loss
 
     # --- evaluation ----------------------------------------------------------------
     @abstractmethod

@@ -17,7 +17,14 @@ import torch.nn.functional as F
 
 from scilm_hpc.data.encode import encode_texts
 from scilm_hpc.data.readers import Example
-from scilm_hpc.tasks.base import ExampleResult, Task, pad_inputs
+from scilm_hpc.schema import TrainConfig
+from scilm_hpc.tasks.base import (
+    ExampleResult,
+    Task,
+    class_weight_tensor,
+    pad_inputs,
+    weighted_cross_entropy,
+)
 
 
 def _prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
@@ -110,6 +117,18 @@ class Classification(Task):
         batch = pad_inputs(items, pad_id)
         batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
         return batch
+
+    def training_loss(
+        self,
+        outputs: Any,
+        batch: dict[str, torch.Tensor],
+        train: TrainConfig,
+        labels: Sequence[str],
+    ) -> torch.Tensor:
+        weight = class_weight_tensor(train.class_weights, labels)
+        if weight is None:
+            return outputs.loss
+        return weighted_cross_entropy(outputs.logits, batch["labels"], weight)
 
     def example_results(
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor]

@@ -28,6 +28,7 @@ import torch
 from scilm_hpc.data.encode import encode_texts
 from scilm_hpc.data.readers import Example
 from scilm_hpc.errors import UserError
+from scilm_hpc.schema import TrainConfig
 from scilm_hpc.tasks.base import ExampleResult, Task, pad_inputs
 
 
@@ -204,6 +205,19 @@ class Regression(Task):
         return batch
 
     # --- evaluation ----------------------------------------------------------------
+    def training_loss(
+        self,
+        outputs: Any,
+        batch: dict[str, torch.Tensor],
+        train: TrainConfig,
+        labels: Sequence[str],
+    ) -> torch.Tensor:
+        if train.loss != "huber":
+            return outputs.loss
+        logits = outputs.logits.float()
+        target = batch["labels"].float().reshape(logits.shape)
+        return torch.nn.functional.huber_loss(logits, target, delta=train.huber_delta)
+
     def example_results(
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> list[ExampleResult]:

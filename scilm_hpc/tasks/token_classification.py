@@ -28,7 +28,14 @@ import torch.nn.functional as F
 
 from scilm_hpc.data.encode import IGNORE_INDEX, encode_words
 from scilm_hpc.data.readers import Example
-from scilm_hpc.tasks.base import ExampleResult, Task, pad_inputs
+from scilm_hpc.schema import TrainConfig
+from scilm_hpc.tasks.base import (
+    ExampleResult,
+    Task,
+    class_weight_tensor,
+    pad_inputs,
+    weighted_cross_entropy,
+)
 from scilm_hpc.tasks.classification import _prf, classification_metrics
 
 
@@ -160,6 +167,18 @@ class TokenClassification(Task):
 
     def distill_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return batch["labels"] != IGNORE_INDEX
+
+    def training_loss(
+        self,
+        outputs: Any,
+        batch: dict[str, torch.Tensor],
+        train: TrainConfig,
+        labels: Sequence[str],
+    ) -> torch.Tensor:
+        weight = class_weight_tensor(train.class_weights, labels)
+        if weight is None:
+            return outputs.loss
+        return weighted_cross_entropy(outputs.logits, batch["labels"], weight)
 
     def example_results(
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor]

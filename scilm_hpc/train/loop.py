@@ -32,6 +32,7 @@ from scilm_hpc.model_source import load_tokenizer
 from scilm_hpc.models import build_model, pad_token_id
 from scilm_hpc.schema import JobConfig
 from scilm_hpc.tasks import get_task
+from scilm_hpc.tasks.base import class_weight_tensor
 from scilm_hpc.train import checkpoint as ckpt
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.evaluation import is_better
@@ -104,6 +105,7 @@ class Trainer:
         )
         self.pad_id = pad_token_id(self.tokenizer)
         self.task = get_task(job.task, self.train_set.manifest).for_job(job)
+        class_weight_tensor(job.train.class_weights, self.labels)  # unknown names: fail now
         self.log = MetricsLog(
             self.run_dir / "metrics.jsonl",
             enabled=rank == 0,
@@ -176,8 +178,10 @@ class Trainer:
         )
 
     def compute_loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss of one micro-batch (the model's own task loss)."""
-        return engine(**self.task.model_inputs(batch, engine)).loss
+        """The loss of one micro-batch (the task's training loss: the model's own unless
+        ``train.loss`` / ``train.class_weights`` change it)."""
+        out = engine(**self.task.model_inputs(batch, engine))
+        return self.task.training_loss(out, batch, self.job.train, self.labels)
 
     def _precision_context(self) -> Callable[[], contextlib.AbstractContextManager[Any]]:
         """What ``compute_loss`` runs in: bf16 autocast on CPU ranks with

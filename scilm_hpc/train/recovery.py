@@ -78,7 +78,8 @@ class RecoveryTrainer(Trainer):
             inputs = self.task.model_inputs(unlabelled, self.teacher)
             teacher = self.teacher(**inputs).logits
         kd = distillation_loss(out.logits, teacher, batch, self.job.task, self.step.temperature)
-        return self.step.alpha * kd + (1.0 - self.step.alpha) * out.loss
+        task_loss = self.task.training_loss(out, batch, self.job.train, self.labels)
+        return self.step.alpha * kd + (1.0 - self.step.alpha) * task_loss
 
 
 class DistillTrainer(RecoveryTrainer):
