@@ -289,6 +289,8 @@ def validate(job: JobConfig) -> list[str]:
     check_choice(p, "data.format", d.format, schema.DATA_FORMATS)
     check_choice(p, "data.compression", d.compression, schema.SHARD_COMPRESSIONS)
     check_choice(p, "data.unknown_residue", d.unknown_residue, schema.UNKNOWN_RESIDUE_POLICIES)
+    if d.fasta_labels is not None and d.format != "fasta":
+        p.append(f"data.fasta_labels: labels of FASTA records; data.format is {d.format}")
     if d.residue_separator not in (None, "", " "):
         p.append(
             f"data.residue_separator: got {d.residue_separator!r}; allowed: '' (residues "

@@ -68,6 +68,9 @@ class DataConfig:
     # A residue the tokenizer does not know: refuse (error naming record and character),
     # map_x (replace with X), skip (drop it, with its tag); counted in the manifest.
     unknown_residue: str = "refuse"
+    # FASTA: labels from this CSV (columns ``id``, the record id, and data.label_field)
+    # instead of the headers' key=value fields
+    fasta_labels: str | None = None
     shards: str = "${run.dir}/shards"
     max_length: int = 128
     examples_per_shard: int = 4096

@@ -12,14 +12,24 @@ Fields are separated by whitespace or ``|``; the header's first whitespace-separ
 word is the record's id. Lines starting with ``;`` are comments. A record with no residue, a
 sequence line before the first header or a missing label field is reported with
 its line number.
+
+Labels may instead come from a side CSV (``data.fasta_labels``): an ``id`` column
+matching the records' ids and the ``data.label_field`` column; one table can serve
+every split. A record without a row, a duplicated id or a missing column is an error.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from pathlib import Path
 
 from scilm_hpc.data.readers import Example, _decode_lines, _Problems, parse_values
+from scilm_hpc.errors import UserError
+
+#: the column of a side label table (``data.fasta_labels``) holding the record id
+ID_COLUMN = "id"
 
 _FIELD_SEPARATORS = re.compile(r"[\s|]+")
 
@@ -36,13 +46,51 @@ def header_fields(header: str) -> tuple[str, dict[str, str]]:
     return record_id, fields
 
 
-def read_fasta(path: Path, label_field: str | None, label_kind: str = "name") -> list[Example]:
+def read_label_table(path: str | Path, label_field: str, delimiter: str = ",") -> dict[str, str]:
+    """The side label table of FASTA records: record id -> the raw label.
+
+    Raises:
+        UserError: naming the file (and line) of a missing column or a duplicated id.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data.fasta_labels: '{path}' does not exist")
+    problems = _Problems(path)
+    lines = _decode_lines(path, problems)
+    problems.raise_if_any()
+    reader = csv.DictReader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter)
+    header = reader.fieldnames or []
+    for column, key in ((ID_COLUMN, "record ids"), (label_field, "data.label_field")):
+        if column not in header:
+            problems.add(
+                1, f"no column '{column}' ({key}) in the header; columns: {', '.join(header)}"
+            )
+    problems.raise_if_any()
+    table: dict[str, str] = {}
+    for row in reader:
+        record_id = (row.get(ID_COLUMN) or "").strip()
+        if not record_id:
+            continue
+        if record_id in table:
+            problems.add(reader.line_num, f"record id '{record_id}' appears twice")
+        table[record_id] = (row.get(label_field) or "").strip()
+    problems.raise_if_any()
+    return table
+
+
+def read_fasta(
+    path: Path,
+    label_field: str | None,
+    label_kind: str = "name",
+    labels: dict[str, str] | None = None,
+) -> list[Example]:
     """Records of a FASTA file as examples (``text`` = the sequence).
 
     Args:
         path: the FASTA file.
         label_field: the header key holding the label (None: no label, causal LM).
         label_kind: ``name`` (a class) or ``values`` (numbers: ``1.5`` or ``1.5,2``).
+        labels: labels by record id (``read_label_table``) instead of header fields.
 
     Raises:
         UserError: naming file and line of every problem (up to ten).
@@ -67,8 +115,14 @@ def read_fasta(path: Path, label_field: str | None, label_kind: str = "name") ->
         if label_field is None:
             examples.append(Example(source=source, text=sequence))
             return
-        raw = fields.get(label_field)
         present = ", ".join(fields) or "none"
+        if labels is not None:
+            raw = labels.get(record_id)
+            if not raw:
+                problems.add(number, f"{name}: no label in data.fasta_labels (id column)")
+                return
+        else:
+            raw = fields.get(label_field)
         if raw is None or raw == "":
             problems.add(
                 number,

@@ -429,10 +429,12 @@ def read_corpus(
     csv_delimiter: str = ",",
     label_kind: str = "name",
     targets: TargetFields | None = None,
+    fasta_labels: str | None = None,
 ) -> list[Example]:
     """Read one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``, ``fasta``,
     ``text``); ``label_kind`` (``LABEL_KINDS``) says what the label field holds,
-    ``targets`` (JSONL, CSV) reads a seq2seq target and its references.
+    ``targets`` (JSONL, CSV) reads a seq2seq target and its references,
+    ``fasta_labels`` (FASTA) is a CSV of labels by record id.
 
     Raises:
         UserError: naming the file and line of every problem found (up to ten),
@@ -448,9 +450,12 @@ def read_corpus(
     elif fmt == "conll":
         examples = read_conll(path, token_column, tag_column)
     elif fmt == "fasta":
-        from scilm_hpc.data.fasta import read_fasta
+        from scilm_hpc.data.fasta import read_fasta, read_label_table
 
-        examples = read_fasta(path, label_field, label_kind)
+        table = None
+        if fasta_labels is not None and label_field is not None:
+            table = read_label_table(fasta_labels, label_field, csv_delimiter)
+        examples = read_fasta(path, label_field, label_kind, table)
     elif fmt == "text":
         examples = read_text(path)
     else:

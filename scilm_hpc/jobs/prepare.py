@@ -59,6 +59,7 @@ def read_splits(job: JobConfig) -> dict[str, list[Example]]:
                 csv_delimiter=d.csv_delimiter,
                 label_kind=task.label_kind,
                 targets=task.target_fields(d),
+                fasta_labels=d.fasta_labels,
             )
     if "train" not in splits:
         raise UserError("data.train: required for prepare: the training corpus file")
