@@ -4,7 +4,9 @@ One task. The dense model (``model.name_or_path``, an export) is measured first;
 then each step of ``compress.steps`` changes the model in memory and is saved to
 ``RUN_DIR/steps/NN-name/`` with its measurements (``step.json``, written last). A
 restarted job (requeued by Slurm, or the same command run again) loads the last
-finished step and goes on; a recovery step resumes from its own checkpoints.
+finished step and goes on; a recovery or distill step resumes from its own
+checkpoints. A distill step (first in a recipe) replaces the model by a smaller
+student trained from the dense one; the steps after it compress the student.
 At the end the last step is copied to ``RUN_DIR/compressed`` and the report is
 written.
 """
