@@ -18,7 +18,7 @@ from typing import Any
 
 from scilm_hpc.config import load_and_validate, to_yaml
 from scilm_hpc.errors import STORAGE_ERRNOS, StorageError, UserError, storage_error
-from scilm_hpc.rundir import write_text_atomic
+from scilm_hpc.rundir import config_file, write_text_atomic
 from scilm_hpc.schema import JobConfig
 
 EXIT_USER_ERROR = 2
@@ -26,10 +26,24 @@ EXIT_STORAGE_ERROR = 3
 
 
 def _save_config(job: JobConfig) -> None:
-    run_dir = Path(job.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    name = "config.yaml" if job.job == "finetune" else f"{job.job}.config.yaml"
-    write_text_atomic(run_dir / name, to_yaml(job))
+    Path(job.run.dir).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(config_file(job.run.dir, job.job), to_yaml(job))
+
+
+def _check_before_submit(job: JobConfig) -> None:
+    """Refuse, before anything is written or queued, a busy run directory, a changed
+    config on a used one, and missing or unfit inputs: every problem at once."""
+    from scilm_hpc.jobs.presubmit import submission_problems
+    from scilm_hpc.launch.ownership import refuse_if_busy
+
+    problems: list[str] = []
+    try:
+        refuse_if_busy(Path(job.run.dir), job.job)
+    except UserError as exc:
+        problems += exc.problems
+    problems += submission_problems(job)
+    if problems:
+        raise UserError(problems)
 
 
 def _prepare(job: JobConfig) -> Callable[[], Any]:
@@ -80,7 +94,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     )
     args.job_file, args.command, args.dry_run, args.sweep = config, "finetune", False, []
     args.wait = False
-    args.overrides = [*args.overrides, f"run.dir={args.run_dir}"]
+    # the saved run.allow_config_change does not carry over: only this command's does
+    args.overrides = ["run.allow_config_change=false", *args.overrides, f"run.dir={args.run_dir}"]
     return cmd_job(args)
 
 
@@ -98,7 +113,6 @@ def _print_sbatch(job: JobConfig, array: int = 0) -> None:
 def cmd_job(args: argparse.Namespace) -> int:
     """``scilm prepare|... JOB.yaml [key=value ...]``."""
     from scilm_hpc.launch.executor import run_job
-    from scilm_hpc.launch.ownership import refuse_if_busy
 
     if args.quiet:
         from scilm_hpc.train.progress import QUIET_ENV
@@ -110,18 +124,26 @@ def cmd_job(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(job), end="")
         _print_sbatch(job)
+        _note_refusals(job)
         return 0
-    refuse_if_busy(Path(job.run.dir), job.job)  # before config.yaml is rewritten
+    _check_before_submit(job)  # before config.yaml is rewritten
     _save_config(job)
     result = run_job(JOB_FACTORIES[args.command](job), job, wait=args.wait)
     print(json.dumps(result, indent=1))
     return 0
 
 
+def _note_refusals(job: JobConfig) -> None:
+    """A dry run shows (on stderr) what would refuse the real submission."""
+    from scilm_hpc.jobs.presubmit import submission_problems
+
+    for line in submission_problems(job):
+        print(f"note: a submission would be refused: {line}", file=sys.stderr)
+
+
 def _sweep(args: argparse.Namespace) -> int:
     """Validate every member first, then submit them together (one Slurm job array)."""
     from scilm_hpc.launch.executor import run_jobs
-    from scilm_hpc.launch.ownership import refuse_if_busy
     from scilm_hpc.launch.sweep import member_dir, parse_sweep, sweep_members, write_sweep_index
 
     parent = load_and_validate(args.job_file, args.overrides, job=args.command)
@@ -139,8 +161,14 @@ def _sweep(args: argparse.Namespace) -> int:
             print(f"# member {member_dir(parent.run.dir, i)}: {' '.join(m)}")
         _print_sbatch(parent, array=len(jobs))
         return 0
+    problems: list[str] = []
     for job in jobs:
-        refuse_if_busy(Path(job.run.dir), job.job)
+        try:
+            _check_before_submit(job)
+        except UserError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+    if problems:
+        raise UserError(problems)
     write_sweep_index(Path(parent.run.dir), members)
     for job in jobs:
         _save_config(job)
@@ -184,8 +212,30 @@ def cmd_import_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_checkpoints(args: argparse.Namespace) -> int:
+    """``scilm validate RUN_DIR --checkpoints``: one line per checkpoint; 1 if any is bad."""
+    from scilm_hpc.train.checkpoint import verify_run_checkpoints
+
+    if args.overrides or args.data:
+        raise UserError("--checkpoints takes a run directory alone (no key=value, no --data)")
+    report = verify_run_checkpoints(args.job_file)
+    for name, verdict, detail in report:
+        print(f"{name}: {verdict}: {detail}")
+    bad = sum(verdict == "bad" for _, verdict, _ in report)
+    print(f"{args.job_file}: {len(report) - bad} of {len(report)} checkpoint(s) usable")
+    return 1 if bad else 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    """``scilm validate JOB.yaml [key=value ...] [--data]``: check, submit nothing."""
+    """``scilm validate JOB.yaml [key=value ...] [--data]``: check, submit nothing;
+    ``scilm validate RUN_DIR --checkpoints``: verify a run's checkpoints."""
+    if args.checkpoints:
+        return _validate_checkpoints(args)
+    if Path(args.job_file).is_dir():
+        raise UserError(
+            f"{args.job_file}: a directory; give a job file, or add --checkpoints to verify "
+            f"the checkpoints of this run directory"
+        )
     job = load_and_validate(args.job_file, args.overrides)
     print(f"{args.job_file}: valid {job.job} job (run.dir={job.run.dir})")
     if args.data:
@@ -360,15 +410,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(
         sub,
         "validate",
-        "check a job file and its settings, run nothing (with --data also its shards)",
-        "scilm validate jobs/finetune.yaml data.shards=runs/demo/shards --data",
+        "check a job file and its settings, run nothing (with --data also its shards); "
+        "or verify a run's checkpoints",
+        "scilm validate jobs/finetune.yaml run.dir=runs/ft data.shards=runs/demo/shards --data\n"
+        "  scilm validate runs/ft --checkpoints",
     )
-    p.add_argument("job_file", help="the job file (YAML), e.g. one of jobs/ (see scilm list)")
+    p.add_argument(
+        "job_file", help="the job file (YAML); with --checkpoints the run directory"
+    )
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument(
         "--data",
         action="store_true",
         help="also verify data.shards: checksums and tokenizer fingerprint",
+    )
+    p.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="give a run directory instead of a job file: verify each of its checkpoints "
+        "against its manifest (exit 1 if any is bad)",
     )
     p.set_defaults(func=cmd_validate)
     return parser

@@ -33,6 +33,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The least time between a Slurm job's start and its time-limit USR2
 #: (``time_min * 60 - signal_delay_s``): enough for Python to start and install the handler.
 MIN_SIGNAL_LEAD_S = 10
+#: What a required key is for, after "required value is missing".
+MISSING_HINTS = {
+    "run.dir": (
+        "; the directory this run writes, e.g. run.dir=runs/ft-lr3e-5 (a new one for a new "
+        "experiment, an earlier run's to continue it); the shipped job files set none, so "
+        "that no run reuses another's directory and checkpoints by accident"
+    ),
+}
 
 
 def shipped_root() -> Path:
@@ -256,7 +264,7 @@ def resolve(cfg: DictConfig) -> JobConfig:
         raise ConfigError(
             [
                 f"{key}: required value is missing; set it in the job file or "
-                f"on the command line ({key}=...)"
+                f"on the command line ({key}=...){MISSING_HINTS.get(key, '')}"
                 for key in missing
             ]
         )

@@ -40,6 +40,12 @@ from scilm_hpc.errors import UserError
 LOCK_FILE = ".lock"
 
 
+def config_file(run_dir: str | Path, job: str) -> Path:
+    """Where a job of kind ``job`` saves its resolved config in ``run_dir``: finetune's is
+    ``config.yaml`` (what ``scilm resume`` reads), the others' ``JOB.config.yaml``."""
+    return Path(run_dir) / ("config.yaml" if job == "finetune" else f"{job}.config.yaml")
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (best effort: some filesystems refuse)."""
     try:

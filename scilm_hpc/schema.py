@@ -36,6 +36,9 @@ class RunConfig:
 
     dir: str = MISSING
     name: str = "scilm"
+    # a rerun on a used dir whose config differs in more than cluster / logging keys is
+    # refused with the differences unless this is true (docs/run-directory.md)
+    allow_config_change: bool = False
 
 
 @dataclass

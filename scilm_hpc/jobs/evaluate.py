@@ -28,8 +28,9 @@ from scilm_hpc.evaluate.generation import check_model_fits, generate_predictions
 from scilm_hpc.evaluate.inference import predict, token_balanced_ranges
 from scilm_hpc.evaluate.metrics import metrics_from_results
 from scilm_hpc.evaluate.report import write_reports
-from scilm_hpc.launch.dist import communicator
+from scilm_hpc.launch.dist import Communicator, communicator
 from scilm_hpc.launch.hardware import cpu_threads
+from scilm_hpc.launch.ownership import take_run_lock_over
 from scilm_hpc.models import load_for_eval, pad_token_id
 from scilm_hpc.schema import JobConfig
 from scilm_hpc.tasks import get_task
@@ -46,6 +47,17 @@ class EvaluateJob:
         job = self.job
         run_dir = Path(job.run.dir)
         comm = communicator(run_dir.absolute())
+        # one run per directory: a second evaluation (or a finetune / compress still
+        # running there) is refused on every rank before anything is read or written
+        lock = take_run_lock_over(run_dir, "evaluate", comm)
+        try:
+            return self._evaluate(comm, run_dir)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _evaluate(self, comm: Communicator, run_dir: Path) -> dict[str, Any]:
+        job = self.job
         if comm.world_size > 1:
             torch.set_num_threads(cpu_threads(job) or torch.get_num_threads())
         dataset = ShardDataset(job.data.shards, job.eval.split)

@@ -4,7 +4,8 @@ Two checks, because neither alone is enough on a cluster. Before anything is
 submitted (and before ``config.yaml`` is rewritten) ``refuse_if_busy`` refuses a
 directory whose lock is held now, or whose recorded Slurm finetune / compress /
 evaluate job is still queued or running (a PENDING job holds no lock yet). When
-the job runs, rank 0 takes ``RUN_DIR/.lock`` (``take_run_lock``), so a second
+the job runs, rank 0 takes ``RUN_DIR/.lock`` (``take_run_lock``; evaluate, whose ranks
+talk through a ``launch.dist`` communicator: ``take_run_lock_over``), so a second
 job that got past the first check (submitted from another login node, or
 started by hand) is refused on its first rank before it writes anything.
 """
@@ -15,6 +16,7 @@ import os
 from pathlib import Path
 
 from scilm_hpc.errors import UserError
+from scilm_hpc.launch.dist import Communicator
 from scilm_hpc.rundir import RunLock, describe_owner, live_owner
 
 LOCKED_JOBS = ("finetune", "compress", "evaluate")
@@ -71,4 +73,24 @@ def take_run_lock(run_dir: str | Path, command: str, rank: int) -> RunLock | Non
         dist.broadcast_object_list(refusal, src=0)
     if refusal[0]:
         raise UserError(refusal[0])
+    return lock
+
+
+def take_run_lock_over(run_dir: str | Path, command: str, comm: Communicator) -> RunLock | None:
+    """``take_run_lock`` for jobs whose ranks talk through a ``launch.dist`` communicator
+    (evaluate: MPI, file rendezvous, or one process) instead of torch.distributed.
+
+    Raises:
+        UserError: on every rank, if another live process holds the lock.
+    """
+    lock, refusal = None, None
+    if comm.rank == 0:
+        lock = RunLock(run_dir, command, os.environ.get("SLURM_JOB_ID"))
+        try:
+            lock.acquire()
+        except UserError as exc:
+            refusal, lock = exc.problems, None
+    refusal = comm.bcast(refusal)
+    if refusal:
+        raise UserError(refusal)
     return lock

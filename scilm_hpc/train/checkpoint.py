@@ -169,6 +169,40 @@ def find_resume_tag(
     )
 
 
+def verify_run_checkpoints(run_dir: str | Path) -> list[tuple[str, str, str]]:
+    """Every checkpoint of a run directory against its manifest, checksums included:
+    ``RUN_DIR/checkpoints/step_N`` and a compress run's recovery checkpoints
+    (``RUN_DIR/steps/*/checkpoints/step_N``).
+
+    Returns:
+        ``(checkpoint directory relative to run_dir, verdict, detail)`` per checkpoint,
+        newest first within each ``checkpoints/``; verdict ``ok``, ``unverified``
+        (complete but saved without a manifest) or ``bad`` (detail: which file, why).
+
+    Raises:
+        UserError: if ``run_dir`` holds no checkpoint directory at all.
+    """
+    run_dir = Path(run_dir)
+    roots = [checkpoint_root(run_dir), *sorted(run_dir.glob("steps/*/checkpoints"))]
+    found = [(root, path) for root in roots for _, path in _scan(root)]
+    if not found:
+        where = "no such directory" if not run_dir.is_dir() else "no checkpoints/step_N in it"
+        raise UserError(f"{run_dir}: no checkpoint to verify ({where})")
+    report = []
+    for root, path in found:
+        problem = checkpoint_problem(path)
+        name = path.relative_to(run_dir).as_posix()
+        if problem:
+            report.append((name, "bad", problem))
+        elif not (path / MANIFEST).is_file():
+            report.append((name, "unverified", "no manifest (saved before manifests)"))
+        else:
+            latest = " (latest)" if _latest_name(root.parent) == path.name else ""
+            files = len(json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"])
+            report.append((name, "ok", f"{files} files match the manifest{latest}"))
+    return report
+
+
 def agree_on_resume_tag(run_dir: str | Path, rank: int) -> str | None:
     """``find_resume_tag`` on rank 0 (which prints its notes), the same answer on every rank.
 
