@@ -318,7 +318,7 @@ def test_distillation_loss_is_zero_only_when_the_student_matches():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_shipped_recipes_validate_as_compress_jobs(recipe):
-    job = load_and_validate(COMPRESS, [f"compress={recipe}"], job="compress")
+    job = load_and_validate(COMPRESS, ["run.dir=r", f"compress={recipe}"], job="compress")
     assert job.compress.name == recipe and job.compress.steps
     assert {"int8-dynamic", "int4-weight", "prune50-recover", "structured30"} <= set(RECIPES)
 

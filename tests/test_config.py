@@ -370,7 +370,9 @@ def test_shipped_job_validates(scilm: Scilm, name: str, corpus: Path, tmp_path: 
     path = REPO / name
     body = yaml.safe_load(path.read_text(encoding="utf-8"))
     data = body.get("data") or {}
-    overrides = []
+    # no shipped job reuses a fixed run directory: run.dir is required (docs/decisions.md)
+    assert "dir" not in (body.get("run") or {}), f"{name} fixes run.dir"
+    overrides = [f"run.dir={tmp_path / 'run'}"]
     # Job files name corpus paths relative to the repository root (where users run them),
     # and the worked examples name ../shared/data, which a fresh clone lacks: validate them
     # with small stand-in files of the same names (the config checks only that they exist).

@@ -317,7 +317,7 @@ def test_a_full_disk_ends_every_rank_at_once_and_leaves_latest(
     shutil.copytree(roomy, small, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
     small_disk(small / "checkpoints", (kept + checkpoint // 2) // 1024)
     shutil.copytree(roomy / "checkpoints", small / "checkpoints", dirs_exist_ok=True)
-    more = scilm_run("resume", str(small), "train.max_steps=6")
+    more = scilm_run("resume", str(small), "train.max_steps=6", "run.allow_config_change=true")
     assert more.returncode == 3, more.stderr[-3000:]
     assert "error: no space for checkpoint step_6 in " in more.stderr
     assert "latest stays step_4" in more.stderr
@@ -361,7 +361,7 @@ def test_a_second_run_is_refused_and_a_killed_owner_is_taken_over(tmp_path, shar
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    resumed = scilm_run("resume", str(run), "train.max_steps=4")
+    resumed = scilm_run("resume", str(run), "train.max_steps=4", "run.allow_config_change=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"taking over the lock of finetune (pid {first.pid} on " in resumed.stdout
     assert "resuming from step_" in resumed.stdout

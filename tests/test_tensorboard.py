@@ -52,11 +52,11 @@ def test_only_rank_0_and_only_when_asked(tmp_path):
 
 
 def test_the_setting_defaults_to_on_where_tensorboard_is_installed():
-    job = load_and_validate(REPO / "jobs" / "finetune.yaml", [], "finetune")
+    job = load_and_validate(REPO / "jobs" / "finetune.yaml", ["run.dir=r"], "finetune")
     assert job.train.tensorboard is None and wanted(None) is True
     assert wanted(False) is False
     off = load_and_validate(
-        REPO / "jobs" / "finetune.yaml", ["train.tensorboard=false"], "finetune"
+        REPO / "jobs" / "finetune.yaml", ["run.dir=r", "train.tensorboard=false"], "finetune"
     )
     assert off.train.tensorboard is False
     assert scalar_name("dev_f1") == "dev/f1" and scalar_name("loss") == "train/loss"

@@ -23,14 +23,16 @@ FINETUNE = REPO / "jobs" / "finetune.yaml"
 
 
 def ds(*overrides: str, on_gpu: bool = False) -> dict:
-    return deepspeed_config(load_and_validate(FINETUNE, list(overrides), "finetune"), 100, on_gpu)
+    return deepspeed_config(
+        load_and_validate(FINETUNE, ["run.dir=runs/unused", *overrides], "finetune"), 100, on_gpu
+    )
 
 
 # ---------------------------------------------------------------- config (no training)
 
 
 def test_bf16_on_cpu_is_autocast_with_fp32_weights_and_fused_adamw():
-    job = load_and_validate(FINETUNE, ["train.precision=bf16"], "finetune")
+    job = load_and_validate(FINETUNE, ["run.dir=runs/unused", "train.precision=bf16"], "finetune")
     assert cpu_autocast(job, on_gpu=False) and not cpu_autocast(job, on_gpu=True)
     config = ds("train.precision=bf16")
     assert config["bf16"] == {"enabled": False}  # DeepSpeed keeps fp32 weights
@@ -47,7 +49,9 @@ def test_bf16_on_gpu_is_deepspeeds_own():
 def test_fp32_on_cpu_uses_the_fused_adamw_and_foreach_on_request():
     params = ds()["optimizer"]["params"]
     assert params["fused"] is True and "foreach" not in params
-    assert not cpu_autocast(load_and_validate(FINETUNE, [], "finetune"), on_gpu=False)
+    assert not cpu_autocast(
+        load_and_validate(FINETUNE, ["run.dir=runs/unused"], "finetune"), on_gpu=False
+    )
     params = ds("train.adamw=foreach")["optimizer"]["params"]
     assert params["foreach"] is True and "fused" not in params
 
@@ -66,9 +70,11 @@ def test_user_json_can_still_choose_the_optimizer(tmp_path: Path):
 
 def test_threads_per_rank(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    local = load_and_validate(FINETUNE, ["cluster=local", "cluster.cpus_per_task=3"], "finetune")
+    local = load_and_validate(
+        FINETUNE, ["run.dir=runs/unused", "cluster=local", "cluster.cpus_per_task=3"], "finetune"
+    )
     assert cpu_threads(local) == 3
-    alone = load_and_validate(FINETUNE, ["cluster=none"], "finetune")
+    alone = load_and_validate(FINETUNE, ["run.dir=runs/unused", "cluster=none"], "finetune")
     cores = cpu_threads(alone)
     assert cores is not None and 1 <= cores <= len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -86,7 +92,9 @@ def test_the_gradient_allreduce_stays_where_it_reduces(world, stage, allreduce):
 
     trainer = Trainer.__new__(Trainer)  # only what the helper reads
     trainer.world = world
-    trainer.job = load_and_validate(FINETUNE, [f"zero.stage={stage}"], "finetune")
+    trainer.job = load_and_validate(
+        FINETUNE, ["run.dir=runs/unused", f"zero.stage={stage}"], "finetune"
+    )
     engine = SimpleNamespace(enable_backward_allreduce=True)
     trainer._skip_lone_allreduce(engine)
     assert engine.enable_backward_allreduce is allreduce
@@ -110,7 +118,9 @@ def test_lone_rank_skips_the_gradient_allreduce(monkeypatch, tiny_model_dir):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    job = load_and_validate(FINETUNE, ["zero.stage=0", "train.micro_batch_size=4"], "finetune")
+    job = load_and_validate(
+        FINETUNE, ["run.dir=runs/unused", "zero.stage=0", "train.micro_batch_size=4"], "finetune"
+    )
     trainer = Trainer.__new__(Trainer)  # only what the switch reads
     trainer.world, trainer.job = 1, job
     g = torch.Generator().manual_seed(0)

@@ -24,7 +24,7 @@ FINETUNE = REPO / "jobs" / "finetune.yaml"
 
 
 def job(*overrides: str) -> JobConfig:
-    return load_and_validate(FINETUNE, list(overrides), job="finetune")
+    return load_and_validate(FINETUNE, ["run.dir=runs/unused", *overrides], job="finetune")
 
 
 def ds(*overrides: str, total: int = 100, on_gpu: bool = False) -> dict:

@@ -83,6 +83,12 @@ def _same(key: str, old: Any, new: Any) -> bool:
     return False
 
 
+def _world(flat: dict[str, Any]) -> int:
+    if flat.get("cluster.backend") == "none":
+        return 1
+    return int(flat.get("cluster.nodes") or 1) * int(flat.get("cluster.tasks_per_node") or 1)
+
+
 def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -104,9 +110,12 @@ def config_changes(saved_text: str, job: JobConfig) -> list[str]:
     old = _flat(saved)
     new = _flat(yaml.safe_load(OmegaConf.to_yaml(OmegaConf.structured(job))))
     defaults = _flat(yaml.safe_load(OmegaConf.to_yaml(OmegaConf.structured(JobConfig))))
+    # on another number of ranks the run resumes from consolidated weights, which any
+    # ZeRO stage loads: there the stage (auto: 0 on one rank, else 2) follows the ranks
+    stage_follows_ranks = _world(old) != _world(new)
     changes = []
     for key, value in new.items():
-        if is_resource_key(key):
+        if is_resource_key(key) or (key == "zero.stage" and stage_follows_ranks):
             continue
         if key not in old:
             if value != defaults.get(key):
