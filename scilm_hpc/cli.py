@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  scilm list                          jobs, cluster profiles, compress recipes\n"
             "  scilm finetune jobs/finetune.yaml data.shards=runs/demo/shards run.dir=runs/ft\n"
-            "  scilm finetune jobs/finetune.yaml cluster=dev --dry-run\n"
+            "  scilm finetune jobs/finetune.yaml cluster=dev run.dir=runs/ft --dry-run\n"
             "  scilm status runs/ft\n"
             "\nscilm COMMAND --help shows each command's arguments and an example."
         ),
@@ -415,9 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scilm validate jobs/finetune.yaml run.dir=runs/ft data.shards=runs/demo/shards --data\n"
         "  scilm validate runs/ft --checkpoints",
     )
-    p.add_argument(
-        "job_file", help="the job file (YAML); with --checkpoints the run directory"
-    )
+    p.add_argument("job_file", help="the job file (YAML); with --checkpoints the run directory")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument(
         "--data",

@@ -192,7 +192,9 @@ def test_shard_files_splits_models_and_run_dir_are_checked(tmp_path: Path) -> No
         "evaluate",
     )
     problems = submission_problems(job)
-    assert problems[0].startswith(f"data.shards: {shards}/test/shard-00000.h5 has 10 bytes")
+    assert problems[0].startswith(
+        f"data.shards: {shards}/test/shard-00000.h5: shard is 10 bytes, the manifest says 12"
+    )
     assert (
         problems[1]
         == f"data.shards: {shards}/test/shard-00001.h5 is missing (listed in manifest.json)"

@@ -77,9 +77,7 @@ def _same(key: str, old: Any, new: Any) -> bool:
     if old == new:
         return True
     if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str):
-        return os.path.abspath(os.path.expanduser(old)) == os.path.abspath(
-            os.path.expanduser(new)
-        )
+        return os.path.abspath(os.path.expanduser(old)) == os.path.abspath(os.path.expanduser(new))
     return False
 
 
@@ -197,8 +195,8 @@ def shard_problems(job: JobConfig) -> tuple[list[str], dict[str, Any] | None]:
                 problems.append(f"data.shards: {file} is missing (listed in {MANIFEST})")
             elif file.stat().st_size != entry.get("bytes", file.stat().st_size):
                 problems.append(
-                    f"data.shards: {file} has {file.stat().st_size} bytes, {MANIFEST} says "
-                    f"{entry['bytes']} (truncated or replaced; prepare the shards again)"
+                    f"data.shards: {file}: shard is {file.stat().st_size} bytes, the manifest "
+                    f"says {entry['bytes']}; it is truncated or was replaced"
                 )
     return problems, manifest
 
@@ -256,9 +254,7 @@ def submission_problems(job: JobConfig) -> list[str]:
         for index, name in enumerate(job.eval.models):
             problem = path_problem(name)
             if problem:
-                problems.append(
-                    problem.replace("model.name_or_path", f"eval.models[{index}]", 1)
-                )
+                problems.append(problem.replace("model.name_or_path", f"eval.models[{index}]", 1))
     writable = writable_problem(job.run.dir)
     if writable:
         problems.append(writable)
