@@ -69,10 +69,13 @@ def test_config_changes_name_key_old_and_new_and_skip_resource_keys(tmp_path: Pa
 
 def test_paths_compare_by_where_they_point_and_new_schema_keys_by_default(tmp_path) -> None:
     run = tmp_path / "run"
-    saved = to_yaml(finetune_job(run)).replace(f"dir: {run}\n", "dir: ./x/../run\n")
-    saved = saved.replace("  allow_config_change: false\n", "")  # written before the key
+    saved = to_yaml(finetune_job(run)).replace("  allow_config_change: false\n", "")
     job = load_and_validate(FINETUNE, [f"run.dir={run}", f"data.shards={run}/./shards"], "finetune")
     assert "allow_config_change" not in saved and config_changes(saved, job) == []
+    saved = saved.replace("  keep_last: 2\n", "")
+    assert config_changes(saved, job) == []  # absent from the saved config: the default
+    job.train.keep_last = 3
+    assert config_changes(saved, job) == ["train.keep_last: (not set) -> 3"]
 
 
 def test_a_rerun_with_another_config_is_refused_before_anything_is_written(
@@ -210,7 +213,9 @@ def test_shard_files_splits_models_and_run_dir_are_checked(tmp_path: Path) -> No
     )
     assert len(problems) == 5
     job.eval.split = "dev"
-    assert submission_problems(job)[0].startswith(f"data.shards: '{shards}' has no dev split")
+    assert submission_problems(job)[0] == (
+        f"data.shards: split 'dev' is not in {shards}/manifest.json; it has: test"
+    )
 
 
 def test_model_positions_read_from_config_json(tmp_path: Path) -> None:

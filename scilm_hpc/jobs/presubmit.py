@@ -186,7 +186,7 @@ def shard_problems(job: JobConfig) -> tuple[list[str], dict[str, Any] | None]:
         if split not in splits:
             have = ", ".join(splits) or "none"
             problems.append(
-                f"data.shards: '{root}' has no {split} split (its {MANIFEST} lists: {have})"
+                f"data.shards: split '{split}' is not in {root / MANIFEST}; it has: {have}"
             )
             continue
         for entry in splits[split].get("shards", []):
