@@ -55,6 +55,7 @@ def test_config_changes_name_key_old_and_new_and_skip_resource_keys(tmp_path: Pa
         "cluster=dev",
         "cluster.nodes=2",
         "train.log_every=1",
+        "train.compile=true",
         "eval.batch_size=8",
         "notes.why=faster",
     )

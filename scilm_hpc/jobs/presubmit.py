@@ -40,6 +40,8 @@ RESOURCE_KEYS = (
     "train.log_every",
     "train.tensorboard",
     "train.gradient_checkpointing",
+    "train.compile",
+    "train.adamw",
     "eval.batch_size",
     "compress.latency_threads",
     "notes.",
