@@ -227,6 +227,11 @@ def test_model_positions_read_from_config_json(tmp_path: Path) -> None:
     assert model_positions(str(tmp_path)) == 512  # positions 0 and 1 are padding's
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 64}))
     assert model_positions(str(tmp_path)) == 64
+    for rotary in ({"position_embedding_type": "rotary"}, {"rope_theta": 10000.0}):
+        (tmp_path / "config.json").write_text(
+            json.dumps({"model_type": "esm", "max_position_embeddings": 64, **rotary})
+        )
+        assert model_positions(str(tmp_path)) is None  # ESM-2, Llama: no table to overrun
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     assert model_positions(str(tmp_path)) is None
     assert model_positions("org/hub-model") is None

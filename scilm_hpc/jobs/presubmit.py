@@ -57,6 +57,9 @@ PATH_KEYS = (
     "model.decoder_name_or_path",
     "zero.config_file",
 )
+#: Config keys of rotary position embeddings (Llama-type); such models have no position
+#: table, so a longer input does not fail (ESM-2 says ``position_embedding_type: rotary``).
+ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct")
 #: Model types whose learned positions are offset by ``pad_token_id + 1``.
 OFFSET_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert", "longformer")
 
@@ -150,7 +153,9 @@ def changed_config_problems(job: JobConfig) -> list[str]:
 
 def model_positions(name: str) -> int | None:
     """How many token positions the model ``name`` (a directory or a packaged alias)
-    takes, from its ``config.json``; None where it does not say (or is a hub id)."""
+    takes, from its ``config.json``: the size of its learned absolute position table.
+    None where there is none (rotary or relative positions), it does not say, or
+    ``name`` is a hub id."""
     path = Path(packaged_minilm_path() if name in MINILM_ALIASES else name).expanduser()
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -158,6 +163,10 @@ def model_positions(name: str) -> int | None:
         return None
     if not isinstance(config, dict):
         return None
+    if config.get("position_embedding_type", "absolute") != "absolute" or any(
+        key in config for key in ROTARY_KEYS
+    ):
+        return None  # rotary / relative positions: no table to index past its end
     positions = config.get("max_position_embeddings", config.get("n_positions"))
     if not isinstance(positions, int) or positions <= 0:
         return None
