@@ -45,7 +45,7 @@ class EvaluateJob:
     def __call__(self) -> dict[str, Any]:
         job = self.job
         run_dir = Path(job.run.dir)
-        comm = communicator(run_dir.absolute())
+        comm = communicator(run_dir.absolute(), job.cluster.collective_timeout_s)
         if comm.world_size > 1:
             torch.set_num_threads(cpu_threads(job) or torch.get_num_threads())
         dataset = ShardDataset(job.data.shards, job.eval.split)
