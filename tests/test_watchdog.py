@@ -289,3 +289,11 @@ def _logs(run: Path, rank: int) -> str:
 def _no_fault(monkeypatch) -> None:
     monkeypatch.delenv("SCILM_FAULT", raising=False)
     os.environ.pop("SCILM_FAULT", None)
+
+
+def test_timeouts_are_checked(scilm) -> None:
+    code, _, err = scilm(
+        "validate", FINETUNE, "cluster.collective_timeout_s=0", "train.hang_timeout_s=-1"
+    )
+    assert code == 2
+    assert "error: cluster.collective_timeout_s: " in err and "error: train.hang_timeout_s: " in err
