@@ -261,8 +261,9 @@ def test_a_hung_rank_is_dumped_ends_the_job_and_resume_finishes_equal(
     assert "resuming from step_4" in "".join(
         p.read_text() for p in (run / "submitit").glob("*_0_log.out")
     )
-    a, b = load_file(run / "export" / "model.safetensors"), load_file(
-        tmp_path / "straight" / "export" / "model.safetensors"
+    a, b = (
+        load_file(run / "export" / "model.safetensors"),
+        load_file(tmp_path / "straight" / "export" / "model.safetensors"),
     )
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
