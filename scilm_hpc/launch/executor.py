@@ -73,13 +73,16 @@ def submitit_folder(job: JobConfig) -> Path:
 
 
 def _results(submitted: Any, run_dir: Path | None = None, since: float = 0.0) -> Any:
+    if run_dir is not None:
+        submitted.wait()
+        # ranks ended by their watchdogs (launch.watchdog) leave no result: say why now
+        # rather than after submitit's wait for a result file that will not come
+        hang = None if submitted.paths.result_pickle.exists() else hang_since(run_dir, since)
+        if hang is not None:
+            raise hang
     try:
         results = submitted.results()
     except Exception as exc:
-        # ranks ended by their watchdogs (launch.watchdog) leave no result: say why
-        hang = hang_since(run_dir, since) if run_dir is not None else None
-        if hang is not None:
-            raise hang from None
         # the rank could not even write its result into RUN_DIR/submitit
         if "[Errno 28] No space left on device" not in str(exc):
             raise

@@ -24,8 +24,9 @@ The limit in the training phase is ``train.hang_timeout_s``, or (0, auto) 20 tim
 the median step time measured after two warm-up steps, at least ``AUTO_FLOOR_S``;
 until it is measured, and while a rank evaluates, saves or exports, the limit is
 the larger of that and ``cluster.collective_timeout_s`` (those phases legitimately
-take many step times). Outside training (start-up, compression between recovery
-steps) nothing is watched: there the collectives' own timeout applies.
+take many step times). Until a rank's first step has ended (its all-reduce waits for
+ranks still loading or resuming), and outside training (start-up, compression between
+recovery steps), nothing is watched: there the collectives' own timeout applies.
 
 The training loop reaches the rank's watchdog through this module's functions
 (``beat``, ``phase``, ``at_allreduce``), which do nothing where none is installed.
@@ -136,7 +137,8 @@ class Watchdog:
         """The rank is about to wait for the others in step ``step``'s all-reduce."""
         if step == self._hang_at:
             _test_hang_before_allreduce(step)
-        self.phase_name = "all-reduce"
+        if self.phase_name == "train":
+            self.phase_name = "all-reduce"
 
     # --- the limit ------------------------------------------------------------------------
 

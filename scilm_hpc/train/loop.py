@@ -214,7 +214,6 @@ class Trainer:
         self._skip_lone_allreduce(engine)
         progress = Progress(self.total_steps, run.step, enabled=self.rank == 0)
         early_stop = False
-        watchdog.beat(run.step)  # from here a step that does not end is a hang
         while run.step < self.total_steps:
             tick = time.perf_counter()
             totals, data_s, micro = self._train_step(engine, stream, run, precision)
