@@ -21,7 +21,8 @@ When the step has not advanced for the limit, the rank
    exit status and ``scilm resume`` continues from the last checkpoint.
 
 The limit in the training phase is ``train.hang_timeout_s``, or (0, auto) 20 times
-the median step time measured after two warm-up steps, at least ``AUTO_FLOOR_S``;
+the median of five step times measured after three warm-up steps (the first one
+unwatched, see below), at least ``AUTO_FLOOR_S``;
 until it is measured, and while a rank evaluates, saves or exports, the limit is
 the larger of that and ``cluster.collective_timeout_s`` (those phases legitimately
 take many step times). Until a rank's first step has ended (its all-reduce waits for
