@@ -2,8 +2,9 @@
 
 Exit status: 0 on success, 2 for any user mistake (bad config, bad corpus, bad
 shards, missing model), printed one line per problem; 3 when the filesystem
-refused a write (disk full, quota, permission, read-only), naming the path; 1
-for anything else.
+refused a write (disk full, quota, permission, read-only), naming the path; 4
+when a local job's ranks were ended by their hang watchdog (``launch.watchdog``;
+``scilm resume`` continues); 1 for anything else.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from scilm_hpc.config import load_and_validate, to_yaml
 from scilm_hpc.errors import STORAGE_ERRNOS, StorageError, UserError, storage_error
+from scilm_hpc.launch.watchdog import HANG_EXIT_CODE, HangError
 from scilm_hpc.rundir import config_file, write_text_atomic
 from scilm_hpc.schema import JobConfig
 
@@ -448,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except HangError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return HANG_EXIT_CODE
     except (StorageError, OSError) as exc:
         if isinstance(exc, OSError):
             if exc.errno not in STORAGE_ERRNOS:

@@ -361,6 +361,7 @@ def validate(job: JobConfig) -> list[str]:
         "clip_grad",
         "eval_every",
         "checkpoint_every",
+        "hang_timeout_s",
     ):
         check_at_least(p, f"train.{key}", getattr(t, key), 0)
     if t.best_metric is not None and (not t.best_metric.startswith("dev_") or not t.eval_every):
@@ -413,6 +414,7 @@ def validate(job: JobConfig) -> list[str]:
     check_at_least(p, "cluster.gpus_per_node", c.gpus_per_node, 0)
     check_at_least(p, "cluster.signal_delay_s", c.signal_delay_s, 0)
     check_at_least(p, "cluster.max_requeues", c.max_requeues, 0)
+    check_at_least(p, "cluster.collective_timeout_s", c.collective_timeout_s, 1)
     if c.backend == "slurm" and c.time_min * 60 - c.signal_delay_s < MIN_SIGNAL_LEAD_S:
         # Until Python has imported the job, USR2 still has its default action (terminate):
         # a signal that early would fail the job instead of checkpointing it.

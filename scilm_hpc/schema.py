@@ -167,6 +167,9 @@ class TrainConfig:
     # classification / token_classification: weight of each class (label name -> weight,
     # others 1.0) in the cross-entropy, e.g. {P: 9.0} for 10% positive residues
     class_weights: dict[str, float] = field(default_factory=dict)
+    # a rank whose step has not advanced this long dumps its stacks and ends the job
+    # (launch.watchdog); 0 (auto): 20 x the median step time after warm-up, at least 120 s
+    hang_timeout_s: float = 0.0
 
 
 @dataclass
@@ -214,6 +217,9 @@ class ClusterConfig:
     # USR2 this many seconds before the time limit: checkpoint and requeue.
     signal_delay_s: int = 120
     max_requeues: int = 3
+    # how long a collective (all-reduce, barrier, a file rendezvous) may wait for the
+    # other ranks before it fails instead of hanging
+    collective_timeout_s: int = 600
 
     def world_size(self) -> int:
         """Ranks this section asks for (one in this process with ``backend=none``)."""

@@ -46,7 +46,7 @@ class EvaluateJob:
     def __call__(self) -> dict[str, Any]:
         job = self.job
         run_dir = Path(job.run.dir)
-        comm = communicator(run_dir.absolute())
+        comm = communicator(run_dir.absolute(), job.cluster.collective_timeout_s)
         # one run per directory: a second evaluation (or a finetune / compress still
         # running there) is refused on every rank before anything is read or written
         lock = take_run_lock_over(run_dir, "evaluate", comm)

@@ -149,7 +149,7 @@ class PrepareJob:
     def __call__(self) -> dict[str, Any]:
         job = self.job
         target = Path(job.data.shards).absolute()
-        comm = communicator(target.parent)
+        comm = communicator(target.parent, job.cluster.collective_timeout_s)
         if comm.world_size > 1:
             # One core per rank: the tokenizer's own thread pool would oversubscribe.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -3,9 +3,11 @@
 First the USR2 / SIGTERM handlers (a signal during start-up — imports, DeepSpeed's
 JIT build, the process group — must stop the run at its first step, not kill it
 through submitit), then the rank's environment, the GPU or the CPU thread count,
-DeepSpeed and the process group, and the run directory's lock (one run per
-directory). On the way out: a failed run is recorded in the run directory's state,
-the lock released and the process group destroyed.
+DeepSpeed and the process group (its collectives time out after
+``cluster.collective_timeout_s``), the run directory's lock (one run per directory)
+and the rank's watchdog (``launch.watchdog``: heartbeat, hang detection). On the way
+out: a failed run is recorded in the run directory's state, the watchdog stopped, the
+lock released and the process group destroyed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from scilm_hpc.launch.hardware import cpu_threads, start_line, with_hardware_def
 from scilm_hpc.launch.ownership import take_run_lock
 from scilm_hpc.launch.preemption import StopFlag
 from scilm_hpc.launch.status import write_run_state
+from scilm_hpc.launch.watchdog import Watchdog, install
 from scilm_hpc.schema import JobConfig
 
 
@@ -63,15 +67,29 @@ def rank_session(job: JobConfig, use_gpu: bool = True) -> Iterator[RankSession]:
         warnings.simplefilter("ignore")
         import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if on_gpu else "gloo",
+        verbose=False,
+        timeout=timedelta(seconds=job.cluster.collective_timeout_s),
+    )
     if env.rank == 0:
         print(start_line(job, on_gpu), flush=True)
     # one run per directory: a refused second run leaves before it writes anything
     # (no "failed" state over the live run's)
     lock = take_run_lock(job.run.dir, job.job, env.rank)
+    watchdog = Watchdog(
+        Path(job.run.dir),
+        env.rank,
+        env.world_size,
+        job.train.hang_timeout_s,
+        job.cluster.collective_timeout_s,
+        job.cluster.max_requeues,
+    )
+    install(watchdog)
     try:
         yield RankSession(stop, env, on_gpu, job)
     except Exception as exc:
+        watchdog.on_exception()  # a peer's watchdog ended it: end this rank the same way
         if env.rank == 0:
             write_run_state(
                 Path(job.run.dir),
@@ -80,6 +98,8 @@ def rank_session(job: JobConfig, use_gpu: bool = True) -> Iterator[RankSession]:
             )
         raise
     finally:
+        watchdog.stop()
+        install(None)
         if lock is not None:
             lock.release()
         import torch.distributed as dist

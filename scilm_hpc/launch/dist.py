@@ -78,7 +78,7 @@ class FileCommunicator:
     """
 
     def __init__(
-        self, directory: Path, rank: int, world_size: int, timeout_s: float = 3600.0
+        self, directory: Path, rank: int, world_size: int, timeout_s: float = 600.0
     ) -> None:
         self.dir = Path(directory)
         self.rank = rank
@@ -100,7 +100,8 @@ class FileCommunicator:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"rank {self.rank}: no '{name}' in {self.dir} after "
-                    f"{self.timeout_s:.0f} s; another rank failed or hangs"
+                    f"{self.timeout_s:.0f} s (cluster.collective_timeout_s); another rank "
+                    f"failed or hangs, or is that much slower (then raise the timeout)"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
@@ -154,12 +155,14 @@ def mpi_world_size() -> int:
     return 1
 
 
-def communicator(rendezvous_parent: Path) -> Communicator:
+def communicator(rendezvous_parent: Path, timeout_s: float = 600.0) -> Communicator:
     """The communicator for this process.
 
     Args:
         rendezvous_parent: directory on a filesystem shared by all ranks, under which
             file-based ranks meet (``.rendezvous-JOBID``).
+        timeout_s: how long a file-based rank waits for the others in one collective
+            (``cluster.collective_timeout_s``).
     """
     if mpi_launched():  # mpirun, or srun --mpi=pmix (also inside a submitit job)
         mpi = MPICommunicator()
@@ -168,5 +171,5 @@ def communicator(rendezvous_parent: Path) -> Communicator:
     found = submitit_rank()
     if found is not None and found[1] > 1:
         rank, world, job_id = found
-        return FileCommunicator(rendezvous_parent / f".rendezvous-{job_id}", rank, world)
+        return FileCommunicator(rendezvous_parent / f".rendezvous-{job_id}", rank, world, timeout_s)
     return SingleProcess()

@@ -24,6 +24,7 @@ from scilm_hpc.errors import (
     free_space_note,
     storage_error,
 )
+from scilm_hpc.launch.watchdog import hang_since
 from scilm_hpc.schema import JobConfig
 
 
@@ -71,7 +72,14 @@ def submitit_folder(job: JobConfig) -> Path:
     return Path(job.run.dir).absolute() / "submitit"
 
 
-def _results(submitted: Any) -> Any:
+def _results(submitted: Any, run_dir: Path | None = None, since: float = 0.0) -> Any:
+    if run_dir is not None:
+        submitted.wait()
+        # ranks ended by their watchdogs (launch.watchdog) leave no result: say why now
+        # rather than after submitit's wait for a result file that will not come
+        hang = None if submitted.paths.result_pickle.exists() else hang_since(run_dir, since)
+        if hang is not None:
+            raise hang
     try:
         results = submitted.results()
     except Exception as exc:
@@ -158,6 +166,7 @@ def run_job(job_callable: Callable[[], Any], job: JobConfig, wait: bool = False)
         from scilm_hpc.launch.mpi import run_with_mpirun
 
         return run_with_mpirun(job, ranks)
+    since = time.time()
     submitted = submitit_executor(job).submit(Guarded(job_callable))
     record_job(run_dir, submitted.job_id, job.job, backend)
     if backend == "local":
@@ -165,7 +174,7 @@ def run_job(job_callable: Callable[[], Any], job: JobConfig, wait: bool = False)
             f"local job {submitted.job_id}: {ranks} process(es), logs in {submitit_folder(job)}",
             flush=True,
         )
-        return _results(submitted)
+        return _results(submitted, run_dir, since)
     print(
         f"submitted Slurm job {submitted.job_id}: {job.cluster.nodes} node(s) x "
         f"{job.cluster.tasks_per_node} task(s); run directory {run_dir}",
@@ -174,7 +183,7 @@ def run_job(job_callable: Callable[[], Any], job: JobConfig, wait: bool = False)
     if not wait:
         return {"job_id": submitted.job_id, "run_dir": str(run_dir)}
     follow(submitted)
-    return _results(submitted)
+    return _results(submitted, run_dir, since)
 
 
 def run_jobs(

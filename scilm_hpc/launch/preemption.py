@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from types import FrameType
 
 
@@ -42,8 +43,16 @@ def restarts() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
-def requeue(max_requeues: int) -> tuple[bool, str]:
-    """Requeue this Slurm job if allowed. Returns (requeued, reason)."""
+def requeue(
+    max_requeues: int, attempts: int = 4, first_delay_s: float = 2.0, timeout_s: float = 60.0
+) -> tuple[bool, str]:
+    """Requeue this Slurm job if allowed. Returns (requeued, reason).
+
+    ``scontrol requeue`` is tried up to ``attempts`` times, waiting ``first_delay_s``,
+    then twice as long each time (a busy or restarting slurmctld answers with an error
+    or not at all). A failure, including no ``scontrol`` on the PATH, is returned as
+    the reason, never raised: the job has checkpointed and can be resumed by hand.
+    """
     job_id = (
         os.environ.get("SLURM_ARRAY_JOB_ID")
         and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
@@ -53,9 +62,25 @@ def requeue(max_requeues: int) -> tuple[bool, str]:
         return False, "not a Slurm job: stopped after checkpointing; resume with scilm resume"
     if restarts() >= max_requeues:
         return False, f"requeued {restarts()} times already (cluster.max_requeues)"
-    done = subprocess.run(
-        ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60
+    delay, error = first_delay_s, ""
+    for attempt in range(1, attempts + 1):
+        try:
+            done = subprocess.run(
+                ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=timeout_s
+            )
+        except FileNotFoundError:
+            error = "scontrol is not on the PATH"
+            break  # retrying cannot help
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            error = str(exc)
+        else:
+            if done.returncode == 0:
+                return True, f"requeued as restart {restarts() + 1}"
+            error = done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}"
+        if attempt < attempts:
+            time.sleep(delay)
+            delay *= 2
+    return False, (
+        f"scontrol requeue {job_id} failed after {attempt} attempt(s): {error}; "
+        f"resume with scilm resume"
     )
-    if done.returncode != 0:
-        return False, f"scontrol requeue {job_id} failed: {done.stderr.strip()}"
-    return True, f"requeued as restart {restarts() + 1}"

@@ -2,7 +2,9 @@
 
 The run's own record (``RUN_DIR/state.json``, written by the job: running,
 requeued, completed, failed, stopped, with the reason) is combined with Slurm's
-view of each recorded job id (``scontrol``, which needs no accounting database).
+view of each recorded job id (``scontrol``, which needs no accounting database)
+and with the run's history (``launch.history``: every start, resume, stop, requeue,
+hang and failure) and each rank's last heartbeat (``launch.watchdog``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from scilm_hpc.errors import UserError
+from scilm_hpc.launch.history import (
+    append_event,
+    hang_summary,
+    heartbeats,
+    history_rows,
+    read_events,
+)
 from scilm_hpc.launch.slurm import recorded_jobs, slurm_state
 from scilm_hpc.rundir import live_owner, read_json, read_jsonl, write_json_atomic
 
@@ -30,11 +39,14 @@ FINISHED = {
 }
 
 
-def write_run_state(run_dir: Path, state: str, **fields: Any) -> None:
-    """Record the run's state (rank 0 only), atomically."""
+def write_run_state(run_dir: Path, state: str, event: bool = True, **fields: Any) -> None:
+    """Record the run's state (rank 0 only), atomically, and (``event``) append it to the
+    run's history."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
     write_json_atomic(run_dir / STATE_FILE, record)
+    if event:
+        append_event(run_dir, state, **fields)
 
 
 def _last_rows(run_dir: Path) -> tuple[dict | None, dict | None]:
@@ -66,6 +78,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     tag = latest_tag(run_dir)
     train, dev = _last_rows(run_dir)
     state, reason = own.get("state", "unknown"), own.get("reason")
+    events = read_events(run_dir)
+    if state == "hung":
+        reason = hang_summary(events) or reason
     latest = jobs[-1] if jobs else {}
     slurm = latest.get("state")
     if slurm in FINISHED and slurm != "COMPLETED" and state in ("running", "unknown"):
@@ -85,6 +100,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "last_metrics": train,
         "last_eval": dev,
         "lock": live_owner(run_dir),  # who runs in the directory now (this host's view)
+        "restarts": max(0, sum(e["event"] == "running" for e in events) - 1),
+        "history": history_rows(events),
+        "ranks": heartbeats(run_dir),
     }
 
 

@@ -25,6 +25,7 @@ from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition
 from scilm_hpc.errors import UserError
 from scilm_hpc.evaluate.inference import evaluate_split
+from scilm_hpc.launch import watchdog
 from scilm_hpc.launch.hardware import cpu_has_native_bf16
 from scilm_hpc.launch.preemption import StopFlag, requeue, restarts
 from scilm_hpc.launch.status import write_run_state
@@ -216,6 +217,7 @@ class Trainer:
         while run.step < self.total_steps:
             tick = time.perf_counter()
             totals, data_s, micro = self._train_step(engine, stream, run, precision)
+            watchdog.beat(run.step)
             row = self._log_step(engine, run, totals, data_s, micro, time.perf_counter() - tick)
             progress.update(run.step, totals[2].item(), row)
             early_stop = self._evaluate_if_due(engine, run)
@@ -224,7 +226,8 @@ class Trainer:
             if totals[3].item() > 0:  # a rank was signalled before this step's all-reduce
                 self._save_once(engine, run)
                 progress.close()
-                return self._leave(run.step)
+                with watchdog.phase("leave", run.step, then="idle"):
+                    return self._leave(run.step)
             if early_stop:
                 t = self.job.train
                 print(
@@ -234,7 +237,8 @@ class Trainer:
                 )
                 break
         progress.close()
-        return self._finish(engine, run, early_stop)
+        with watchdog.phase("finish", run.step, then="idle"):
+            return self._finish(engine, run, early_stop)
 
     def _start(self) -> tuple[Any, RunProgress]:
         """The engine and where the run stands: from the agreed checkpoint, or fresh."""
@@ -295,6 +299,7 @@ class Trainer:
             dtype=torch.float64,
             device=engine.device,  # NCCL reduces device tensors only
         )
+        watchdog.at_allreduce(run.step)
         dist.all_reduce(totals)
         return totals, data_s, len(micro_batches)
 
@@ -359,7 +364,8 @@ class Trainer:
     def _save_once(self, engine: Any, run: RunProgress) -> None:
         """Checkpoint the current step unless it is saved already."""
         if run.last_saved != run.step:
-            self._save(engine, run.step, run.position, run.best, run.patience_left)
+            with watchdog.phase("save", run.step):
+                self._save(engine, run.step, run.position, run.best, run.patience_left)
             run.last_saved = run.step
 
     def _finish(self, engine: Any, run: RunProgress, early_stop: bool) -> dict[str, Any]:
@@ -426,16 +432,17 @@ class Trainer:
     def _evaluate(self, engine: Any, step: int) -> dict[str, Any] | None:
         assert self.dev_set is not None
         engine.eval()
-        metrics = evaluate_split(
-            engine,
-            self.dev_set,
-            self.task,
-            self.labels,
-            self.pad_id,
-            self.job.eval.batch_size,
-            self.rank,
-            self.world,
-        )
+        with watchdog.phase("evaluate", step):
+            metrics = evaluate_split(
+                engine,
+                self.dev_set,
+                self.task,
+                self.labels,
+                self.pad_id,
+                self.job.eval.batch_size,
+                self.rank,
+                self.world,
+            )
         engine.train()
         self._last_eval_step = step
         self._last_eval = None
