@@ -295,9 +295,13 @@ def _no_fault(monkeypatch) -> None:
     os.environ.pop("SCILM_FAULT", None)
 
 
-def test_timeouts_are_checked(scilm) -> None:
+def test_timeouts_are_checked(scilm, tmp_path) -> None:
     code, _, err = scilm(
-        "validate", FINETUNE, "cluster.collective_timeout_s=0", "train.hang_timeout_s=-1"
+        "validate",
+        FINETUNE,
+        f"run.dir={tmp_path / 'run'}",
+        "cluster.collective_timeout_s=0",
+        "train.hang_timeout_s=-1",
     )
     assert code == 2
     assert "error: cluster.collective_timeout_s: " in err and "error: train.hang_timeout_s: " in err

@@ -42,6 +42,7 @@ RESOURCE_KEYS = (
     "train.gradient_checkpointing",
     "train.compile",
     "train.adamw",
+    "train.hang_timeout_s",
     "eval.batch_size",
     "compress.latency_threads",
     "notes.",
