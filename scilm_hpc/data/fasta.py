@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from scilm_hpc.data.readers import Example, _decode_lines, _Problems, parse_values
@@ -56,7 +57,7 @@ def read_label_table(path: str | Path, label_field: str, delimiter: str = ",") -
     if not path.is_file():
         raise UserError(f"data.fasta_labels: '{path}' does not exist")
     problems = _Problems(path)
-    lines = _decode_lines(path, problems)
+    lines = list(_decode_lines(path, problems))  # a side table: small
     problems.raise_if_any()
     reader = csv.DictReader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter)
     header = reader.fieldnames or []
@@ -78,13 +79,13 @@ def read_label_table(path: str | Path, label_field: str, delimiter: str = ",") -
     return table
 
 
-def read_fasta(
+def iter_fasta(
     path: Path,
     label_field: str | None,
     label_kind: str = "name",
     labels: dict[str, str] | None = None,
-) -> list[Example]:
-    """Records of a FASTA file as examples (``text`` = the sequence).
+) -> Iterator[Example]:
+    """Records of a FASTA file as examples (``text`` = the sequence), read lazily.
 
     Args:
         path: the FASTA file.
@@ -96,7 +97,7 @@ def read_fasta(
         UserError: naming file and line of every problem (up to ten).
     """
     problems = _Problems(path)
-    examples: list[Example] = []
+    examples: list[Example] = []  # the record just completed (none, or one)
     header: tuple[int, str] | None = None
     chunks: list[str] = []
 
@@ -146,6 +147,8 @@ def read_fasta(
     for number, line in _decode_lines(path, problems):
         if line.startswith(">"):
             flush()
+            yield from examples
+            examples.clear()
             header, chunks = (number, line[1:]), []
         elif line.startswith(";") or not line.strip():
             continue
@@ -154,5 +157,5 @@ def read_fasta(
         else:
             chunks.append("".join(line.split()))
     flush()
+    yield from examples
     problems.raise_if_any()
-    return examples

@@ -5,6 +5,12 @@ row or a missing field is reported with its file name and line number. They
 collect up to ``MAX_REPORTED`` problems per file before raising one UserError,
 so a user can fix a file in one pass.
 
+Every reader is a generator (``iter_corpus``): it reads its file line by line and
+yields each example as soon as it is complete, so memory does not grow with the
+corpus (the prepare job streams a corpus larger than memory through them); the
+problems of a file are raised when the iteration reaches them (ten at once) or
+its end. ``read_corpus`` is the list of the same examples.
+
 What a label is depends on the task (``label_kind``): a class name (``name``: a
 string or integer), one or more numbers (``values``: regression), or one tag per
 word (``tags``: a JSONL list beside a list of words, or beside a protein sequence
@@ -14,9 +20,9 @@ whose residues are the words).
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -70,24 +76,37 @@ class _Problems:
             raise UserError(self.lines + extra)
 
 
-def _decode_lines(path: Path, problems: _Problems) -> list[tuple[int, str]]:
-    """(line number, text) pairs; undecodable lines are reported with their byte column."""
+def _decode_lines(
+    path: Path, problems: _Problems, for_csv: bool = False
+) -> Iterator[tuple[int, str]]:
+    """(line number, text) pairs read lazily, and an empty line after a final newline;
+    an undecodable line is reported with its byte column and skipped. ``for_csv``: the
+    undecodable line is yielded too, with replacement characters, and no final empty
+    line, so that a CSV parser counts lines as in the file."""
     try:
-        raw = path.read_bytes()
+        handle = path.open("rb")
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Excel's CSV UTF-8)
-    out: list[tuple[int, str]] = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            out.append((number, line.decode("utf-8").rstrip("\r")))
-        except UnicodeDecodeError as exc:
-            problems.add(
-                number,
-                f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at column "
-                f"{exc.start + 1}); re-encode the file as UTF-8",
-            )
-    return out
+    number = 0
+    ended_with_newline = True  # an empty file reads as one empty line, as split() did
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Excel)
+            ended_with_newline = raw.endswith(b"\n")
+            line = raw[:-1] if ended_with_newline else raw
+            try:
+                yield number, line.decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError as exc:
+                problems.add(
+                    number,
+                    f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at column "
+                    f"{exc.start + 1}); re-encode the file as UTF-8",
+                )
+                if for_csv:
+                    yield number, line.decode("utf-8", errors="replace").rstrip("\r")
+    if ended_with_newline and not for_csv:  # the empty piece after the last newline
+        yield number + 1, ""
 
 
 def _label_text(value: object) -> str | None:
@@ -105,10 +124,20 @@ def read_jsonl(
     label_kind: str = "name",
     targets: TargetFields | None = None,
 ) -> list[Example]:
+    """Every example of a JSONL file (``iter_jsonl`` as a list)."""
+    return list(iter_jsonl(path, text_field, label_field, label_kind, targets))
+
+
+def iter_jsonl(
+    path: Path,
+    text_field: str,
+    label_field: str | None,
+    label_kind: str = "name",
+    targets: TargetFields | None = None,
+) -> Iterator[Example]:
     """One JSON object a line with a text field and (unless None) a label field
     (``targets``: the target and reference fields of a seq2seq corpus)."""
     problems = _Problems(path)
-    examples: list[Example] = []
     for number, line in _decode_lines(path, problems):
         if not line.strip():
             continue
@@ -120,20 +149,17 @@ def read_jsonl(
         if not isinstance(row, dict):
             problems.add(number, f"expected a JSON object, got {type(row).__name__}")
             continue
-        examples.extend(
-            _row_example(
-                row,
-                f"{path}:{number}",
-                number,
-                text_field,
-                label_field,
-                problems,
-                label_kind,
-                targets,
-            )
+        yield from _row_example(
+            row,
+            f"{path}:{number}",
+            number,
+            text_field,
+            label_field,
+            problems,
+            label_kind,
+            targets,
         )
     problems.raise_if_any()
-    return examples
 
 
 @dataclass(frozen=True)
@@ -292,20 +318,19 @@ def _tagged_example(
     return [Example(source=source, words=words, tags=tuple(raw))]
 
 
-def read_csv(
+def iter_csv(
     path: Path,
     text_field: str,
     label_field: str | None,
     delimiter: str = ",",
     label_kind: str = "name",
     targets: TargetFields | None = None,
-) -> list[Example]:
+) -> Iterator[Example]:
     """A CSV file with a header row naming the text and label columns (``targets``: the
     target and reference columns of a seq2seq corpus; references as a JSON list)."""
     problems = _Problems(path)
-    lines = _decode_lines(path, problems)
-    problems.raise_if_any()
-    reader = csv.DictReader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter)
+    lines = (text + "\n" for _, text in _decode_lines(path, problems, for_csv=True))
+    reader = csv.DictReader(lines, delimiter=delimiter)
     header = reader.fieldnames or []
     wanted = [(text_field, "data.text_field"), (label_field, "data.label_field")]
     if targets is not None:
@@ -321,7 +346,6 @@ def read_csv(
                 f"{', '.join(header) or 'none'}",
             )
     problems.raise_if_any()
-    examples: list[Example] = []
     try:
         for row in reader:
             number = reader.line_num
@@ -332,29 +356,25 @@ def read_csv(
                 continue
             if not any((v or "").strip() for v in row.values()):
                 continue
-            examples.extend(
-                _row_example(
-                    {k: v for k, v in row.items() if v is not None},
-                    f"{path}:{number}",
-                    number,
-                    text_field,
-                    label_field,
-                    problems,
-                    label_kind,
-                    targets,
-                )
+            yield from _row_example(
+                {k: v for k, v in row.items() if v is not None},
+                f"{path}:{number}",
+                number,
+                text_field,
+                label_field,
+                problems,
+                label_kind,
+                targets,
             )
     except csv.Error as exc:
         problems.add(reader.line_num, f"malformed CSV ({exc})")
     problems.raise_if_any()
-    return examples
 
 
-def read_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> list[Example]:
+def iter_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> Iterator[Example]:
     """CoNLL: one token a line in tab- (or space-) separated columns, blank line between
     sentences, ``-DOCSTART-`` lines ignored."""
     problems = _Problems(path)
-    examples: list[Example] = []
     words: list[str] = []
     tags: list[str] = []
     start = 0
@@ -367,19 +387,19 @@ def read_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> list[
         + 1
     )
 
-    def flush() -> None:
-        if words:
-            examples.append(Example(source=f"{path}:{start}", words=tuple(words), tags=tuple(tags)))
+    def flush() -> list[Example]:
+        done = [Example(source=f"{path}:{start}", words=tuple(words), tags=tuple(tags))]
         words.clear()
         tags.clear()
+        return done if done[0].words else []
 
     for number, line in _decode_lines(path, problems):
         if not line.strip():
-            flush()
+            yield from flush()
             continue
         cols = line.split("\t") if "\t" in line else line.split()
         if cols[0].startswith("-DOCSTART-"):
-            flush()
+            yield from flush()
             continue
         if len(cols) < max(need, 2):
             problems.add(
@@ -401,21 +421,17 @@ def read_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> list[
             start = number
         words.append(word)
         tags.append(tag)
-    flush()
+    yield from flush()
     problems.raise_if_any()
-    return examples
 
 
-def read_text(path: Path) -> list[Example]:
+def iter_text(path: Path) -> Iterator[Example]:
     """Plain text, one document a line; blank lines are skipped."""
     problems = _Problems(path)
-    examples = [
-        Example(source=f"{path}:{number}", text=line)
-        for number, line in _decode_lines(path, problems)
-        if line.strip()
-    ]
+    for number, line in _decode_lines(path, problems):
+        if line.strip():
+            yield Example(source=f"{path}:{number}", text=line)
     problems.raise_if_any()
-    return examples
 
 
 def read_corpus(
@@ -431,35 +447,74 @@ def read_corpus(
     targets: TargetFields | None = None,
     fasta_labels: str | None = None,
 ) -> list[Example]:
-    """Read one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``, ``fasta``,
-    ``text``); ``label_kind`` (``LABEL_KINDS``) says what the label field holds,
-    ``targets`` (JSONL, CSV) reads a seq2seq target and its references,
-    ``fasta_labels`` (FASTA) is a CSV of labels by record id.
+    """Every example of one corpus file: ``iter_corpus`` as a list.
 
     Raises:
-        UserError: naming the file and line of every problem found (up to ten),
-            or saying the file holds no example at all.
+        UserError: as ``iter_corpus``.
+    """
+    return list(
+        iter_corpus(
+            path,
+            fmt,
+            text_field=text_field,
+            label_field=label_field,
+            token_column=token_column,
+            tag_column=tag_column,
+            csv_delimiter=csv_delimiter,
+            label_kind=label_kind,
+            targets=targets,
+            fasta_labels=fasta_labels,
+        )
+    )
+
+
+def iter_corpus(
+    path: str | Path,
+    fmt: str,
+    *,
+    text_field: str = "text",
+    label_field: str | None = "label",
+    token_column: int = 0,
+    tag_column: int = -1,
+    csv_delimiter: str = ",",
+    label_kind: str = "name",
+    targets: TargetFields | None = None,
+    fasta_labels: str | None = None,
+) -> Iterator[Example]:
+    """The examples of one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``,
+    ``fasta``, ``text``), read lazily; ``label_kind`` (``LABEL_KINDS``) says what the
+    label field holds, ``targets`` (JSONL, CSV) reads a seq2seq target and its
+    references, ``fasta_labels`` (FASTA) is a CSV of labels by record id.
+
+    Raises:
+        UserError: naming the file and line of every problem found (up to ten; raised
+            when the iteration reaches the tenth, or the end of the file), or saying
+            the file holds no example at all (at its end).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: corpus file does not exist")
+    examples: Iterator[Example]
     if fmt == "jsonl":
-        examples = read_jsonl(path, text_field, label_field, label_kind, targets)
+        examples = iter_jsonl(path, text_field, label_field, label_kind, targets)
     elif fmt == "csv":
-        examples = read_csv(path, text_field, label_field, csv_delimiter, label_kind, targets)
+        examples = iter_csv(path, text_field, label_field, csv_delimiter, label_kind, targets)
     elif fmt == "conll":
-        examples = read_conll(path, token_column, tag_column)
+        examples = iter_conll(path, token_column, tag_column)
     elif fmt == "fasta":
-        from scilm_hpc.data.fasta import read_fasta, read_label_table
+        from scilm_hpc.data.fasta import iter_fasta, read_label_table
 
         table = None
         if fasta_labels is not None and label_field is not None:
             table = read_label_table(fasta_labels, label_field, csv_delimiter)
-        examples = read_fasta(path, label_field, label_kind, table)
+        examples = iter_fasta(path, label_field, label_kind, table)
     elif fmt == "text":
-        examples = read_text(path)
+        examples = iter_text(path)
     else:
         raise UserError(f"data.format: got {fmt!r}; allowed: jsonl, csv, conll, fasta, text")
-    if not examples:
+    empty = True
+    for example in examples:
+        empty = False
+        yield example
+    if empty:
         raise UserError(f"{path}: the corpus is empty (no {fmt} example in it)")
-    return examples

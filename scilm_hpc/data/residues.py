@@ -119,11 +119,19 @@ class ResidueChecker:
             UserError: naming record and character of each unknown residue (``refuse``).
         """
         out = [self.example(ex) for ex in examples]
+        self.raise_problems()
+        return out
+
+    def raise_problems(self) -> None:
+        """Raise the problems ``example`` has found so far, if any.
+
+        Raises:
+            UserError: naming record and character of each unknown residue (``refuse``).
+        """
         if self.problems:
             more = sum(self.unknown.values()) - len(self.problems)
             tail = [f"... and {more} more unknown residue(s)"] if more > 0 else []
             raise UserError(self.problems + tail)
-        return out
 
     def check_tokenisation(self, ex: Example) -> None:
         """Refuse a separator that makes the tokenizer produce unknown tokens from

@@ -1,8 +1,10 @@
 """The prepare job: raw corpus -> tokenized HDF5 shards + ``manifest.json``.
 
-Every rank reads and checks the raw files (cheap, and every rank then fails the
-same way on bad input), plans the same shard boundaries, and tokenizes and
-writes only the shards assigned to it (round robin). Rank 0 gathers the shard
+Every rank reads and checks the raw files as streams (cheap, and every rank then
+fails the same way on bad input; memory does not grow with the corpus, see
+``data.corpus``), plans the same shard boundaries from the counts, and reads again,
+tokenizes and writes only the shards assigned to it (round robin), one shard's
+examples in memory at a time. Rank 0 gathers the shard
 entries, writes the manifest and renames the staging directory into place, so
 the result is the same files, in the same order, whatever the number of ranks,
 and a killed prepare never leaves a directory that looks complete.
@@ -11,17 +13,18 @@ and a killed prepare never leaves a directory that looks complete.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from scilm_hpc import __version__
-from scilm_hpc.data.readers import Example, read_corpus
+from scilm_hpc.data.corpus import ReadOptions, ShardFeed, SplitStreams
 from scilm_hpc.data.residues import ResidueChecker
 from scilm_hpc.data.shards import (
     FORMAT_VERSION,
@@ -40,66 +43,37 @@ from scilm_hpc.schema import SPLITS, JobConfig
 from scilm_hpc.tasks import Task, get_task
 
 
-def read_splits(job: JobConfig) -> dict[str, list[Example]]:
-    """Read the configured corpus files and apply the ratio split, in a fixed order."""
+def split_streams(job: JobConfig, task: Task, tokenizer: Any) -> SplitStreams:
+    """The configured corpus files (and ratio split) as streams of examples per split,
+    residue-checked for a protein corpus."""
     d = job.data
-    task = get_task(job.task)
-    label_field = task.label_field(d.label_field)
-    splits: dict[str, list[Example]] = {}
-    for split in SPLITS:
-        path = getattr(d, split)
-        if path is not None:
-            splits[split] = read_corpus(
-                path,
-                d.format,
-                text_field=d.text_field,
-                label_field=label_field,
-                token_column=d.token_column,
-                tag_column=d.tag_column,
-                csv_delimiter=d.csv_delimiter,
-                label_kind=task.label_kind,
-                targets=task.target_fields(d),
-                fasta_labels=d.fasta_labels,
-            )
-    if "train" not in splits:
-        raise UserError("data.train: required for prepare: the training corpus file")
+    files = {s: Path(getattr(d, s)) for s in SPLITS if getattr(d, s) is not None}
+    options = ReadOptions(
+        fmt=d.format,
+        text_field=d.text_field,
+        label_field=task.label_field(d.label_field),
+        token_column=d.token_column,
+        tag_column=d.tag_column,
+        csv_delimiter=d.csv_delimiter,
+        label_kind=task.label_kind,
+        targets=task.target_fields(d),
+        fasta_labels=d.fasta_labels,
+    )
     ratios = {"dev": d.split.dev_ratio, "test": d.split.test_ratio}
-    if any(ratios.values()):
-        train = splits["train"]
-        order = list(range(len(train)))
-        random.Random(d.split.seed).shuffle(order)
-        cut = 0
-        for split, ratio in ratios.items():
-            if ratio > 0:
-                count = max(1, round(ratio * len(train)))
-                splits[split] = [train[i] for i in sorted(order[cut : cut + count])]
-                cut += count
-        splits["train"] = [train[i] for i in sorted(order[cut:])]
-        if not splits["train"]:
-            raise UserError("data.split: the ratio split leaves no training example")
-    return splits
+    return SplitStreams(files, options, ratios, d.split.seed, residue_checker(job, tokenizer))
 
 
-def residue_checker(job: JobConfig, tokenizer: Any) -> ResidueChecker | None:
-    """The protein-sequence check of a protein corpus (``data.residue_separator`` set,
-    or FASTA input), else None."""
+def residue_checker(job: JobConfig, tokenizer: Any) -> Callable[[], ResidueChecker] | None:
+    """What makes the protein-sequence check of a protein corpus (``data.residue_separator``
+    set, or FASTA input), else None."""
     separator = job.data.residue_separator
     if separator is None and job.data.format != "fasta":
         return None
-    return ResidueChecker(tokenizer, separator or "", job.data.unknown_residue)
+    ResidueChecker(tokenizer, separator or "", job.data.unknown_residue)  # refuses bad settings
+    return partial(ResidueChecker, tokenizer, separator or "", job.data.unknown_residue)
 
 
-def check_residues(
-    checker: ResidueChecker, splits: dict[str, list[Example]]
-) -> dict[str, list[Example]]:
-    """Every split through the residue check (policy applied), tokenisation checked
-    on the first training example."""
-    checked = {split: checker.examples(examples) for split, examples in splits.items()}
-    checker.check_tokenisation(checked["train"][0])
-    return checked
-
-
-def build_label_map(task: Task, splits: dict[str, list[Example]]) -> list[str]:
+def build_label_map(task: Task, corpus: SplitStreams) -> list[str]:
     """Sorted labels (or tags) of the training split; dev/test may not add new ones.
 
     Raises:
@@ -108,13 +82,15 @@ def build_label_map(task: Task, splits: dict[str, list[Example]]) -> list[str]:
     if not task.has_label_map:
         return []
     train_labels: set[str] = set()
-    for ex in splits["train"]:
+    for ex in corpus.examples("train"):
         train_labels.update(task.example_labels(ex))
     labels = sorted(train_labels)
     known = set(labels)
     problems = []
     for split in ("dev", "test"):
-        for ex in splits.get(split, []):
+        if split not in corpus.counts:
+            continue
+        for ex in corpus.examples(split):
             unknown = [v for v in task.example_labels(ex) if v not in known]
             if unknown:
                 problems.append(
@@ -128,15 +104,13 @@ def build_label_map(task: Task, splits: dict[str, list[Example]]) -> list[str]:
     return labels
 
 
-def plan_shards(
-    splits: dict[str, list[Example]], per_shard: int
-) -> list[tuple[str, int, int, int]]:
+def plan_shards(counts: dict[str, int], per_shard: int) -> list[tuple[str, int, int, int]]:
     """(split, shard number in the split, first example, end) of every shard, in manifest
-    order."""
+    order, from the number of examples of each split."""
     plan = []
-    for split, examples in splits.items():
-        for number, start in enumerate(range(0, len(examples), per_shard)):
-            plan.append((split, number, start, min(start + per_shard, len(examples))))
+    for split, count in counts.items():
+        for number, start in enumerate(range(0, count, per_shard)):
+            plan.append((split, number, start, min(start + per_shard, count)))
     return plan
 
 
@@ -156,15 +130,17 @@ class PrepareJob:
             os.environ.setdefault("RAYON_NUM_THREADS", "1")
         tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
         task = get_task(job.task).for_job(job)
-        splits = read_splits(job)
-        residues = residue_checker(job, tokenizer)
+        corpus = split_streams(job, task, tokenizer)
+        counts = corpus.count()
+        residues = corpus.residues
         if residues is not None:
-            splits = check_residues(residues, splits)
-        labels = build_label_map(task, splits)
-        task_state = task.fit(splits["train"])
+            residues.check_tokenisation(next(corpus.examples("train")))
+        labels = build_label_map(task, corpus)
+        task_state = task.fit(corpus.examples("train"))
         task = task.bind(task_state)
         label_ids = {name: i for i, name in enumerate(labels)}
-        plan = plan_shards(splits, job.data.examples_per_shard)
+        plan = plan_shards(counts, job.data.examples_per_shard)
+        feed = ShardFeed(corpus)
 
         decided: Path | UserError | None = None
         if comm.rank == 0:
@@ -204,7 +180,7 @@ class PrepareJob:
             ):
                 split, shard_no, lo, hi = plan[index]
                 ids, columns, counted[index] = task.encode_shard(
-                    tokenizer, splits[split][lo:hi], label_ids, job.data
+                    tokenizer, feed.take(split, lo, hi), label_ids, job.data
                 )
                 written[index] = write_shard(
                     staging,

@@ -24,7 +24,7 @@ regression's label mean and standard deviation); the manifest stores it as
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -149,9 +149,9 @@ class Task(ABC):
         return self.auto_class().from_pretrained(source)
 
     # --- prepare -------------------------------------------------------------------
-    def fit(self, train: Sequence[Example]) -> dict[str, Any]:
+    def fit(self, train: Iterable[Example]) -> dict[str, Any]:
         """What the task learns from the training split (JSON; the manifest's
-        ``task_state``). Nothing by default."""
+        ``task_state``), read once as a stream. Nothing by default (``train`` unread)."""
         return {}
 
     def bind(self, state: dict[str, Any]) -> Task:
