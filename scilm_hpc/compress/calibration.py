@@ -3,7 +3,9 @@
 Wanda scores a weight by ``|W_ij| * ||X_j||_2``, where ``X_j`` is the ``j``-th input
 feature of the layer over all (non-padding) calibration tokens. The batches are
 drawn from the train split of the shards in a fixed, seeded order so that two
-runs of a recipe prune the same weights.
+runs of a recipe prune the same weights. The model sees each batch as training and
+scoring feed it (``Task.model_inputs``): a packed causal-LM batch with its position ids
+and block-diagonal attention, so that a document's activations are those it has alone.
 """
 
 from __future__ import annotations
@@ -37,13 +39,18 @@ def calibration_batches(
 
 @torch.no_grad()
 def input_norms(
-    model: Any, linears: dict[str, Any], batches: list[dict[str, torch.Tensor]]
+    model: Any,
+    linears: dict[str, Any],
+    batches: list[dict[str, torch.Tensor]],
+    task: str | Task,
 ) -> dict[str, torch.Tensor]:
     """Name -> L2 norm over calibration tokens of each input feature of each layer.
 
     Padding positions are left out: they carry no text and would bias the norms
-    towards the padding embedding.
+    towards the padding embedding. ``task`` turns each collated batch into the model's
+    forward arguments (packed batches: position ids and a block-diagonal mask).
     """
+    task = get_task(task)
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
     current: dict[str, Any] = {}
 
@@ -64,7 +71,7 @@ def input_norms(
     try:
         for batch in batches:
             current["mask"] = batch["attention_mask"]
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            model(**task.model_inputs(task.forward_inputs(batch), model))
     finally:
         for handle in handles:
             handle.remove()

@@ -233,7 +233,7 @@ class _Compression:
                 self.job.train.micro_batch_size,
                 self.job.train.seed,
             )
-            norms = input_norms(model, linears, batches)
+            norms = input_norms(model, linears, batches, self.job.task)
         method = step.method or "magnitude"
         if step.pattern in ("ffn", "heads"):
             prune_structured(model, step.pattern, step.sparsity or 0.0, method, norms)
