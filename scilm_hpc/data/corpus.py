@@ -163,7 +163,9 @@ class SplitStreams:
             code = self.member_names.index(split)
             member = self.member
             stream: Iterator[Example] = (
-                ex for i, ex in enumerate(self.options.read(self.files["train"])) if member[i] == code
+                ex
+                for i, ex in enumerate(self.options.read(self.files["train"]))
+                if member[i] == code
             )
         else:
             stream = self.options.read(self.files[split])

