@@ -131,7 +131,7 @@ class PrepareJob:
         tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
         task = get_task(job.task).for_job(job)
         corpus = split_streams(job, task, tokenizer)
-        counts = corpus.count()
+        split_counts = corpus.count()
         residues = corpus.residues
         if residues is not None:
             residues.check_tokenisation(next(corpus.examples("train")))
@@ -139,7 +139,7 @@ class PrepareJob:
         task_state = task.fit(corpus.examples("train"))
         task = task.bind(task_state)
         label_ids = {name: i for i, name in enumerate(labels)}
-        plan = plan_shards(counts, job.data.examples_per_shard)
+        plan = plan_shards(split_counts, job.data.examples_per_shard)
         feed = ShardFeed(corpus)
 
         decided: Path | UserError | None = None
