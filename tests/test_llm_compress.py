@@ -64,7 +64,11 @@ def test_calibration_on_a_packed_block_equals_the_documents_alone(attn: str) -> 
         torch.testing.assert_close(norm.double(), expected, rtol=1e-4, atol=1e-6)
 
 
-RECIPES = sorted(p.stem for p in (REPO / "configs/compress").glob("*.yaml"))
+# one recipe per code path a causal LM takes (each run is a DeepSpeed process of its own,
+# so all seven would cost CI minutes): unstructured pruning with calibration and
+# recovery, structured pruning, both quantisations; benchmarks/compress_llm.py runs them all
+RECIPES = ["int4-weight", "int8-dynamic", "prune50-recover", "structured30"]
+assert all((REPO / f"configs/compress/{r}.yaml").is_file() for r in RECIPES)
 
 
 @pytest.fixture(scope="module")
