@@ -3,7 +3,7 @@
 ``SCILM_QUIET=1`` (``scilm --quiet``, inherited by every rank) turns progress output
 off. ``CountProgress`` reports work counted in items (records a prepare rank wrote,
 examples an evaluate rank scored) as one plain line at most every ``every_s``
-seconds, and once at the end, e.g.::
+seconds, and once at the end, on stderr (stdout holds a command's result), e.g.::
 
     evaluate rank 0: 1200/4000 examples | 310.2 examples/s | elapsed 0:00:04 | ETA 0:00:09
 
@@ -14,6 +14,7 @@ loop's step lines are ``train.progress``.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 QUIET_ENV = "SCILM_QUIET"
@@ -75,6 +76,5 @@ class CountProgress:
             self.enabled = False
 
     def _print(self, now: float) -> None:
-        print(
-            count_line(self.label, self.done, self.total, self.unit, now - self.start), flush=True
-        )
+        line = count_line(self.label, self.done, self.total, self.unit, now - self.start)
+        print(line, file=sys.stderr, flush=True)
