@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -214,6 +215,9 @@ def test_parallel_prepare_equals_serial(scilm, tmp_path, demo_corpus, tiny_model
         timeout=240,
     )
     assert mpi.returncode == 0, mpi.stderr
+    # each rank's final progress line: its records written, all of them together
+    finals = dict(re.findall(r"prepare rank (\d): (\d+)/\2 records", mpi.stderr))
+    assert set(finals) == {"0", "1"} and sum(map(int, finals.values())) == 120
     manifest = json.loads((tmp_path / "mpi" / "shards" / "manifest.json").read_text())
     assert manifest["prepare"]["ranks"] == 2
     assert len(manifest["prepare"]["rank_seconds"]) == 2  # read by benchmarks/prepare.py
