@@ -25,6 +25,7 @@ def _prepare(scilm, *overrides: str) -> None:
     code, out, err = scilm("prepare", JOB, "cluster=none", *overrides)
     assert code == 0, err
     assert json.loads(out)["ranks"] >= 1
+    assert re.search(r"^prepare rank 0: (\d+)/\1 records \| ", err, re.M)  # the final line
 
 
 def test_round_trip_tokens_and_labels(scilm, tmp_path, demo_corpus, tiny_model_dir):
