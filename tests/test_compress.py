@@ -373,6 +373,15 @@ def test_shipped_recipes_validate_as_compress_jobs(recipe):
         (["compress=prune50-recover", "compress.steps.9.sparsity=0.5"], "no such item"),
         (["compress=prune50-recover", "compress.steps.0.method=optimal"], "allowed: magnitude"),
         (["compress=int4-weight", "compress.steps.0.bits=3"], "allowed: 8, 4"),
+        (["compress=int8-dynamic", "compress.steps.0.backend=onnx"], "allowed: native, torchao"),
+        (
+            [
+                "compress=int4-weight",
+                "compress.steps.0.backend=torchao",
+                "compress.steps.0.bits=8",
+            ],
+            "torchao int8 weight-only is per output channel",
+        ),
         (["compress=prune50-recover", "zero.stage=3"], "use zero.stage <= 2"),
         (["cluster.tasks_per_node=2"], "compress runs as one task"),
         (["compress.steps=[]"], "has no steps"),

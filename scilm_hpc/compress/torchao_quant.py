@@ -32,15 +32,17 @@ TORCHAO_REQUIRED = "0.18"
 
 
 def import_torchao() -> Any:
-    """``torchao``, imported quietly (its CUDA-only kernel libraries fail to load on a
-    CPU build and say so on the root logger).
+    """``torchao``, imported without the log lines its import prints on a CPU build.
 
     Raises:
         UserError: if torchao is not installed.
     """
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # torchao's kernel libraries built for CUDA fail to load on a CPU build and say so,
+    # and torch's pytree warns about torchao registering enums: noise for a user
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         import torchao
     except ImportError as error:
@@ -49,7 +51,8 @@ def import_torchao() -> Any:
             f"(pip install 'torchao=={TORCHAO_REQUIRED}.*'): {error}"
         ) from error
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
     return torchao
 
 
