@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup system-deps demo test test-unit lint format clean
 
@@ -12,7 +14,8 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	# torch first, pinned to the local CPU build: an unpinned torch pulls GBs of CUDA wheels
-	$(BIN)/pip install torch==2.13.0
+	# (a GPU cluster: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126)
+	$(BIN)/pip install $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -e ".[dev,mpi]"
 	# AntiBERTy (weights 100 MB) for the protein tests and `scilm import-model antiberty`;
 	# --no-deps as its data README says (0.1.3: 1.0 dropped the weights)

@@ -236,6 +236,7 @@ PRUNE_PATTERNS = ("unstructured", "nm", "ffn", "heads")
 PRUNE_SCOPES = ("layer", "global")
 PRUNE_SCHEDULES = ("oneshot", "gradual")
 QUANT_METHODS = ("dynamic", "weight_only")
+QUANT_BACKENDS = ("native", "torchao")
 
 
 @dataclass
@@ -273,9 +274,11 @@ class CompressStep:
     ``train`` section's optimiser, masks fixed. ``quantize``: ``method`` dynamic
     (int8 activations and weights, CPU) | weight_only (``bits`` 8|4, per output
     channel or per ``group_size`` inputs); ``embeddings`` also quantises the word
-    embeddings (weight-only, per row). ``distill`` (the first step): ``steps``
-    optimizer steps training a smaller ``student`` from the dense model, loss as for
-    ``recover``.
+    embeddings (weight-only, per row); ``backend`` native (torch's quantized CPU
+    kernels for dynamic, scilm's packed layers for weight-only) | torchao (torchao's
+    ``quantize_``; see docs/decisions.md for which is faster). ``distill`` (the first
+    step): ``steps`` optimizer steps training a smaller ``student`` from the dense model,
+    loss as for ``recover``.
     """
 
     kind: str = MISSING
@@ -294,6 +297,7 @@ class CompressStep:
     bits: int | None = None
     group_size: int | None = None
     embeddings: bool = False
+    backend: str = "native"
     student: StudentSpec = field(default_factory=StudentSpec)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def test_metrics_identical_for_1_2_and_3_ranks(tmp_path, eval_setup):
         cluster = ["cluster=none"] if ranks == 1 else [f"cluster.tasks_per_node={ranks}"]
         done = evaluate(tmp_path / str(ranks), shards, model, *cluster, "eval.predictions=true")
         assert done.returncode == 0, done.stderr[-3000:]
+        # rank 0's progress, streamed from mpirun where there are several ranks
+        assert re.search(r"evaluate rank 0 \(model\): (\d+)/\1 examples", done.stderr)
         reports[ranks] = json.loads((tmp_path / str(ranks) / "eval.json").read_text())
         assert reports[ranks]["ranks"] == ranks and reports[ranks]["n_examples"] == 53
     preds = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ def _prepare(scilm, *overrides: str) -> None:
     code, out, err = scilm("prepare", JOB, "cluster=none", *overrides)
     assert code == 0, err
     assert json.loads(out)["ranks"] >= 1
+    assert re.search(r"^prepare rank 0: (\d+)/\1 records \| ", err, re.M)  # the final line
 
 
 def test_round_trip_tokens_and_labels(scilm, tmp_path, demo_corpus, tiny_model_dir):
@@ -214,6 +216,9 @@ def test_parallel_prepare_equals_serial(scilm, tmp_path, demo_corpus, tiny_model
         timeout=240,
     )
     assert mpi.returncode == 0, mpi.stderr
+    # each rank's final progress line: its records written, all of them together
+    finals = dict(re.findall(r"prepare rank (\d): (\d+)/\2 records", mpi.stderr))
+    assert set(finals) == {"0", "1"} and sum(map(int, finals.values())) == 120
     manifest = json.loads((tmp_path / "mpi" / "shards" / "manifest.json").read_text())
     assert manifest["prepare"]["ranks"] == 2
     assert len(manifest["prepare"]["rank_seconds"]) == 2  # read by benchmarks/prepare.py

@@ -25,6 +25,7 @@ from scilm_hpc.compress.quantize import (
     dense_weight,
 )
 from scilm_hpc.compress.targets import prunable_linears
+from scilm_hpc.compress.torchao_quant import is_torchao_linear
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.tasks import Task, get_task
 
@@ -37,6 +38,9 @@ def _module_weights(module: Any) -> list[tuple[torch.Tensor, bool]]:
         return [(dense_weight(module), False)] + ([(bias, False)] if bias is not None else [])
     if isinstance(module, QuantizedEmbedding):
         return [(module.weight, False)]
+    if is_torchao_linear(module):
+        bias = [(module.bias.detach(), False)] if module.bias is not None else []
+        return [(dense_weight(module), False), *bias]
     return [(p.detach(), True) for p in module.parameters(recurse=False)]
 
 

@@ -7,6 +7,8 @@
   of ``group_size`` inputs, one fp16 scale each), dequantised in the forward; the
   point is the size on disk and in memory. Two int4 values share a byte.
 * word embeddings (``embeddings: true``): weight-only, per row (or row group).
+* ``backend: torchao``: the linear layers through torchao's ``quantize_`` instead
+  (``compress.torchao_quant``); the word embeddings stay as here.
 
 Every quantised module keeps its integer weights and scales as buffers, which is
 what ``saving`` writes and reads back bit for bit.
@@ -23,6 +25,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from scilm_hpc.compress.prune import MaskedLinear, set_module
+from scilm_hpc.compress.torchao_quant import is_torchao_linear, torchao_quantize
 from scilm_hpc.errors import UserError
 
 
@@ -201,6 +204,8 @@ def dense_weight(module: Any) -> torch.Tensor:
         return module.weight().dequantize()
     if isinstance(module, WeightOnlyLinear):
         return module.dense_weight()
+    if is_torchao_linear(module):
+        return module.weight.dequantize().float()
     if isinstance(module, MaskedLinear):
         return (module.weight * module.mask).detach()
     return module.weight.detach()
@@ -213,8 +218,11 @@ def quantize_model(
     bits: int,
     group_size: int | None,
     embeddings: bool,
+    backend: str = "native",
 ) -> list[str]:
     """Replace ``linears`` (and the word embeddings if asked) by quantised modules.
+
+    ``backend``: ``native`` (the layers of this module) or ``torchao``.
 
     Returns:
         The qualified names of the modules quantised.
@@ -224,16 +232,20 @@ def quantize_model(
     """
     done = []
     for name, linear in linears.items():
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, nn.Linear) or is_torchao_linear(linear):
             raise UserError(
                 f"compress: '{name}' is already quantised ({type(linear).__name__}); a "
                 f"recipe quantises once, as its last step"
             )
-        if method == "dynamic":
-            set_module(model, name, dynamic_int8_linear(linear))
-        else:
-            set_module(model, name, WeightOnlyLinear.from_linear(linear, bits, group_size))
-        done.append(name)
+    if backend == "torchao":
+        done += torchao_quantize(model, linears, method, bits, group_size)
+    else:
+        for name, linear in linears.items():
+            if method == "dynamic":
+                set_module(model, name, dynamic_int8_linear(linear))
+            else:
+                set_module(model, name, WeightOnlyLinear.from_linear(linear, bits, group_size))
+            done.append(name)
     if embeddings:
         table = model.get_input_embeddings()
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

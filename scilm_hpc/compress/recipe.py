@@ -6,6 +6,8 @@ every problem at once, before anything is submitted.
 
 from __future__ import annotations
 
+import importlib.util
+
 from scilm_hpc import schema
 from scilm_hpc.schema import CompressStep, JobConfig, check_at_least, check_choice
 
@@ -91,6 +93,15 @@ def recipe_problems(job: JobConfig, recipes: list[str]) -> list[str]:
         elif step.kind == "quantize":
             quantized = True
             check_choice(p, f"{key}.method", step.method, schema.QUANT_METHODS)
+            check_choice(p, f"{key}.backend", step.backend, schema.QUANT_BACKENDS)
+            if step.backend == "torchao":
+                if importlib.util.find_spec("torchao") is None:
+                    p.append(f"{key}.backend: torchao is not installed (pip install torchao)")
+                if step.method == "weight_only" and step.bits == 8 and step.group_size:
+                    p.append(
+                        f"{key}.group_size: torchao int8 weight-only is per output "
+                        f"channel; remove it"
+                    )
             if step.method == "dynamic":
                 if step.bits not in (None, 8):
                     p.append(f"{key}.bits: dynamic quantisation is int8; got {step.bits}")

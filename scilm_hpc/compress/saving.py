@@ -4,6 +4,8 @@ Layout (a HF directory plus one file)::
 
     config.json, tokenizer files     as save_pretrained writes them
     model.safetensors                every tensor; quantised layers as integers + scales
+    torchao_weights.pt               only with quantize.backend torchao: the weights of
+                                     the torchao layers (tensor subclasses, torch.save)
     scilm_compression.json           task, quantised modules, shrunk layers, recipe
 
 ``load_compressed(DIR)`` builds the architecture from ``config.json``, shrinks the
@@ -11,6 +13,10 @@ linear layers that structured pruning shrank, puts the quantised modules in plac
 and loads every tensor (strictly: a missing or unexpected tensor is an error). A
 directory written by ``save_compressed`` reloads to a model that computes exactly
 what the saved one did: the integers and scales are stored, not re-derived.
+torchao's weights are tensor subclasses, which safetensors cannot hold: they go
+through ``torch.save`` and come back through ``torch.load(weights_only=True)``
+(torchao registers its classes as safe), with the torchao version they were written
+with; another minor version is refused with a message rather than misread.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from scilm_hpc.compress.quantize import (
     WeightOnlyLinear,
     dynamic_from_int8,
 )
+from scilm_hpc.compress.torchao_quant import import_torchao, is_torchao_linear
 from scilm_hpc.errors import UserError
 
 META = "scilm_compression.json"
 WEIGHTS = "model.safetensors"
+TORCHAO_WEIGHTS = "torchao_weights.pt"
 FORMAT_VERSION = 1
 
 
@@ -43,13 +51,20 @@ def is_compressed_dir(path: str | Path) -> bool:
     return (Path(path) / META).is_file()
 
 
-def _tensors_and_meta(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _tensors_and_meta(
+    model: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     modules: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
+    torchao: dict[str, torch.Tensor] = {}
     skip: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, MaskedLinear):
             raise RuntimeError(f"fold the masks before saving ({name} is still masked)")
+        if is_torchao_linear(module):
+            torchao[f"{name}.weight"] = module.weight.detach()
+            modules[name] = {"type": "torchao", "weight": type(module.weight).__name__}
+            skip.append(f"{name}.weight")
         if isinstance(module, DynamicInt8Linear):
             weight = module.weight()
             tensors[f"{name}.qweight"] = weight.int_repr()
@@ -97,7 +112,9 @@ def _tensors_and_meta(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, An
     }
     meta = {"modules": modules, "tied": tied, "linear_shapes": linear_shapes}
     out = {k: v.detach().contiguous().clone() for k, v in tensors.items() if k not in tied}
-    return out, meta
+    if torchao:
+        meta["torchao_version"] = import_torchao().__version__
+    return out, torchao, meta
 
 
 def save_compressed(
@@ -119,13 +136,15 @@ def save_compressed(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tensors, meta = _tensors_and_meta(model)
+    tensors, torchao, meta = _tensors_and_meta(model)
     heads = {
         name: int(m.num_attention_heads)
         for name, m in model.named_modules()
         if hasattr(m, "attention_head_size") and hasattr(m, "num_attention_heads")
     }
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    if torchao:
+        torch.save(torchao, tmp / TORCHAO_WEIGHTS)
     model.config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     meta = {"format": FORMAT_VERSION, "task": task, **meta, "attention_heads": heads, **info}
@@ -138,7 +157,7 @@ def save_compressed(
 def weights_size(path: str | Path) -> int:
     """Bytes of the weight files of a model directory (safetensors or .bin)."""
     root = Path(path)
-    files = [*root.glob("*.safetensors"), *root.glob("*.bin")]
+    files = [*root.glob("*.safetensors"), *root.glob("*.bin"), *root.glob(TORCHAO_WEIGHTS)]
     return sum(f.stat().st_size for f in files)
 
 
@@ -175,6 +194,7 @@ def load_compressed(path: str | Path) -> nn.Module:
         warnings.simplefilter("ignore")
         model = get_task(meta["task"]).auto_class().from_config(config)
     tensors = load_file(str(root / WEIGHTS))
+    torchao = _torchao_weights(root, meta)
     for alias, source in meta["tied"].items():
         tensors[alias] = tensors[source]
     for name, (out_features, in_features) in meta["linear_shapes"].items():
@@ -196,6 +216,8 @@ def load_compressed(path: str | Path) -> nn.Module:
             bias = tensors.pop(f"{name}.bias", None)
             values, scales = tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales")
             dynamic[name] = dynamic_from_int8(values, scales, bias)
+        elif spec["type"] == "torchao":
+            pass  # an nn.Linear whose weight is set below
         elif spec["type"] == "weight_only":
             set_module(
                 model,
@@ -222,7 +244,9 @@ def load_compressed(path: str | Path) -> nn.Module:
             )
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # the dynamic int8 layers are still the float layers here: their tensors were taken
-    missing = [k for k in missing if not any(k.startswith(d + ".") for d in dynamic)]
+    missing = [
+        k for k in missing if not any(k.startswith(d + ".") for d in dynamic) and k not in torchao
+    ]
     if missing or unexpected:
         raise RuntimeError(
             f"{path}: tensors do not fit the model: missing {missing[:5]}, "
@@ -230,4 +254,26 @@ def load_compressed(path: str | Path) -> nn.Module:
         )
     for name, module in dynamic.items():
         set_module(model, name, module)
+    for key, weight in torchao.items():
+        linear = model.get_submodule(key.rsplit(".", 1)[0])
+        linear.weight = nn.Parameter(weight, requires_grad=False)
     return model.eval()
+
+
+def _torchao_weights(root: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The torchao layers' weights of a compressed directory ({} if it has none).
+
+    Raises:
+        UserError: if torchao is missing, or its minor version differs from the writer's.
+    """
+    written = meta.get("torchao_version")
+    if written is None:
+        return {}
+    have = import_torchao().__version__
+    if have.split(".")[:2] != str(written).split(".")[:2]:
+        raise UserError(
+            f"'{root}': its torchao layers were written with torchao {written}, this "
+            f"environment has {have}; install torchao=={written} or compress again"
+        )
+    loaded: dict[str, torch.Tensor] = torch.load(root / TORCHAO_WEIGHTS, weights_only=True)
+    return loaded

@@ -13,7 +13,7 @@ number of ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ def run_examples(
     pad_id: int,
     batch_size: int,
     n_batches: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[tuple[int, ExampleResult]]:
     """(example index, result) for ``indices``, batched by similar length.
 
@@ -56,6 +57,8 @@ def run_examples(
         logits = model(**inputs).logits.cpu()
         if b < real:
             out += list(zip(chunk.tolist(), task.example_results(logits, batch), strict=True))
+            if on_batch is not None:
+                on_batch(len(chunk))
     return out
 
 
@@ -66,9 +69,11 @@ def predict(
     task: str | Task,
     pad_id: int,
     batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[tuple[int, ExampleResult]]:
-    """(example index, result) for ``indices`` (one rank, no collectives)."""
-    return run_examples(model, dataset, indices, task, pad_id, batch_size)
+    """(example index, result) for ``indices`` (one rank, no collectives);
+    ``on_batch(examples)`` after each batch (progress)."""
+    return run_examples(model, dataset, indices, task, pad_id, batch_size, on_batch=on_batch)
 
 
 def dataset_metrics(

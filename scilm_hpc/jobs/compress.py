@@ -67,10 +67,11 @@ def step_name(step: CompressStep) -> str:
     if step.kind == "distill":
         layers = step.student.num_hidden_layers or len(step.student.layers)
         return f"distill{f'-{layers}L' if layers else ''}-{step.steps}"
+    backend = "-torchao" if step.backend == "torchao" else ""
     if step.method == "dynamic":
-        return "int8-dynamic"
+        return f"int8-dynamic{backend}"
     group = f"-g{step.group_size}" if step.group_size else ""
-    return f"int{step.bits}-weight{group}{'-emb' if step.embeddings else ''}"
+    return f"int{step.bits}-weight{group}{'-emb' if step.embeddings else ''}{backend}"
 
 
 def architecture(model: Any) -> dict[str, Any]:
@@ -195,6 +196,7 @@ class _Compression:
                     step.bits or 8,
                     step.group_size,
                     step.embeddings,
+                    step.backend,
                 )
             info = {"recipe": c.name, "steps": [s["name"] for s in entries] + [name]}
             save_compressed(model, self.tokenizer, step_dir, job.task, info)

@@ -14,6 +14,7 @@ any inference.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,10 @@ from scilm_hpc.evaluate.generation import check_model_fits, generate_predictions
 from scilm_hpc.evaluate.inference import predict, token_balanced_ranges
 from scilm_hpc.evaluate.metrics import metrics_from_results
 from scilm_hpc.evaluate.report import write_reports
+from scilm_hpc.launch.console import CountProgress
 from scilm_hpc.launch.dist import Communicator, communicator
 from scilm_hpc.launch.hardware import cpu_threads
+from scilm_hpc.launch.mpi import SUMMARY_ENV
 from scilm_hpc.launch.ownership import take_run_lock_over
 from scilm_hpc.models import load_for_eval, pad_token_id
 from scilm_hpc.schema import JobConfig
@@ -81,7 +84,16 @@ class EvaluateJob:
                     model, tokenizer, dataset, task, pad_id, job.eval, comm.rank, comm.world_size
                 )
             else:
-                results = predict(model, dataset, mine, task, pad_id, job.eval.batch_size)
+                progress = CountProgress(
+                    f"evaluate rank {comm.rank} ({Path(name).name or name})",
+                    "examples",
+                    len(mine),
+                    enabled=comm.rank == 0,
+                )
+                results = predict(
+                    model, dataset, mine, task, pad_id, job.eval.batch_size, progress.update
+                )
+                progress.close()
             seconds = time.perf_counter() - start
             gathered = comm.gather((results, seconds))
             if comm.rank == 0:
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    if summary:
+    if summary and os.environ.get(SUMMARY_ENV) != "0":
         print(json.dumps(summary, indent=1))
     return 0
 

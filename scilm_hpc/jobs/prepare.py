@@ -21,8 +21,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from scilm_hpc import __version__
 from scilm_hpc.data.corpus import ReadOptions, ShardFeed, SplitStreams
 from scilm_hpc.data.residues import ResidueChecker
@@ -37,6 +35,7 @@ from scilm_hpc.data.shards import (
     write_shard,
 )
 from scilm_hpc.errors import UserError
+from scilm_hpc.launch.console import CountProgress
 from scilm_hpc.launch.dist import Communicator, communicator
 from scilm_hpc.model_source import load_tokenizer, tokenizer_fingerprint
 from scilm_hpc.schema import SPLITS, JobConfig
@@ -172,12 +171,9 @@ class PrepareJob:
             counted: dict[int, dict[str, int]] = {}  # per shard: the task's token counts
             stats: dict[str, dict[str, int]] = {}  # per split: what encoding cut (targets)
             started = time.perf_counter()
-            for index in tqdm(
-                mine,
-                desc=f"prepare rank {comm.rank}",
-                unit="shard",
-                disable=None if comm.rank == 0 else True,
-            ):
+            records = sum(plan[i][3] - plan[i][2] for i in mine)
+            progress = CountProgress(f"prepare rank {comm.rank}", "records", records)
+            for index in mine:
                 split, shard_no, lo, hi = plan[index]
                 ids, columns, counted[index] = task.encode_shard(
                     tokenizer, feed.take(split, lo, hi), label_ids, job.data
@@ -194,6 +190,8 @@ class PrepareJob:
                 for key, count in task.take_stats().items():
                     stats.setdefault(split, {}).setdefault(key, 0)
                     stats[split][key] += count
+                progress.update(hi - lo)
+            progress.close()
             elapsed = time.perf_counter() - started
             gathered = comm.gather((written, counted, elapsed, stats))
             summary: dict[str, Any] = {}

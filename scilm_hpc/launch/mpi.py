@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -11,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from scilm_hpc.errors import UserError
+from scilm_hpc.launch.console import quiet
 from scilm_hpc.schema import JobConfig
+
+#: Set to 0 for the ranks: the caller reads ``eval.json``, rank 0 need not print it.
+SUMMARY_ENV = "SCILM_PRINT_SUMMARY"
 
 
 def mpirun_command(config_file: Path, ranks: int) -> list[str]:
@@ -42,12 +47,34 @@ def run_with_mpirun(job: JobConfig, ranks: int) -> dict[str, Any]:
     config = run_dir / "evaluate.config.yaml"
     command = mpirun_command(config, ranks)
     print(f"mpirun: {ranks} rank(s)", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
-    errors = sorted(
-        {line[len("error: ") :] for line in done.stderr.splitlines() if line.startswith("error: ")}
-    )
+    errors, tail, code = stream_output(command, {**os.environ, SUMMARY_ENV: "0"})
     if errors:
         raise UserError(errors)
-    if done.returncode != 0:
-        raise RuntimeError(f"mpirun exited with {done.returncode}:\n{done.stderr[-4000:]}")
+    if code != 0:
+        raise RuntimeError(f"mpirun exited with {code}:\n" + "".join(tail)[-4000:])
     return json.loads((run_dir / "eval.json").read_text())
+
+
+def stream_output(command: list[str], env: dict[str, str]) -> tuple[list[str], list[str], int]:
+    """Run ``command``, copying its output (stdout and stderr) line by line to stderr as
+    it comes, unless ``SCILM_QUIET`` is set.
+
+    Returns:
+        The distinct ``error: `` lines (not copied: the caller raises them), the last
+        200 lines, and the exit status.
+    """
+    errors: set[str] = set()
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    env = {**env, "PYTHONUNBUFFERED": "1"}  # ranks' lines arrive as printed
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            tail.append(line)
+            if line.startswith("error: "):
+                errors.add(line[len("error: ") :].rstrip("\n"))
+            elif not quiet():
+                sys.stderr.write(line)
+                sys.stderr.flush()
+    return sorted(errors), list(tail), process.returncode

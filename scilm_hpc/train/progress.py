@@ -10,23 +10,13 @@ prints neither; ``metrics.jsonl`` is written either way.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
 
-QUIET_ENV = "SCILM_QUIET"
+from scilm_hpc.launch.console import QUIET_ENV, clock, quiet
 
-
-def quiet() -> bool:
-    """Whether progress output is off (``SCILM_QUIET`` set to 1, true or yes)."""
-    return os.environ.get(QUIET_ENV, "").strip().lower() in {"1", "true", "yes"}
-
-
-def clock(seconds: float) -> str:
-    """``seconds`` as H:MM:SS."""
-    whole = max(0, int(round(seconds)))
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+__all__ = ["QUIET_ENV", "Progress", "clock", "eta_seconds", "progress_line", "quiet"]
 
 
 def eta_seconds(step: int, first_step: int, total: int, elapsed_s: float) -> float | None:
