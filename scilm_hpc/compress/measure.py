@@ -6,7 +6,7 @@
   relative to the dense model's prunable count, so weights removed by structured
   pruning count as zeros.
 * ``latency_ms``: median wall time of a forward pass over one fixed batch on the
-  CPU, after two warm-up passes.
+  CPU, after two warm-up passes (for seq2seq a teacher-forced pass over source and target).
 
 The task metrics of each step come from ``evaluate.inference.dataset_metrics``.
 """
@@ -80,7 +80,10 @@ def latency_batch(
     dataset: ShardDataset, size: int, pad_id: int, task: str | Task
 ) -> dict[str, Any]:
     """The fixed batch latency is measured on: the split's first ``size`` examples."""
-    batch = get_task(task).collate([dataset[i] for i in range(min(size, len(dataset)))], pad_id)
+    task = get_task(task)
+    batch = task.collate([dataset[i] for i in range(min(size, len(dataset)))], pad_id)
+    if task.generates:  # an encoder-decoder's forward also reads the (shifted) target
+        return task.forward_inputs(batch)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

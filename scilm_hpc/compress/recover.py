@@ -55,7 +55,7 @@ def load_student(model_dir: str | Path, task: str | Task) -> nn.Module:
     """The model of a step directory (compressed format) or of a plain HF export."""
     if is_compressed_dir(model_dir):
         return load_compressed(model_dir).train()
-    return get_task(task).auto_class().from_pretrained(resolve_model_path(str(model_dir)))
+    return get_task(task).load_finished(resolve_model_path(str(model_dir))).train()
 
 
 def masked_student(model_dir: str | Path, task: str | Task, gradual: bool) -> nn.Module:

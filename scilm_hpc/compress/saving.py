@@ -126,7 +126,7 @@ def save_compressed(
         model: the model.
         tokenizer: saved beside it.
         out_dir: the directory (replaced if it exists).
-        task: the model's task (classification, token_classification, causal_lm).
+        task: the model's task (``schema.TASKS``).
         info: kept in ``scilm_compression.json`` (recipe, steps).
     """
     from safetensors.torch import save_file
@@ -146,6 +146,8 @@ def save_compressed(
     if torchao:
         torch.save(torchao, tmp / TORCHAO_WEIGHTS)
     model.config.save_pretrained(tmp)
+    if model.can_generate():  # decoder start, EOS, pad: what generate() reads
+        model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     meta = {"format": FORMAT_VERSION, "task": task, **meta, "attention_heads": heads, **info}
     (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -192,7 +194,11 @@ def load_compressed(path: str | Path) -> nn.Module:
     config = AutoConfig.from_pretrained(root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_task(meta["task"]).auto_class().from_config(config)
+        model = get_task(meta["task"]).class_for_config(config).from_config(config)
+    if (root / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(root)
     tensors = load_file(str(root / WEIGHTS))
     torchao = _torchao_weights(root, meta)
     for alias, source in meta["tied"].items():

@@ -1,7 +1,8 @@
 """Which modules compression touches: the linear layers of the transformer blocks.
 
 The *prunable* modules are every linear layer inside the model's stack of
-transformer blocks (BERT ``encoder.layer``, Llama ``layers``): attention
+transformer blocks (BERT ``encoder.layer``, Llama ``layers``; an encoder-decoder has
+two stacks, the encoder's and the decoder's, cross-attention included): attention
 projections and the feed-forward network. Embeddings, the pooler and the task head
 are left dense: they are a small share of the compute (the word embedding is a
 lookup) and the head is what the metrics read. Structured pruning also needs to
@@ -43,6 +44,30 @@ def transformer_blocks(model: Any) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def block_stacks(model: Any) -> list[tuple[str, nn.ModuleList]]:
+    """Every stack of transformer blocks: the encoder's and the decoder's of an
+    encoder-decoder (T5, BART, a warm-started ``EncoderDecoderModel``), else the one
+    stack ``transformer_blocks`` finds.
+
+    Raises:
+        UserError: if a stack is missing.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return [transformer_blocks(model)]
+    stacks = []
+    for part in (model.get_encoder(), model.get_decoder()):
+        prefix = next(name for name, module in model.named_modules() if module is part)
+        name, blocks = transformer_blocks(part)
+        stacks.append((f"{prefix}.{name}" if prefix else name, blocks))
+    return stacks
+
+
+def is_encoder_decoder(model: Any) -> bool:
+    """Whether ``model`` has two stacks of blocks (encoder and decoder)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def prunable_linears(model: Any) -> dict[str, Any]:
     """Qualified name -> linear module, for every linear layer of the transformer blocks.
 
@@ -53,10 +78,21 @@ def prunable_linears(model: Any) -> dict[str, Any]:
         UserError: if a block holds a weight layer scilm cannot compress (e.g.
             GPT-2's ``Conv1D``), naming the module and its type.
     """
+    found: dict[str, Any] = {}
+    stacks = block_stacks(model)
+    for prefix, blocks in stacks:
+        _stack_linears(prefix, blocks, found)
+    if not found:
+        raise UserError(
+            f"compress: the blocks under '{stacks[0][0]}' hold no torch.nn.Linear layer"
+        )
+    return found
+
+
+def _stack_linears(prefix: str, blocks: nn.ModuleList, found: dict[str, Any]) -> None:
+    """Add the linear layers of one stack of blocks to ``found`` (see ``prunable_linears``)."""
     from scilm_hpc.compress.quantize import QUANTIZED_LINEAR_TYPES
 
-    prefix, blocks = transformer_blocks(model)
-    found: dict[str, Any] = {}
     for index, block in enumerate(blocks):
         for name, module in block.named_modules():
             full = f"{prefix}.{index}.{name}" if name else f"{prefix}.{index}"
@@ -73,9 +109,6 @@ def prunable_linears(model: Any) -> dict[str, Any]:
                     f"and quantises torch.nn.Linear layers only (GPT-2-style Conv1D layers "
                     f"are not supported)"
                 )
-    if not found:
-        raise UserError(f"compress: the blocks under '{prefix}' hold no torch.nn.Linear layer")
-    return found
 
 
 @dataclass

@@ -7,6 +7,13 @@ then takes a contiguous, token-balanced range of these batches
 therefore generated in the same batch, with the same padding, whatever the number of
 ranks, and the generated text is identical for 1, 2 or N ranks. Decoder-only prompts
 are padded on the left, so that generation continues every prompt right at its end.
+
+The same routine generates on the training ranks during fine-tuning (dev ROUGE,
+``generation_metrics``). There the model may be a DeepSpeed engine whose parameters
+ZeRO-3 partitions: every forward pass gathers them collectively, so all ranks must run
+the same number of ``generate`` calls (a rank out of batches generates a discarded
+one-example batch) and every call must run until all ranks are done
+(``synced_gpus=True``: a rank whose sequences ended keeps stepping with the others).
 """
 
 from __future__ import annotations
@@ -22,16 +29,20 @@ from scilm_hpc.errors import UserError
 from scilm_hpc.evaluate.inference import token_balanced_ranges
 from scilm_hpc.schema import EvalConfig
 from scilm_hpc.tasks import ExampleResult
-from scilm_hpc.tasks.seq2seq import ENCODER_DECODER, Seq2Seq, eos_token_id
+from scilm_hpc.tasks.seq2seq import ENCODER_DECODER, Seq2Seq, eos_token_id, rouge_scores
 
 
-def generation_batches(dataset: ShardDataset, batch_size: int) -> list[np.ndarray]:
-    """Example indices of every batch, shard by shard, length-sorted within a shard."""
+def generation_batches(
+    dataset: ShardDataset, batch_size: int, limit: int | None = None
+) -> list[np.ndarray]:
+    """Example indices of every batch, shard by shard, length-sorted within a shard
+    (``limit``: the first ``limit`` examples only)."""
     lengths = dataset.lengths()
     starts = np.concatenate([[0], np.cumsum([s.n_examples for s in dataset.shards])])
+    end = len(dataset) if limit is None else min(limit, len(dataset))
     batches: list[np.ndarray] = []
     for lo, hi in zip(starts[:-1], starts[1:], strict=True):
-        order = np.arange(lo, hi, dtype=np.int64)
+        order = np.arange(lo, min(hi, end), dtype=np.int64)
         order = order[np.argsort(lengths[order], kind="stable")]
         batches += [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
     return batches
@@ -72,29 +83,47 @@ def generate_predictions(
     options: EvalConfig,
     rank: int,
     world: int,
+    limit: int | None = None,
+    synced: bool = False,
+    score: bool = True,
 ) -> list[tuple[int, ExampleResult]]:
     """(example index, (loss sum, target tokens, prediction, references)) for this rank's
     batches; the prediction holds the record id, source text, generated text and its
-    length in tokens."""
-    batches = generation_batches(dataset, options.batch_size)
+    length in tokens.
+
+    Args:
+        model: a HF model, or a DeepSpeed engine (its ``module`` generates).
+        limit: generate for the first ``limit`` examples only (None: all).
+        synced: the ranks hold partitioned parameters (ZeRO-3): run as many ``generate``
+            calls on every rank and keep them in step (``synced_gpus``).
+        score: also the teacher-forced target loss (False: loss sum and count 0).
+    """
+    batches = generation_batches(dataset, options.batch_size, limit)
     lengths = dataset.lengths()
     tokens = np.asarray([int(lengths[b].sum()) for b in batches], dtype=np.int64)
-    mine = token_balanced_ranges(tokens, world)[rank]
+    ranges = token_balanced_ranges(tokens, world)
+    mine = list(ranges[rank])
+    calls = max(len(r) for r in ranges) if synced else len(mine)
     device = getattr(model, "device", torch.device("cpu"))
+    generator = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
     eos = eos_token_id(tokenizer)
-    encoder_decoder = bool(model.config.is_encoder_decoder)
+    encoder_decoder = bool(generator.config.is_encoder_decoder)
     out: list[tuple[int, ExampleResult]] = []
-    for b in mine:
-        chunk = batches[b]
+    for call in range(calls):
+        real = call < len(mine)
+        b = mine[call] if real else 0
+        chunk = batches[b] if real else batches[0][:1]  # in step with the other ranks
         items = [dataset[int(i)] for i in chunk]
-        batch = task.collate(items, pad_id)
-        inputs = task.forward_inputs(batch)
-        logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.cpu()
-        scores = task.example_results(logits, batch)
+        scores: list[ExampleResult] = [(0.0, 0, None, None)] * len(items)
+        if score:
+            batch = task.collate(items, pad_id)
+            inputs = task.forward_inputs(batch)
+            logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.cpu()
+            scores = task.example_results(logits, batch)
         prompts = {k: v.to(device) for k, v in task.generation_inputs(items, pad_id).items()}
         if options.do_sample:
             torch.manual_seed(options.seed + b)  # per batch: the same for any rank count
-        generated = model.generate(
+        generated = generator.generate(
             **prompts,
             max_new_tokens=options.max_new_tokens,
             num_beams=options.num_beams,
@@ -102,10 +131,13 @@ def generate_predictions(
             do_sample=options.do_sample,
             pad_token_id=pad_id,
             eos_token_id=eos,
+            synced_gpus=synced,
         ).cpu()
+        if not real:
+            continue
         if not encoder_decoder:  # decoder-only: the prompt comes back first
             generated = generated[:, prompts["input_ids"].shape[1] :]
-        for row, (index, item, score) in enumerate(zip(chunk, items, scores, strict=True)):
+        for row, (index, item, result) in enumerate(zip(chunk, items, scores, strict=True)):
             new = _generated_tokens(generated[row].tolist(), eos, encoder_decoder)
             prediction = {
                 "id": item["record"],
@@ -114,6 +146,44 @@ def generate_predictions(
                 "gen_tokens": len(new),
             }
             out.append(
-                (int(index), (score[0], score[1], prediction, json.loads(item["references"])))
+                (int(index), (result[0], result[1], prediction, json.loads(item["references"])))
             )
     return out
+
+
+def generation_metrics(
+    model: Any,
+    tokenizer: Any,
+    dataset: ShardDataset,
+    task: Seq2Seq,
+    pad_id: int,
+    options: EvalConfig,
+    limit: int | None,
+    rank: int = 0,
+    world: int = 1,
+    synced: bool = False,
+) -> dict[str, float] | None:
+    """ROUGE-1/2/L/Lsum, mean generated length and the number of examples generated
+    (``generated_examples``) for the first ``limit`` examples of ``dataset``, generated
+    over the ranks of the default process group (``world`` > 1) or in this process.
+    The dict on rank 0, None on the others.
+    """
+    import torch.distributed as dist
+
+    results = generate_predictions(
+        model, tokenizer, dataset, task, pad_id, options, rank, world, limit, synced, score=False
+    )
+    gathered: list[Any] = [results]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+    if rank != 0:
+        return None
+    merged = sorted((item for part in gathered for item in part), key=lambda x: x[0])
+    predictions = [r[2] for _, r in merged]
+    scores = rouge_scores([p["generated"] for p in predictions], [r[3] for _, r in merged])
+    return {
+        **scores,
+        "gen_length": float(np.mean([p["gen_tokens"] for p in predictions])) if merged else 0.0,
+        "generated_examples": len(merged),
+    }

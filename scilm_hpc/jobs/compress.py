@@ -33,9 +33,14 @@ from scilm_hpc.compress.recover import load_student, recovered_model, recovery_j
 from scilm_hpc.compress.report import with_ratios, write_report
 from scilm_hpc.compress.saving import load_compressed, save_compressed, weights_size
 from scilm_hpc.compress.structured import prune_structured
-from scilm_hpc.compress.targets import PRUNABLE_DESCRIPTION, prunable_linears
+from scilm_hpc.compress.targets import (
+    PRUNABLE_DESCRIPTION,
+    is_encoder_decoder,
+    prunable_linears,
+)
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.errors import UserError
+from scilm_hpc.evaluate.generation import check_model_fits, generation_metrics
 from scilm_hpc.evaluate.inference import dataset_metrics
 from scilm_hpc.jobs.startup import rank_session
 from scilm_hpc.launch.preemption import StopFlag
@@ -45,6 +50,7 @@ from scilm_hpc.models import build_model, load_for_eval, pad_token_id
 from scilm_hpc.rundir import read_json, replace_dir, write_json_atomic
 from scilm_hpc.schema import CompressStep, JobConfig
 from scilm_hpc.tasks import get_task
+from scilm_hpc.tasks.seq2seq import Seq2Seq
 from scilm_hpc.train.export import write_export
 from scilm_hpc.train.recovery import DistillTrainer, RecoveryTrainer
 
@@ -80,6 +86,30 @@ def architecture(model: Any) -> dict[str, Any]:
     return {f: getattr(model.config, f, None) for f in fields}
 
 
+def _check_encoder_decoder_steps(model: Any, steps: list[CompressStep]) -> None:
+    """Refuse the steps scilm cannot yet run on an encoder-decoder's two stacks.
+
+    Raises:
+        UserError: for Wanda scores (their calibration reads decoder inputs) and
+            structured patterns on an encoder-decoder, naming the step.
+    """
+    if not is_encoder_decoder(model):
+        return
+    for i, step in enumerate(steps):
+        if step.kind != "prune":
+            continue
+        if step.pattern in ("ffn", "heads"):
+            raise UserError(
+                f"compress.steps.{i}.pattern: structured pruning ({step.pattern}) of an "
+                f"encoder-decoder is not supported; use pattern unstructured or nm"
+            )
+        if step.method == "wanda":
+            raise UserError(
+                f"compress.steps.{i}.method: Wanda pruning of an encoder-decoder is not "
+                f"supported (its calibration would need decoder inputs); use method magnitude"
+            )
+
+
 class CompressJob:
     """Submitit-callable compression job (one task)."""
 
@@ -108,6 +138,10 @@ class _Compression:
             )
         self.tokenizer, self.dense = load_for_eval(job.model.name_or_path, job.task, self.eval_set)
         prunable_linears(self.dense)  # unsupported layer types fail here, before any work
+        self.task = get_task(job.task)
+        if self.task.generates:
+            check_model_fits(self.dense, self.eval_set, job.model.name_or_path)
+            _check_encoder_decoder_steps(self.dense, job.compress.steps)
         self.pad_id = pad_token_id(self.tokenizer)
         self.batch = measure.latency_batch(self.eval_set, c.latency_batch, self.pad_id, job.task)
         self.threads = c.latency_threads or torch.get_num_threads()
@@ -118,15 +152,24 @@ class _Compression:
             **measure.weight_stats(model, dense_prunable),
             "size_bytes": size_bytes,
             "latency_ms": measure.latency_ms(model, self.batch, c.latency_repeats, self.threads),
-            "metrics": dataset_metrics(
-                model,
-                self.eval_set,
-                self.job.task,
-                self.pad_id,
-                self.job.eval.batch_size,
-                c.eval_examples,
-            ),
+            "metrics": self._metrics(model),
         }
+
+    def _metrics(self, model: Any) -> dict[str, Any]:
+        """The task metrics of ``model`` on the first ``compress.eval_examples`` examples;
+        for seq2seq also ROUGE and the generated length (``eval.*`` generation options)."""
+        c, job = self.job.compress, self.job
+        metrics = dataset_metrics(
+            model, self.eval_set, job.task, self.pad_id, job.eval.batch_size, c.eval_examples
+        )
+        if isinstance(self.task, Seq2Seq):
+            limit = c.eval_examples or None
+            generated = generation_metrics(
+                model, self.tokenizer, self.eval_set, self.task, self.pad_id, job.eval, limit
+            )
+            assert generated is not None  # one process: rank 0
+            metrics.update(generated)
+        return metrics
 
     def run(self) -> dict[str, Any]:
         job, c = self.job, self.job.compress

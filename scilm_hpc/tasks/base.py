@@ -114,6 +114,11 @@ class Task(ABC):
 
         return getattr(transformers, self.auto_class_name)
 
+    def class_for_config(self, config: Any) -> Any:
+        """The ``transformers`` class that builds a model of this task from ``config``
+        (the auto class; a task with several model kinds picks by the config)."""
+        return self.auto_class()
+
     def model_kwargs(self, labels: list[str]) -> dict[str, Any]:
         """Keyword arguments of ``from_pretrained`` that shape the head for ``labels``."""
         if not self.has_label_map:

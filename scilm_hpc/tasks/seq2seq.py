@@ -46,6 +46,8 @@ ENCODER_DECODER = "encoder-decoder"
 DECODER_ONLY = "decoder-only"
 PLACEHOLDER = "{source}"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+#: the ``train.best_metric`` values that make dev evaluation generate
+DEV_ROUGE = tuple(f"dev_{key}" for key in ROUGE_TYPES)
 
 
 def model_kind(name_or_path: str, decoder: str | None = None, revision: str | None = None) -> str:
@@ -211,6 +213,13 @@ class Seq2Seq(Task):
             model.generation_config.max_new_tokens = self.data.max_target_length
         return model
 
+    def class_for_config(self, config: Any) -> Any:
+        import transformers
+
+        if config.is_encoder_decoder:
+            return transformers.AutoModelForSeq2SeqLM
+        return transformers.AutoModelForCausalLM
+
     def load_finished(self, source: str) -> Any:
         import transformers
 
@@ -246,13 +255,14 @@ class Seq2Seq(Task):
             check_at_least(p, f"eval.{key}", getattr(job.eval, key), 1)
         if job.eval.length_penalty != 1.0 and job.eval.num_beams == 1:
             p.append("eval.length_penalty: applies to beam search only; set eval.num_beams > 1")
-        if job.train.best_metric not in (None, "dev_loss", "dev_perplexity"):
+        allowed = ("dev_loss", "dev_perplexity", *DEV_ROUGE)
+        if job.train.best_metric not in (None, *allowed):
             p.append(
-                f"train.best_metric: got {job.train.best_metric!r}; dev evaluation of seq2seq "
-                f"during fine-tuning scores the target loss: use dev_loss or dev_perplexity"
+                f"train.best_metric: got {job.train.best_metric!r}; allowed for seq2seq: "
+                f"{', '.join(allowed)} (ROUGE generates on train.dev_generate_examples dev "
+                f"examples at each dev evaluation)"
             )
-        if job.job == "compress":
-            p.append("task: compression of seq2seq (generation) models is not supported yet")
+        check_at_least(p, "train.dev_generate_examples", job.train.dev_generate_examples, 0)
         return p
 
     def target_fields(self, data: DataConfig) -> TargetFields | None:
@@ -370,6 +380,15 @@ class Seq2Seq(Task):
         # also marks the batch as encoder-decoder for ``example_results``
         batch["decoder_attention_mask"] = (labels != IGNORE_INDEX).long()
         return batch
+
+    def distill_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The logits that predict target tokens (compression recovery distils on them)."""
+        labels = batch["labels"]
+        if "decoder_attention_mask" in batch:  # the decoder's logits line up with labels
+            return labels != IGNORE_INDEX
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        return keep
 
     def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs = super().forward_inputs(batch)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+from scilm_hpc.schema import JobConfig
+from scilm_hpc.tasks.seq2seq import DEV_ROUGE
+
 LOWER_IS_BETTER = ("loss", "perplexity", "mae", "rmse")
 
 
@@ -14,3 +17,11 @@ def is_better(value: float | None, best: float | None, metric: str) -> bool:
     if best is None:
         return True
     return value < best if metric.endswith(LOWER_IS_BETTER) else value > best
+
+
+def dev_generation(job: JobConfig) -> int | None:
+    """How many dev examples dev evaluation generates for (0: all), or None: it does not
+    generate. It does for seq2seq when ``train.best_metric`` is a ROUGE metric."""
+    if job.task != "seq2seq" or job.train.best_metric not in DEV_ROUGE:
+        return None
+    return job.train.dev_generate_examples

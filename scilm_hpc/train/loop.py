@@ -24,6 +24,7 @@ import torch
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition
 from scilm_hpc.errors import UserError
+from scilm_hpc.evaluate.generation import generation_metrics
 from scilm_hpc.evaluate.inference import evaluate_split
 from scilm_hpc.launch import watchdog
 from scilm_hpc.launch.hardware import cpu_has_native_bf16
@@ -34,9 +35,10 @@ from scilm_hpc.models import build_model, pad_token_id
 from scilm_hpc.schema import JobConfig
 from scilm_hpc.tasks import get_task
 from scilm_hpc.tasks.base import class_weight_tensor
+from scilm_hpc.tasks.seq2seq import Seq2Seq
 from scilm_hpc.train import checkpoint as ckpt
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
-from scilm_hpc.train.evaluation import is_better
+from scilm_hpc.train.evaluation import dev_generation, is_better
 from scilm_hpc.train.export import export_model
 from scilm_hpc.train.lora import export_lora, lora_enabled, lora_model, trainable_parameters
 from scilm_hpc.train.memory import compile_model, enable_gradient_checkpointing, peak_memory
@@ -443,6 +445,9 @@ class Trainer:
                 self.rank,
                 self.world,
             )
+            generated = self._dev_generation(engine)
+        if metrics is not None and generated is not None:
+            metrics.update(generated)
         engine.train()
         self._last_eval_step = step
         self._last_eval = None
@@ -453,6 +458,26 @@ class Trainer:
             }
             self.log.write(self._last_eval)
         return self._last_eval
+
+    def _dev_generation(self, engine: Any) -> dict[str, Any] | None:
+        """Dev ROUGE when ``train.best_metric`` asks for it (``evaluation.dev_generation``:
+        how many examples); the metrics on rank 0, None elsewhere or when not asked."""
+        limit = dev_generation(self.job)
+        if limit is None:
+            return None
+        assert self.dev_set is not None and isinstance(self.task, Seq2Seq)
+        return generation_metrics(
+            engine,
+            self.tokenizer,
+            self.dev_set,
+            self.task,
+            self.pad_id,
+            self.job.eval,
+            limit or None,
+            self.rank,
+            self.world,
+            synced=self.world > 1 and self.job.zero.stage_for(self.world) == 3,
+        )
 
     def _save(
         self,

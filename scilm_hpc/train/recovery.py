@@ -74,8 +74,8 @@ class RecoveryTrainer(Trainer):
             self._grow_masks(int(engine.global_steps))
         out = engine(**self.task.model_inputs(batch, engine))
         with torch.no_grad():
-            unlabelled = {k: v for k, v in batch.items() if k != "labels"}
-            inputs = self.task.model_inputs(unlabelled, self.teacher)
+            # no labels (an encoder-decoder keeps its target: the decoder reads it)
+            inputs = self.task.model_inputs(self.task.forward_inputs(batch), self.teacher)
             teacher = self.teacher(**inputs).logits
         kd = distillation_loss(out.logits, teacher, batch, self.job.task, self.step.temperature)
         task_loss = self.task.training_loss(out, batch, self.job.train, self.labels)
