@@ -306,18 +306,29 @@ def matmul_peak_gflops(dtype_name: str, device: str = "cpu") -> float:
 
 
 def hf_train(
-    model: Any, examples: list[Any], collator: Any, output_dir: Path, **training: Any
+    model: Any,
+    examples: list[Any],
+    collator: Any,
+    output_dir: Path,
+    seq2seq: bool = False,
+    **training: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """Train ``model`` on ``examples`` (a list is a map-style dataset) with the plain HF
-    ``Trainer``: weight decay 0.01, gradient clipping at 1.0, no saving, logging or progress
-    bar; ``training``: the other ``TrainingArguments``.
+    ``Trainer`` (``seq2seq``: ``Seq2SeqTrainer``): weight decay 0.01, gradient clipping at
+    1.0, no saving, logging or progress bar; ``training``: the other ``TrainingArguments``.
 
     Returns:
         The trainer, and its threads, optimizer, the time training began (``begin``) and
         when each optimizer step ended (``ends``, after a CUDA synchronize on a GPU).
     """
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
@@ -332,7 +343,7 @@ def hf_train(
                 torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
 
-    args = TrainingArguments(
+    args = (Seq2SeqTrainingArguments if seq2seq else TrainingArguments)(
         output_dir=str(output_dir),
         weight_decay=0.01,
         max_grad_norm=1.0,
@@ -343,7 +354,7 @@ def hf_train(
         **training,
     )
     clock = StepClock()
-    trainer = Trainer(
+    trainer = (Seq2SeqTrainer if seq2seq else Trainer)(
         model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[clock]
     )
     trainer.train()

@@ -54,11 +54,12 @@ def compress(run: Path, shards: Path, model: Path, *extra: str):
         "eval.batch_size=4",
         "eval.max_new_tokens=6",
         *extra,
+        timeout=600,
     )
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind", ["decoder-only", "encoder-decoder"])
 def test_prune_recover_int8_of_a_generation_model(
     tmp_path,

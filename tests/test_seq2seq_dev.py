@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from scilm_hpc.schema import EvalConfig
 
@@ -17,6 +18,24 @@ from .test_seq2seq import (  # noqa: F401  (fixtures)
     tiny_bert_encoder_dir,
     tiny_llama_dir,
 )
+
+
+@pytest.fixture(scope="module")
+def early_eos_llama_dir(tmp_path_factory, tiny_llama_dir):  # noqa: F811
+    """The tiny Llama with EOS scoring just above "the": a sequence ends where it would
+    have said "the", so generations end at different lengths on different prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("early-eos-llama")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        the = tokenizer.convert_tokens_to_ids("the")
+        model.lm_head.weight[tokenizer.sep_token_id] = 1.01 * model.lm_head.weight[the]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
 
 ROUGE = ("dev_rouge1", "dev_rouge2", "dev_rougeL", "dev_rougeLsum", "dev_gen_length")
 
@@ -41,17 +60,18 @@ def exported_dev_rouge(run_dir: Path, shards: Path, limit: int, options: EvalCon
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("ranks", [1, 2], ids=["1-rank", "2-ranks-zero3"])
-def test_dev_rouge_selects_the_best_checkpoint(tmp_path, tiny_llama_dir, ranks):  # noqa: F811
+def test_dev_rouge_selects_the_best_checkpoint(tmp_path, early_eos_llama_dir, ranks):
     """Dev ROUGE on the first 5 dev examples at steps 2 and 4; the best checkpoint is the
     step with the higher dev_rougeL, and the last figures equal those of the export
     generating alone. On two ranks at ZeRO-3 the ranks hold different numbers of batches
-    (3 batches of 2), so a hang or a difference would show here."""
-    shards = prepare_corpus(tmp_path / "data", tiny_llama_dir)
+    (3 batches of 2) and generations end at different lengths: without synced_gpus and
+    the discarded batches the ranks' collectives fall out of step and the job hangs."""
+    shards = prepare_corpus(tmp_path / "data", early_eos_llama_dir)
     run = tmp_path / "run"
     done = finetune(
         run,
         shards,
-        tiny_llama_dir,
+        early_eos_llama_dir,
         "task=seq2seq",
         *(["cluster=none"] if ranks == 1 else ["zero.stage=3"]),
         "train.micro_batch_size=2",

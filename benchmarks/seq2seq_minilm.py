@@ -1,0 +1,154 @@
+"""Fine-tuning MiniLM -> MiniLM (a warm-started encoder-decoder) on SciTLDR: ``scilm
+finetune`` against HF ``Seq2SeqTrainer`` at its best, the same number of steps, in one run.
+
+Both start from the same weights (the task's warm start, seed 42), read the same token
+ids (the prepared shards), and train with the same batch size, learning rate, linear
+schedule, weight decay, clipping and precision (bf16 autocast on a CPU with native bf16).
+HF gets dynamic padding (``DataCollatorForSeq2Seq``), ``group_by_length`` and
+``adamw_torch_fused``. Figures: median samples/s over steps and its ratio, mean training
+loss, and ROUGE of both exports on the first ``--test-samples`` test abstracts through
+the same ``scilm evaluate`` (a warm-started pair needs far more steps than a CPU budget
+gives, so judge the pair on speed and loss; ROUGE is reported for completeness).
+
+    python benchmarks/seq2seq_minilm.py [--steps 150] [--micro-batch-size 16]
+    quick check: --steps 6 --micro-batch-size 4 --test-samples 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from _common import REPO, hf_train, median, prepare_shards, run_scilm, show, step_rows
+from generate import SCITLDR, SEQ2SEQ
+
+PAIR = ["model.name_or_path=minilm", "model.decoder_name_or_path=minilm"]
+
+
+def rouge(model: Path, shards: Path, run_dir: Path, new_tokens: int) -> dict[str, float]:
+    """ROUGE and generated length of ``model`` on the test split (one process)."""
+    run_scilm(
+        "evaluate",
+        str(REPO / "jobs/evaluate.yaml"),
+        *SEQ2SEQ,
+        "cluster=none",
+        f"run.dir={run_dir}",
+        f"model.name_or_path={model}",
+        f"data.shards={shards}",
+        "eval.batch_size=16",
+        f"eval.max_new_tokens={new_tokens}",
+    )
+    metrics = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    return {k: round(metrics[k], 2) for k in ("rouge1", "rouge2", "rougeL", "gen_length")}
+
+
+def hf_run(args: argparse.Namespace, shards: Path, out: Path) -> dict[str, float]:
+    """Seq2SeqTrainer on the shards' token ids; its model saved to ``out``."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from scilm_hpc.data.dataset import ShardDataset
+    from scilm_hpc.launch.hardware import cpu_has_native_bf16
+    from scilm_hpc.model_source import load_tokenizer, packaged_minilm_path
+    from scilm_hpc.schema import DataConfig
+    from scilm_hpc.tasks.seq2seq import Seq2Seq
+
+    minilm = packaged_minilm_path()
+    tokenizer = load_tokenizer(minilm)
+    torch.manual_seed(42)  # scilm's train.seed before it builds the model
+    model = Seq2Seq(DataConfig(max_target_length=32)).load_pretrained(minilm, None, [], minilm)
+    train = ShardDataset(shards, "train")
+    examples = []
+    for i in range(len(train)):
+        item = train[i]
+        ids, cut = item["input_ids"].astype(np.int64), int(item["source_length"])
+        examples.append({"input_ids": ids[:cut].tolist(), "labels": ids[cut:].tolist()})
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_native_bf16())
+    trainer, run = hf_train(
+        model,
+        examples,
+        DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+        out / "trainer",
+        seq2seq=True,
+        per_device_train_batch_size=args.micro_batch_size,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="linear",
+        seed=42,
+        bf16=bf16,
+        use_cpu=True,
+        group_by_length=True,
+        optim="adamw_torch_fused",
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+    )
+    trainer.save_model(str(out / "model"))
+    tokenizer.save_pretrained(out / "model")
+    step_s = np.diff([run["begin"], *run["ends"]])
+    return {
+        "samples_per_s": args.micro_batch_size / median(step_s[args.skip :]),
+        "mean_loss": float(trainer.state.log_history[-1]["train_loss"]),
+        "precision": "bf16" if bf16 else "fp32",
+        "threads": run["threads"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--skip", type=int, default=1, help="first steps left out of medians")
+    parser.add_argument("--test-samples", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="scilm-bench-s2s-"))
+    test = root / "test.jsonl"
+    lines = (SCITLDR / "test.jsonl").read_text().splitlines()[: args.test_samples]
+    test.write_text("".join(x + "\n" for x in lines))
+    shards = prepare_shards(root, {"train": SCITLDR / "train.jsonl", "test": test}, *SEQ2SEQ, *PAIR)
+    run_dir = root / "scilm"
+    wall = run_scilm(
+        "finetune",
+        str(REPO / "jobs/finetune.yaml"),
+        "cluster=none",
+        *SEQ2SEQ,
+        *PAIR,
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        f"train.max_steps={args.steps}",
+        f"train.micro_batch_size={args.micro_batch_size}",
+        f"train.lr={args.lr}",
+        f"train.precision={args.precision}",
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+    )
+    steps = step_rows(run_dir)
+    ours = {
+        "samples_per_s": median(r["samples_per_s"] for r in steps[args.skip :]),
+        "mean_loss": float(np.mean([r["loss"] for r in steps])),
+        "wall_s": wall,
+    }
+    hf = hf_run(args, shards, root / "hf")
+    ours["rouge"] = rouge(run_dir / "export", shards, root / "eval-scilm", args.max_new_tokens)
+    hf["rouge"] = rouge(root / "hf" / "model", shards, root / "eval-hf", args.max_new_tokens)
+    figures = {
+        "benchmark": "seq2seq_minilm",
+        "steps": args.steps,
+        "micro_batch_size": args.micro_batch_size,
+        "scilm": ours,
+        "hf_seq2seq_trainer": hf,
+        "ratio_samples_per_s": ours["samples_per_s"] / hf["samples_per_s"],
+        "loss_curve_scilm": [round(r["loss"], 4) for r in steps],
+    }
+    show(figures)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
