@@ -4,14 +4,15 @@ finetune`` against HF ``Seq2SeqTrainer`` at its best, the same number of steps, 
 Both start from the same weights (the task's warm start, seed 42), read the same token
 ids (the prepared shards), and train with the same batch size, learning rate, linear
 schedule, weight decay, clipping and precision (bf16 autocast on a CPU with native bf16).
-HF gets dynamic padding (``DataCollatorForSeq2Seq``), ``group_by_length`` and
+HF gets dynamic padding (``DataCollatorForSeq2Seq``), length grouping
+(``train_sampling_strategy="group_by_length"``) and
 ``adamw_torch_fused``. Figures: median samples/s over steps and its ratio, mean training
 loss, and ROUGE of both exports on the first ``--test-samples`` test abstracts through
 the same ``scilm evaluate`` (a warm-started pair needs far more steps than a CPU budget
 gives, so judge the pair on speed and loss; ROUGE is reported for completeness).
 
     python benchmarks/seq2seq_minilm.py [--steps 150] [--micro-batch-size 16]
-    quick check: --steps 6 --micro-batch-size 4 --test-samples 8
+    quick check: --steps 6 --micro-batch-size 4 --train-samples 64 --test-samples 8
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def hf_run(args: argparse.Namespace, shards: Path, out: Path) -> dict[str, float
         seed=42,
         bf16=bf16,
         use_cpu=True,
-        group_by_length=True,
+        train_sampling_strategy="group_by_length",
         optim="adamw_torch_fused",
         dataloader_pin_memory=False,
         remove_unused_columns=False,
@@ -103,14 +104,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--skip", type=int, default=1, help="first steps left out of medians")
+    parser.add_argument("--train-samples", type=int, default=0, help="0: all 1992")
     parser.add_argument("--test-samples", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="scilm-bench-s2s-"))
-    test = root / "test.jsonl"
-    lines = (SCITLDR / "test.jsonl").read_text().splitlines()[: args.test_samples]
-    test.write_text("".join(x + "\n" for x in lines))
-    shards = prepare_shards(root, {"train": SCITLDR / "train.jsonl", "test": test}, *SEQ2SEQ, *PAIR)
+    files = {}
+    for split, n in (("train", args.train_samples), ("test", args.test_samples)):
+        lines = (SCITLDR / f"{split}.jsonl").read_text().splitlines()[: n or None]
+        files[split] = root / f"{split}.jsonl"
+        files[split].write_text("".join(x + "\n" for x in lines))
+    shards = prepare_shards(root, files, *SEQ2SEQ, *PAIR)
     run_dir = root / "scilm"
     wall = run_scilm(
         "finetune",
