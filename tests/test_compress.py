@@ -530,12 +530,19 @@ def test_prune_recover_keeps_the_masks_and_resumes_after_a_kill(tmp_path, shards
     resumed = load_file(killed / "steps" / "02-recover-8" / "model.safetensors")
     for name in recovered:
         assert torch.equal(resumed[name], recovered[name]), name
-    # another recipe in the same run directory is refused, nothing overwritten
+    # another recipe in the same run directory is refused, nothing overwritten: by the
+    # config comparison before anything runs, and by the steps' own record when the
+    # config change is allowed
     other = compress(killed, shards, export, "compress=structured30")
+    assert other.returncode == 2 and "run with another config" in other.stderr, other.stderr
+    assert "compress.steps" in other.stderr
+    other = compress(
+        killed, shards, export, "compress=structured30", "run.allow_config_change=true"
+    )
     assert (
         other.returncode == 2
         and "holds the steps of another recipe (prune50-recover)" in other.stderr
-    )
+    ), other.stderr
 
 
 @pytest.mark.integration
