@@ -386,7 +386,10 @@ def test_shards_of_another_tokenizer_are_refused(
     assert latest_tag(run) is None and not (run / "export").exists()
 
 
-def test_missing_shards_directory_is_refused_from_a_subprocess_rank(tmp_path, tiny_model_dir):
+def test_missing_shards_directory_is_refused_before_a_rank_starts(tmp_path, tiny_model_dir):
+    """Checked before submission (jobs.presubmit): one error naming the path, no rank
+    started, nothing written (a rank's own refusal travels back as in
+    test_shards_of_another_tokenizer_are_refused)."""
     run = tmp_path / "run"
     missing = tmp_path / "no-such-shards"
     done = scilm_run(
@@ -405,5 +408,4 @@ def test_missing_shards_directory_is_refused_from_a_subprocess_rank(tmp_path, ti
     assert lines[0].startswith("error: data.shards:") and str(missing) in lines[0]
     assert "does not exist" in lines[0]
     assert "Traceback" not in done.stderr
-    assert (run / "submitit").is_dir()  # it did come back from a local rank
-    assert latest_tag(run) is None and not (run / "export").exists()
+    assert not run.exists()  # no rank was started, nothing written
