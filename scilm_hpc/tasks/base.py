@@ -69,10 +69,16 @@ def class_weight_tensor(weights: dict[str, float], labels: Sequence[str]) -> tor
     return torch.tensor([float(weights.get(name, 1.0)) for name in labels])
 
 
-def weighted_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
+def class_weighted_loss(
+    outputs: Any, labels: torch.Tensor, weights: dict[str, float], names: Sequence[str]
 ) -> torch.Tensor:
-    """Cross-entropy with class weights (a weighted mean, ``IGNORE_INDEX`` skipped)."""
+    """The model's own loss, or with ``train.class_weights`` (``weights``, by class name
+    in ``names``) a weighted cross-entropy: a weighted mean over the labelled positions,
+    ``IGNORE_INDEX`` skipped. Classification and per-token tags share it."""
+    weight = class_weight_tensor(weights, names)
+    if weight is None:
+        return outputs.loss
+    logits = outputs.logits
     return torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         labels.reshape(-1),

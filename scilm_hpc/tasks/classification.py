@@ -21,9 +21,8 @@ from scilm_hpc.schema import TrainConfig
 from scilm_hpc.tasks.base import (
     ExampleResult,
     Task,
-    class_weight_tensor,
+    class_weighted_loss,
     pad_inputs,
-    weighted_cross_entropy,
 )
 
 
@@ -125,10 +124,7 @@ class Classification(Task):
         train: TrainConfig,
         labels: Sequence[str],
     ) -> torch.Tensor:
-        weight = class_weight_tensor(train.class_weights, labels)
-        if weight is None:
-            return outputs.loss
-        return weighted_cross_entropy(outputs.logits, batch["labels"], weight)
+        return class_weighted_loss(outputs, batch["labels"], train.class_weights, labels)
 
     def example_results(
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor]

@@ -32,9 +32,8 @@ from scilm_hpc.schema import TrainConfig
 from scilm_hpc.tasks.base import (
     ExampleResult,
     Task,
-    class_weight_tensor,
+    class_weighted_loss,
     pad_inputs,
-    weighted_cross_entropy,
 )
 from scilm_hpc.tasks.classification import _prf, classification_metrics
 
@@ -175,10 +174,7 @@ class TokenClassification(Task):
         train: TrainConfig,
         labels: Sequence[str],
     ) -> torch.Tensor:
-        weight = class_weight_tensor(train.class_weights, labels)
-        if weight is None:
-            return outputs.loss
-        return weighted_cross_entropy(outputs.logits, batch["labels"], weight)
+        return class_weighted_loss(outputs, batch["labels"], train.class_weights, labels)
 
     def example_results(
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor]
