@@ -25,6 +25,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from scilm_hpc.errors import UserError
 
@@ -434,38 +435,13 @@ def iter_text(path: Path) -> Iterator[Example]:
     problems.raise_if_any()
 
 
-def read_corpus(
-    path: str | Path,
-    fmt: str,
-    *,
-    text_field: str = "text",
-    label_field: str | None = "label",
-    token_column: int = 0,
-    tag_column: int = -1,
-    csv_delimiter: str = ",",
-    label_kind: str = "name",
-    targets: TargetFields | None = None,
-    fasta_labels: str | None = None,
-) -> list[Example]:
-    """Every example of one corpus file: ``iter_corpus`` as a list.
+def read_corpus(path: str | Path, fmt: str, **options: Any) -> list[Example]:
+    """Every example of one corpus file: ``iter_corpus`` (same keyword options) as a list.
 
     Raises:
         UserError: as ``iter_corpus``.
     """
-    return list(
-        iter_corpus(
-            path,
-            fmt,
-            text_field=text_field,
-            label_field=label_field,
-            token_column=token_column,
-            tag_column=tag_column,
-            csv_delimiter=csv_delimiter,
-            label_kind=label_kind,
-            targets=targets,
-            fasta_labels=fasta_labels,
-        )
-    )
+    return list(iter_corpus(path, fmt, **options))
 
 
 def iter_corpus(
