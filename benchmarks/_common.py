@@ -97,9 +97,11 @@ def prepare_shards(out: Path, splits: dict[str, Path], *overrides: str) -> Path:
     return out / "shards"
 
 
-def eval_metrics(model: Path | str, shards: Path, split: str, run_dir: Path) -> dict[str, Any]:
+def eval_metrics(
+    model: Path | str, shards: Path, split: str, run_dir: Path, *overrides: str
+) -> dict[str, Any]:
     """Metrics of an exported model on a split of ``shards`` (``scilm evaluate``, one
-    process, run directory ``run_dir``)."""
+    process, run directory ``run_dir``, ``overrides`` added)."""
     run_scilm(
         "evaluate",
         str(REPO / "jobs/evaluate.yaml"),
@@ -108,6 +110,7 @@ def eval_metrics(model: Path | str, shards: Path, split: str, run_dir: Path) -> 
         f"model.name_or_path={model}",
         f"data.shards={shards}",
         f"eval.split={split}",
+        *overrides,
     )
     return json.loads((run_dir / "eval.json").read_text())["metrics"]
 

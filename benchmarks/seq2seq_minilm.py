@@ -23,7 +23,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, hf_train, median, prepare_shards, run_scilm, show, step_rows
+from _common import (
+    REPO,
+    eval_metrics,
+    hf_train,
+    median,
+    prepare_shards,
+    run_scilm,
+    show,
+    step_rows,
+)
 from generate import SCITLDR, SEQ2SEQ
 
 PAIR = ["model.name_or_path=minilm", "model.decoder_name_or_path=minilm"]
@@ -31,18 +40,15 @@ PAIR = ["model.name_or_path=minilm", "model.decoder_name_or_path=minilm"]
 
 def rouge(model: Path, shards: Path, run_dir: Path, new_tokens: int) -> dict[str, float]:
     """ROUGE and generated length of ``model`` on the test split (one process)."""
-    run_scilm(
-        "evaluate",
-        str(REPO / "jobs/evaluate.yaml"),
+    metrics = eval_metrics(
+        model,
+        shards,
+        "test",
+        run_dir,
         *SEQ2SEQ,
-        "cluster=none",
-        f"run.dir={run_dir}",
-        f"model.name_or_path={model}",
-        f"data.shards={shards}",
         "eval.batch_size=16",
         f"eval.max_new_tokens={new_tokens}",
     )
-    metrics = json.loads((run_dir / "eval.json").read_text())["metrics"]
     return {k: round(metrics[k], 2) for k in ("rouge1", "rouge2", "rougeL", "gen_length")}
 
 

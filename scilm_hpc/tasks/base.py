@@ -258,10 +258,13 @@ class Task(ABC):
         train: TrainConfig,
         labels: Sequence[str],
     ) -> torch.Tensor:
-        """The loss training minimises: the model's own (``outputs.loss``) unless the task
-        honours ``train.loss`` / ``train.class_weights`` (``config.validate`` refuses them
-        for tasks that do not)."""
-        return outputs.loss
+        """The loss training minimises: the model's own (``outputs.loss``), or with
+        ``train.class_weights`` a class-weighted cross-entropy (``config.validate`` allows
+        the weights for the two classification tasks only); regression overrides it for
+        ``train.loss``."""
+        if not train.class_weights:
+            return outputs.loss
+        return class_weighted_loss(outputs, batch["labels"], train.class_weights, labels)
 
     # --- evaluation ----------------------------------------------------------------
     @abstractmethod

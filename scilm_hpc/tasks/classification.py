@@ -17,11 +17,9 @@ import torch.nn.functional as F
 
 from scilm_hpc.data.encode import encode_texts
 from scilm_hpc.data.readers import Example
-from scilm_hpc.schema import TrainConfig
 from scilm_hpc.tasks.base import (
     ExampleResult,
     Task,
-    class_weighted_loss,
     pad_inputs,
 )
 
@@ -116,15 +114,6 @@ class Classification(Task):
         batch = pad_inputs(items, pad_id)
         batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
         return batch
-
-    def training_loss(
-        self,
-        outputs: Any,
-        batch: dict[str, torch.Tensor],
-        train: TrainConfig,
-        labels: Sequence[str],
-    ) -> torch.Tensor:
-        return class_weighted_loss(outputs, batch["labels"], train.class_weights, labels)
 
     def example_results(
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor]

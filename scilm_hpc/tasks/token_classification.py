@@ -28,11 +28,9 @@ import torch.nn.functional as F
 
 from scilm_hpc.data.encode import IGNORE_INDEX, encode_words
 from scilm_hpc.data.readers import Example
-from scilm_hpc.schema import TrainConfig
 from scilm_hpc.tasks.base import (
     ExampleResult,
     Task,
-    class_weighted_loss,
     pad_inputs,
 )
 from scilm_hpc.tasks.classification import _prf, classification_metrics
@@ -166,15 +164,6 @@ class TokenClassification(Task):
 
     def distill_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return batch["labels"] != IGNORE_INDEX
-
-    def training_loss(
-        self,
-        outputs: Any,
-        batch: dict[str, torch.Tensor],
-        train: TrainConfig,
-        labels: Sequence[str],
-    ) -> torch.Tensor:
-        return class_weighted_loss(outputs, batch["labels"], train.class_weights, labels)
 
     def example_results(
         self, logits: torch.Tensor, batch: dict[str, torch.Tensor]
