@@ -329,6 +329,11 @@ def validate(job: JobConfig) -> list[str]:
             path = getattr(d, split)
             if path is not None and not Path(path).is_file():
                 p.append(f"data.{split}: file '{path}' does not exist")
+            elif path is not None and d.format != "parquet" and path.endswith(".parquet"):
+                p.append(
+                    f"data.{split}: '{path}' is a Parquet file but data.format is "
+                    f"{d.format}; set data.format=parquet"
+                )
         if d.dev is not None and d.split.dev_ratio > 0:
             p.append("data.split.dev_ratio: set, but data.dev is given too; use one of them")
         if d.test is not None and d.split.test_ratio > 0:

@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 JOB_KINDS = ("prepare", "finetune", "compress", "evaluate")
 TASKS = ("classification", "token_classification", "causal_lm", "regression", "seq2seq")
-DATA_FORMATS = ("jsonl", "csv", "conll", "fasta", "text")
+DATA_FORMATS = ("jsonl", "csv", "conll", "fasta", "text", "parquet")
 UNKNOWN_RESIDUE_POLICIES = ("refuse", "map_x", "skip")
 SHARD_COMPRESSIONS = ("none", "gzip", "lzf")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -54,6 +54,7 @@ class SplitConfig:
 class DataConfig:
     """Raw corpus, how to read it, and the HDF5 shards prepare writes."""
 
+    # jsonl | csv | conll | fasta | text | parquet (columns named by the *_field keys)
     format: str = "jsonl"
     train: str | None = None
     dev: str | None = None

@@ -1,4 +1,4 @@
-"""Corpus readers: JSONL, CSV, CoNLL, FASTA and plain text into ``Example`` records.
+"""Corpus readers: JSONL, CSV, CoNLL, FASTA, text and Parquet into ``Example`` records.
 
 Readers decode bytes themselves so that a file that is not UTF-8, a malformed
 row or a missing field is reported with its file name and line number. They
@@ -458,9 +458,9 @@ def iter_corpus(
     fasta_labels: str | None = None,
 ) -> Iterator[Example]:
     """The examples of one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``,
-    ``fasta``, ``text``), read lazily; ``label_kind`` (``LABEL_KINDS``) says what the
-    label field holds, ``targets`` (JSONL, CSV) reads a seq2seq target and its
-    references, ``fasta_labels`` (FASTA) is a CSV of labels by record id.
+    ``fasta``, ``text``, ``parquet``), read lazily; ``label_kind`` (``LABEL_KINDS``) says
+    what the label field holds, ``targets`` (JSONL, CSV, Parquet) reads a seq2seq target
+    and its references, ``fasta_labels`` (FASTA) is a CSV of labels by record id.
 
     Raises:
         UserError: naming the file and line of every problem found (up to ten; raised
@@ -486,8 +486,14 @@ def iter_corpus(
         examples = iter_fasta(path, label_field, label_kind, table)
     elif fmt == "text":
         examples = iter_text(path)
+    elif fmt == "parquet":
+        from scilm_hpc.data.parquet import iter_parquet
+
+        examples = iter_parquet(path, text_field, label_field, label_kind, targets)
     else:
-        raise UserError(f"data.format: got {fmt!r}; allowed: jsonl, csv, conll, fasta, text")
+        raise UserError(
+            f"data.format: got {fmt!r}; allowed: jsonl, csv, conll, fasta, text, parquet"
+        )
     empty = True
     for example in examples:
         empty = False

@@ -59,7 +59,7 @@ class CausalLM(Task):
 
     name = "causal_lm"
     auto_class_name = "AutoModelForCausalLM"
-    formats = ("text", "jsonl", "csv", "fasta")
+    formats = ("text", "jsonl", "csv", "fasta", "parquet")
     has_label_map = False
     headline = ("loss", "perplexity")
     main_metric = ("perplexity", False)

@@ -90,7 +90,7 @@ class Classification(Task):
 
     name = "classification"
     auto_class_name = "AutoModelForSequenceClassification"
-    formats = ("jsonl", "csv", "fasta")
+    formats = ("jsonl", "csv", "fasta", "parquet")
     headline = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "loss")
     main_metric = ("macro_f1", True)
 

@@ -117,7 +117,7 @@ class Regression(Task):
 
     name = "regression"
     auto_class_name = "AutoModelForSequenceClassification"
-    formats = ("jsonl", "csv", "fasta")
+    formats = ("jsonl", "csv", "fasta", "parquet")
     has_label_map = False
     label_kind = "values"
     outputs_values = True

@@ -151,7 +151,7 @@ class Seq2Seq(Task):
 
     name = "seq2seq"
     auto_class_name = "AutoModelForSeq2SeqLM"
-    formats = ("jsonl", "csv")
+    formats = ("jsonl", "csv", "parquet")
     has_label_map = False
     headline = ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_length", "loss")
     main_metric = ("rougeL", True)

@@ -130,7 +130,7 @@ class TokenClassification(Task):
 
     name = "token_classification"
     auto_class_name = "AutoModelForTokenClassification"
-    formats = ("conll", "jsonl")
+    formats = ("conll", "jsonl", "parquet")
     label_kind = "tags"
     headline = ("precision", "recall", "f1", "token_accuracy", "loss")
     main_metric = ("f1", True)
