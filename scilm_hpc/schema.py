@@ -282,7 +282,9 @@ class CompressStep:
     kernels for dynamic, scilm's packed layers for weight-only) | torchao (torchao's
     ``quantize_``; see docs/decisions.md for which is faster). ``distill`` (the first
     step): ``steps`` optimizer steps training a smaller ``student`` from the dense model,
-    loss as for ``recover``.
+    loss as for ``recover`` plus ``hidden_mse`` x the mean squared error between each
+    student layer's hidden states and those of the teacher layer it started from (0: off;
+    students as wide as the teacher only).
     """
 
     kind: str = MISSING
@@ -298,6 +300,7 @@ class CompressStep:
     steps: int | None = None
     alpha: float = 0.5
     temperature: float = 2.0
+    hidden_mse: float = 0.0
     bits: int | None = None
     group_size: int | None = None
     embeddings: bool = False

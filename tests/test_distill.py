@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,9 +12,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from scilm_hpc.compress.distill import build_student, default_layers
+from scilm_hpc.compress.distill import (
+    build_student,
+    default_layers,
+    hidden_layer_map,
+    hidden_state_loss,
+)
 from scilm_hpc.errors import UserError
-from scilm_hpc.schema import StudentSpec
+from scilm_hpc.schema import CompressStep, StudentSpec, TrainConfig
 
 from .conftest import REPO, scilm_run
 
@@ -146,6 +152,15 @@ def test_a_student_that_does_not_fit_the_teacher_is_refused(spec, message):
         ),
         (["compress.steps.0.student.layerz=1"], "did you mean 'compress.steps.0.student.layers'"),
         (["zero.stage=3"], "distill training runs on one task"),
+        (
+            ["compress.steps.0.hidden_mse=1", "compress.steps.0.student.hidden_size=16"],
+            "compress.steps.0.hidden_mse: the student is narrower than the teacher",
+        ),
+        (["compress.steps.0.hidden_mse=-1"], "compress.steps.0.hidden_mse: got -1.0; must be"),
+        (
+            ["compress=prune50-recover", "compress.steps.1.hidden_mse=1"],
+            "hidden-state matching is part of a distill step; this step is recover",
+        ),
     ],
 )
 def test_bad_distill_recipes_are_refused_before_running(scilm, tmp_path, overrides, message):
@@ -155,6 +170,88 @@ def test_bad_distill_recipes_are_refused_before_running(scilm, tmp_path, overrid
     )
     assert code == 2 and message in err, err
     assert not run.exists()
+
+
+def _hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return model(**batch, output_hidden_states=True).hidden_states
+
+
+def test_hidden_mse_is_zero_on_the_teachers_own_layers_and_trains_the_student():
+    """Student layers 0, 1 of a 4-layer teacher compute exactly the teacher's layers 0, 1:
+    the hidden-state term is 0. Layers 0 and 3 (the default spread) differ after the
+    first: positive, and its gradient reaches both student layers."""
+    teacher = bert_teacher()
+    batch = ids()
+    batch["attention_mask"][1, 6:] = 0  # padding: not compared
+    teacher_hidden = _hidden(teacher, batch)
+    for spec, expected in ((StudentSpec(layers=[0, 1]), [0, 1]), (StudentSpec(), [0, 3])):
+        student = build_student(teacher, spec, "classification", "k").eval()
+        layers = hidden_layer_map(teacher.config, student.config, spec, "k")
+        assert layers == expected
+        loss = hidden_state_loss(_hidden(student, batch), teacher_hidden, layers,
+                                 batch["attention_mask"])  # fmt: skip
+        if expected == [0, 1]:
+            assert float(loss.detach()) == 0.0
+            continue
+        assert float(loss.detach()) > 1e-4
+        loss.backward()
+        for layer in student.bert.encoder.layer:
+            assert layer.output.dense.weight.grad.abs().sum() > 0
+    # by hand: layer 1 against teacher layer 3, real tokens only
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        s = _hidden(student, batch)
+        by_hand = (F.mse_loss(s[1][keep], teacher_hidden[1][keep])
+                   + F.mse_loss(s[2][keep], teacher_hidden[4][keep])) / 2  # fmt: skip
+    assert float(loss.detach()) == pytest.approx(float(by_hand), rel=1e-6)
+
+
+def test_distill_trainer_adds_the_weighted_hidden_term_to_its_loss():
+    """``compute_loss`` with ``hidden_mse`` = the KD and task loss + weight x the term;
+    the term changes the student's gradient."""
+    from scilm_hpc.tasks import get_task
+    from scilm_hpc.train.recovery import RecoveryTrainer
+
+    teacher = bert_teacher()
+    student = build_student(teacher, StudentSpec(), "classification", "k").eval()
+    batch = {**ids(), "labels": torch.tensor([0, 2, 1])}
+
+    def loss_and_grad(layers: list[int] | None) -> tuple[float, torch.Tensor]:
+        trainer = SimpleNamespace(
+            gradual=None,
+            task=get_task("classification"),
+            teacher=teacher,
+            step=CompressStep(kind="distill", alpha=0.5, temperature=2.0, hidden_mse=3.0),
+            hidden_layers=layers,
+            job=SimpleNamespace(task="classification", train=TrainConfig()),
+            labels=["a", "b", "c"],
+        )
+        student.zero_grad()
+        loss = RecoveryTrainer.compute_loss(trainer, student, batch)  # type: ignore[arg-type]
+        loss.backward()
+        return float(loss.detach()), student.bert.encoder.layer[0].output.dense.weight.grad.clone()
+
+    plain, plain_grad = loss_and_grad(None)
+    matched, matched_grad = loss_and_grad([0, 3])
+    with torch.no_grad():
+        term = hidden_state_loss(_hidden(student, batch), _hidden(teacher, batch), [0, 3],
+                                 batch["attention_mask"])  # fmt: skip
+    assert matched == pytest.approx(plain + 3.0 * float(term), rel=1e-5)
+    assert not torch.allclose(plain_grad, matched_grad)
+
+
+def test_hidden_mse_needs_a_student_of_the_teachers_width():
+    teacher = bert_teacher()
+    narrow = build_student(teacher, StudentSpec(hidden_size=16), "classification", "k")
+    with pytest.raises(UserError, match="k.hidden_mse: the student's hidden_size 16 differs"):
+        hidden_layer_map(teacher.config, narrow.config, StudentSpec(name_or_path="x"), "k")
+    # a student of its own (by path) is matched with the default spread of teacher layers
+    same = build_student(teacher, StudentSpec(num_hidden_layers=3), "classification", "k")
+    assert hidden_layer_map(teacher.config, same.config, StudentSpec(name_or_path="x"), "k") == [
+        0,
+        2,
+        3,
+    ]
 
 
 # --- the compress step end to end ------------------------------------------------------------

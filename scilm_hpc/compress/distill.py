@@ -10,7 +10,9 @@ the teacher's (an initialisation, not a copy of what the teacher computes).
 Layers are found by name, not by architecture: the ``N`` in ``….layer.N.…``,
 ``….layers.N.…``, ``….h.N.…`` or ``….block.N.…`` (BERT, ESM, RoBERTa, Llama,
 GPT-2), so one rule covers every task's model. The training itself is
-``train.recovery.DistillTrainer``: the recovery trainer with an unmasked student.
+``train.recovery.DistillTrainer``: the recovery trainer with an unmasked student; with
+``hidden_mse`` its loss also matches each student layer's hidden states to those of the
+teacher layer it started from (``hidden_layer_map``, ``hidden_state_loss``).
 """
 
 from __future__ import annotations
@@ -129,3 +131,61 @@ def build_student(teacher: nn.Module, spec: StudentSpec, task: str | Task, key: 
             continue
         tensor.copy_(origin[tuple(slice(0, s) for s in tensor.shape)])
     return student.train()
+
+
+def hidden_layer_map(teacher_config: Any, student: Any, spec: StudentSpec, key: str) -> list[int]:
+    """The teacher layer whose hidden states each student layer is matched with
+    (``hidden_mse``): the layer it was initialised from (``student_config``'s layers), or
+    for a student given by path the default spread (``default_layers``).
+
+    Raises:
+        UserError: naming ``key`` for a model without hidden states per layer (an
+            encoder-decoder), without ``num_hidden_layers``, or of another width than
+            the teacher's (``student``: the student's config).
+    """
+    problems = []
+    for who, config in (("teacher", teacher_config), ("student", student)):
+        if getattr(config, "is_encoder_decoder", False) or not isinstance(
+            getattr(config, "num_hidden_layers", None), int
+        ):
+            problems.append(
+                f"{key}.hidden_mse: the {who} ({config.model_type}) has no single stack of "
+                f"num_hidden_layers layers to match; use an encoder-only or decoder-only "
+                f"model, or hidden_mse: 0"
+            )
+    if problems:
+        raise UserError("\n".join(problems))
+    width = (teacher_config.hidden_size, student.hidden_size)
+    if width[0] != width[1]:
+        raise UserError(
+            f"{key}.hidden_mse: the student's hidden_size {width[1]} differs from the "
+            f"teacher's {width[0]}; hidden states are compared as they are (no projection), "
+            f"so use a student of the teacher's width or hidden_mse: 0"
+        )
+    if spec.name_or_path:
+        return default_layers(teacher_config.num_hidden_layers, student.num_hidden_layers)
+    return student_config(teacher_config, spec, key)[1]
+
+
+def hidden_state_loss(
+    student: tuple[torch.Tensor, ...],
+    teacher: tuple[torch.Tensor, ...],
+    layers: list[int],
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over student layers ``i`` of the MSE between the output of student layer ``i``
+    and that of teacher layer ``layers[i]``, over the real tokens (``mask``).
+
+    Args:
+        student: the student's ``hidden_states`` (embeddings, then one per layer).
+        teacher: the teacher's.
+        layers: the teacher layer of each student layer (``hidden_layer_map``).
+        mask: [batch, length], nonzero at real tokens (the attention mask).
+    """
+    assert len(student) == len(layers) + 1, (len(student), len(layers))
+    keep = mask.bool()
+    terms = [
+        torch.nn.functional.mse_loss(student[i + 1][keep].float(), teacher[t + 1][keep].float())
+        for i, t in enumerate(layers)
+    ]
+    return torch.stack(terms).mean()

@@ -90,6 +90,19 @@ def recipe_problems(job: JobConfig, recipes: list[str]) -> list[str]:
                 )
             if step.kind == "distill":
                 p += _student_problems(step, i, key)
+        if step.hidden_mse < 0:
+            p.append(f"{key}.hidden_mse: got {step.hidden_mse}; must be >= 0 (0: off)")
+        elif step.hidden_mse > 0 and step.kind != "distill":
+            p.append(
+                f"{key}.hidden_mse: hidden-state matching is part of a distill step; "
+                f"this step is {step.kind}"
+            )
+        elif step.hidden_mse > 0 and step.student.hidden_size is not None:
+            p.append(
+                f"{key}.hidden_mse: the student is narrower than the teacher "
+                f"(student.hidden_size={step.student.hidden_size}); hidden states are "
+                f"compared as they are, so keep the teacher's width or set hidden_mse: 0"
+            )
         elif step.kind == "quantize":
             quantized = True
             check_choice(p, f"{key}.method", step.method, schema.QUANT_METHODS)

@@ -26,7 +26,7 @@ from torch import nn
 
 from scilm_hpc.compress import measure
 from scilm_hpc.compress.calibration import calibration_batches, input_norms
-from scilm_hpc.compress.distill import build_student
+from scilm_hpc.compress.distill import build_student, hidden_layer_map
 from scilm_hpc.compress.prune import apply_masks, nm_masks, unstructured_masks
 from scilm_hpc.compress.quantize import quantize_model
 from scilm_hpc.compress.recover import load_student, recovered_model, recovery_job
@@ -299,6 +299,7 @@ class _Compression:
         HF directory) and trained in ``NN-name.run/`` like a recovery, so a restarted
         job resumes from the run's checkpoints with the same student."""
         init_dir = step_dir.with_name(step_dir.name + ".student")
+        key = f"compress.steps.{index}"
         if not (init_dir / "config.json").is_file():
             torch.manual_seed(self.job.train.seed)
             spec = step.student
@@ -309,12 +310,18 @@ class _Compression:
                 task = get_task(self.job.task, self.eval_set.manifest)
                 student = build_model(task, spec.name_or_path, self.eval_set.label_names)
             else:
-                key = f"compress.steps.{index}"
                 student = build_student(self.dense, spec, self.job.task, key)
             write_export(student, self.tokenizer, init_dir)
+        hidden_layers = None
+        if step.hidden_mse > 0:
+            from transformers import AutoConfig
+
+            student_config = AutoConfig.from_pretrained(init_dir)
+            hidden_layers = hidden_layer_map(self.dense.config, student_config, step.student, key)
         run_dir = step_dir.with_name(step_dir.name + ".run")
         job = recovery_job(self.job, run_dir, init_dir, step.steps or 0)
-        result = DistillTrainer(job, 0, 1, self.stop, self.dense, step, None).run()
+        trainer = DistillTrainer(job, 0, 1, self.stop, self.dense, step, hidden_layers)
+        result = trainer.run()
         if "stopped" in result:
             write_run_state(
                 self.run_dir, "stopped", reason=f"{result['stopped']} during {step_dir.name}"

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scilm_hpc.compress.distill import hidden_state_loss
 from scilm_hpc.compress.prune import MaskedLinear, gradual_sparsity, unstructured_masks
 from scilm_hpc.compress.recover import distillation_loss, load_student, masked_student
 from scilm_hpc.launch.preemption import StopFlag
@@ -45,6 +46,8 @@ class RecoveryTrainer(Trainer):
         # sparsity the masks have reached; computed once, then kept (the masks change
         # ten times in a recovery, the check runs every micro-batch)
         self.mask_sparsity: float | None = None
+        # distill with hidden_mse: the teacher layer each student layer is matched with
+        self.hidden_layers: list[int] | None = None
 
     def build_model(self, weights: dict[str, torch.Tensor] | None) -> nn.Module:
         model = masked_student(self.job.model.name_or_path, self.job.task, self.gradual is not None)
@@ -72,20 +75,44 @@ class RecoveryTrainer(Trainer):
     def compute_loss(self, engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.gradual is not None:
             self._grow_masks(int(engine.global_steps))
-        out = engine(**self.task.model_inputs(batch, engine))
+        hidden = {"output_hidden_states": True} if self.hidden_layers is not None else {}
+        out = engine(**self.task.model_inputs(batch, engine), **hidden)
         with torch.no_grad():
             # no labels (an encoder-decoder keeps its target: the decoder reads it)
             inputs = self.task.model_inputs(self.task.forward_inputs(batch), self.teacher)
-            teacher = self.teacher(**inputs).logits
-        kd = distillation_loss(out.logits, teacher, batch, self.job.task, self.step.temperature)
+            teacher = self.teacher(**inputs, **hidden)
+        kd = distillation_loss(
+            out.logits, teacher.logits, batch, self.job.task, self.step.temperature
+        )
         task_loss = self.task.training_loss(out, batch, self.job.train, self.labels)
-        return self.step.alpha * kd + (1.0 - self.step.alpha) * task_loss
+        loss = self.step.alpha * kd + (1.0 - self.step.alpha) * task_loss
+        if self.hidden_layers is not None:
+            matched = hidden_state_loss(
+                out.hidden_states, teacher.hidden_states, self.hidden_layers,
+                batch["attention_mask"],
+            )  # fmt: skip
+            loss = loss + self.step.hidden_mse * matched
+        return loss
 
 
 class DistillTrainer(RecoveryTrainer):
     """Distillation into a smaller student: the recovery trainer (same loss, engine,
     checkpoints, resume and requeue) on the student saved in ``model.name_or_path``,
-    nothing masked."""
+    nothing masked; ``hidden_layers`` (the step's ``hidden_mse`` on) adds the hidden-state
+    term, student layer ``i`` matched with teacher layer ``hidden_layers[i]``."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        rank: int,
+        world: int,
+        stop: StopFlag,
+        teacher: nn.Module,
+        step: CompressStep,
+        hidden_layers: list[int] | None = None,
+    ) -> None:
+        super().__init__(job, rank, world, stop, teacher, step, None)
+        self.hidden_layers = hidden_layers
 
     def build_model(self, weights: dict[str, torch.Tensor] | None) -> nn.Module:
         model = load_student(self.job.model.name_or_path, self.job.task)
