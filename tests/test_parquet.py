@@ -117,8 +117,10 @@ def test_parquet_prepares_the_shards_of_the_same_jsonl(
     assert parquet["data"]["format"] == "parquet"
     for key in ("labels", "task_state", "residues", "truncated"):
         assert parquet.get(key) == jsonl.get(key), key
-    assert set(parquet["splits"]) == set(jsonl["splits"]) == (
-        {"train", "dev", "test"} if task == "classification" else {"train", "test"}
+    assert (
+        set(parquet["splits"])
+        == set(jsonl["splits"])
+        == ({"train", "dev", "test"} if task == "classification" else {"train", "test"})
     )
     for split, entry in jsonl["splits"].items():
         assert parquet["splits"][split]["n_examples"] == entry["n_examples"]

@@ -1,11 +1,13 @@
 """token_classification with non-BIO tags (per-residue P / N): positive-class scores,
 MCC, ROC-AUC and PR-AUC against scikit-learn; BIO tags keep entity-level scoring;
-a paratope-style run from JSONL through finetune and evaluate."""
+a paratope-style run from JSONL through finetune (``train.class_weights``: the first step's
+loss is the class-weighted one) and evaluate."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -94,14 +96,50 @@ def paratope_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def first_step_losses(model_dir, shards) -> tuple[float, float]:
+    """The cross-entropy of a finetune's first micro-batch (``train.micro_batch_size=8``),
+    computed here from the model directory, the shards and the sampler: with ``P``
+    weighted 4 (``train.class_weights.P=4``) and unweighted."""
+    import torch.nn.functional as F
+
+    from scilm_hpc.data.dataset import ShardDataset
+    from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition
+    from scilm_hpc.model_source import load_tokenizer
+    from scilm_hpc.models import build_model, pad_token_id
+    from scilm_hpc.schema import TrainConfig
+
+    train, defaults = ShardDataset(shards, "train"), TrainConfig()
+    task = get_task("token_classification", train.manifest)
+    batches = ResumableBatches(
+        train.lengths(), 8, 1, 1, 0, defaults.seed, defaults.length_bucketing
+    ).step_batches(SamplerPosition())
+    indices = next(batches)[1][0]
+    pad = pad_token_id(load_tokenizer(str(model_dir)))
+    batch = task.collate([train[int(i)] for i in indices], pad)
+    torch.manual_seed(defaults.seed)  # as the trainer does before building the model
+    model = build_model(task, str(model_dir), train.label_names)
+    with torch.no_grad():
+        logits = model(**task.forward_inputs(batch)).logits
+    keep = batch["labels"] != -100
+    gold = batch["labels"][keep]
+    weight = torch.tensor([4.0 if name == "P" else 1.0 for name in train.label_names])
+    weighted = F.cross_entropy(logits[keep], gold, weight=weight)
+    return float(weighted), float(F.cross_entropy(logits[keep], gold))
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_paratope_style_finetune_and_evaluate(tmp_path, tiny_protein_bert, write_jsonl):
     train = write_jsonl("train.jsonl", paratope_rows(64, 1))
     dev = write_jsonl("dev.jsonl", paratope_rows(24, 2))
+    model = tmp_path / "model"  # without dropout: the first step's loss is computed below
+    shutil.copytree(tiny_protein_bert, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
     common = (
         "task=token_classification",
-        f"model.name_or_path={tiny_protein_bert}",
+        f"model.name_or_path={model}",
         "cluster=none",
     )
     done = scilm_run(
@@ -129,10 +167,15 @@ def test_paratope_style_finetune_and_evaluate(tmp_path, tiny_protein_bert, write
         "train.log_every=1",
         "train.eval_every=16",
         "train.best_metric=dev_pr_auc",
+        "train.class_weights.P=4",
         "zero.stage=0",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # the loss trained on is the class-weighted one (P, about a quarter of the residues)
+    weighted, plain = first_step_losses(model, tmp_path / "data/shards")
+    assert rows[0]["step"] == 1 and abs(weighted - plain) > 0.01
+    assert rows[0]["loss"] == pytest.approx(weighted, rel=1e-4)
     dev_rows = [r for r in rows if "dev_pr_auc" in r]
     assert [r["step"] for r in dev_rows] == [16, 32]
     assert {"dev_mcc", "dev_roc_auc", "dev_f1", "dev_precision", "dev_recall"} <= dev_rows[0].keys()
