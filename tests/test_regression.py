@@ -235,3 +235,46 @@ def test_regression_prepare_finetune_evaluate(tmp_path, tiny_protein_bert, write
     np.testing.assert_allclose(plain, pred[:4], atol=1e-4)
     assert (evaluated / "plots" / "scatter.png").stat().st_size > 1000
     assert "| spearman | pearson | mae | rmse | loss |" in (evaluated / "eval.md").read_text()
+
+    # Wanda 50% + recovery + int8 dynamic on the regression model: the report holds
+    # Spearman (original units for MAE) before and after each step, its baseline is the
+    # evaluate job's figure on the same split, and the compressed directory evaluates to
+    # the report's last figures (label mean / std travel with it)
+    compressed = tmp_path / "compress"
+    done = scilm_run(
+        "compress",
+        str(REPO / "jobs/compress.yaml"),
+        "task=regression",
+        "cluster=none",
+        f"run.dir={compressed}",
+        f"model.name_or_path={run / 'export'}",
+        f"data.shards={data / 'shards'}",
+        "compress=prune50-recover",
+        "compress.steps.0.calibration_batches=2",
+        "compress.steps.1.steps=2",
+        "compress.eval_split=test",
+        "compress.latency_repeats=2",
+        "train.micro_batch_size=8",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((compressed / "compress_report.json").read_text())
+    assert report["baseline"]["metrics"]["spearman"] == pytest.approx(metrics["spearman"])
+    assert report["baseline"]["metrics"]["mae"] == pytest.approx(metrics["mae"])
+    steps = report["steps"]
+    assert [s["name"] for s in steps] == ["prune-wanda-50", "recover-2", "int8-dynamic"]
+    assert steps[0]["sparsity"] == pytest.approx(0.5, abs=0.05)
+    for step in steps:
+        assert -1.0 <= step["metrics"]["spearman"] <= 1.0 and step["metrics"]["mae"] > 0
+    done = scilm_run(
+        "evaluate",
+        str(REPO / "jobs/evaluate.yaml"),
+        "task=regression",
+        "cluster=none",
+        f"model.name_or_path={compressed / 'compressed'}",
+        f"run.dir={tmp_path / 'eval-compressed'}",
+        f"data.shards={data / 'shards'}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = json.loads((tmp_path / "eval-compressed" / "eval.json").read_text())["metrics"]
+    assert after["spearman"] == pytest.approx(steps[-1]["metrics"]["spearman"])
+    assert after["mae"] == pytest.approx(steps[-1]["metrics"]["mae"], rel=1e-4)
