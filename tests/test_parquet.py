@@ -161,8 +161,8 @@ def test_parquet_values_and_locators(tmp_path) -> None:
 
 
 def test_parquet_bad_input_is_named(tmp_path, scilm) -> None:
-    """A missing column lists the file's columns; a file that is not Parquet, or is cut
-    short, names the file; a bad row names its row; a .parquet file read as JSONL is
+    """A missing column lists the file's columns; a file that is not Parquet, is cut
+    short or has damaged pages names the file; a bad row names its row; a .parquet file read as JSONL is
     refused by validate with the fix."""
     path = tmp_path / "good.parquet"
     rows = [{"abstract": f"doc {i}", "label": "a"} for i in range(6)]
@@ -183,7 +183,14 @@ def test_parquet_bad_input_is_named(tmp_path, scilm) -> None:
     cut = tmp_path / "cut.parquet"
     data = path.read_bytes()
     cut.write_bytes(data[: len(data) // 2] + data[-100:])
-    for bad in (not_parquet, cut):
+    damaged = tmp_path / "damaged.parquet"  # footer intact, a row group's pages not
+    long = [{"abstract": f"document {i} " * 20, "label": "a"} for i in range(200)]
+    pq.write_table(pa.Table.from_pylist(long), damaged, row_group_size=50)
+    scrambled = bytearray(damaged.read_bytes())
+    for k in range(len(scrambled) // 3, len(scrambled) // 3 + 200):
+        scrambled[k] ^= 0x5A
+    damaged.write_bytes(bytes(scrambled))
+    for bad in (not_parquet, cut, damaged):
         with pytest.raises(UserError, match=rf"^{bad}: not a readable Parquet file \("):
             read_corpus(bad, "parquet", text_field="abstract", label_field="label")
 
