@@ -162,8 +162,8 @@ def test_parquet_values_and_locators(tmp_path) -> None:
 
 def test_parquet_bad_input_is_named(tmp_path, scilm) -> None:
     """A missing column lists the file's columns; a file that is not Parquet, is cut
-    short or has damaged pages names the file; a bad row names its row; a .parquet file read as JSONL is
-    refused by validate with the fix."""
+    short or has damaged pages names the file; a bad row names its row; a .parquet
+    file read as JSONL is refused by validate with the fix."""
     path = tmp_path / "good.parquet"
     rows = [{"abstract": f"doc {i}", "label": "a"} for i in range(6)]
     rows[4] = {"abstract": None, "label": "b"}
