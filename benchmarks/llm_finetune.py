@@ -436,7 +436,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="+", choices=("packing", "lora"), default=["packing", "lora"])
     p.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
-    p.add_argument("--steps", type=int, default=14)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--warmup", type=int, default=4, help="first steps not timed")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
