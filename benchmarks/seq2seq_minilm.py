@@ -188,8 +188,9 @@ def main() -> None:
         "wall_s": wall,
     }
     hf = hf_run(args, shards, root / "hf", lrs)
-    if not np.allclose(hf["lrs"], lrs, rtol=1e-6, atol=0):
-        raise SystemExit(f"HF did not follow scilm's schedule: {hf['lrs']} vs {lrs}")
+    hf_lrs = hf.pop("lrs")
+    if not np.allclose(hf_lrs, lrs, rtol=1e-6, atol=0):
+        raise SystemExit(f"HF did not follow scilm's schedule: {hf_lrs} vs {lrs}")
     ours["rouge"] = rouge(run_dir / "export", shards, root / "eval-scilm", args.max_new_tokens)
     hf["rouge"] = rouge(root / "hf" / "model", shards, root / "eval-hf", args.max_new_tokens)
     figures = {
