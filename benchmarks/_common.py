@@ -314,15 +314,20 @@ def hf_train(
     collator: Any,
     output_dir: Path,
     seq2seq: bool = False,
+    lr_factors: list[float] | None = None,
     **training: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """Train ``model`` on ``examples`` (a list is a map-style dataset) with the plain HF
     ``Trainer`` (``seq2seq``: ``Seq2SeqTrainer``): weight decay 0.01, gradient clipping at
     1.0, no saving, logging or progress bar; ``training``: the other ``TrainingArguments``.
+    ``lr_factors``: the learning rate of optimizer step ``k`` is ``learning_rate *
+    lr_factors[k]`` (a ``LambdaLR`` in place of ``lr_scheduler_type``), to follow another
+    run's schedule step for step.
 
     Returns:
-        The trainer, and its threads, optimizer, the time training began (``begin``) and
-        when each optimizer step ended (``ends``, after a CUDA synchronize on a GPU).
+        The trainer, and its threads, optimizer, the time training began (``begin``),
+        when each optimizer step ended (``ends``, after a CUDA synchronize on a GPU) and
+        the learning rate each optimizer step used (``lrs``).
     """
     import torch
     from transformers import (
@@ -338,8 +343,13 @@ def hf_train(
             self.begin = 0.0
             self.ends: list[float] = []
 
+            self.lrs: list[float] = []
+
         def on_train_begin(self, *_: Any, **__: Any) -> None:
             self.begin = time.perf_counter()
+
+        def on_step_begin(self, *_: Any, **kwargs: Any) -> None:
+            self.lrs.append(float(kwargs["optimizer"].param_groups[0]["lr"]))
 
         def on_step_end(self, *_: Any, **__: Any) -> None:
             if torch.cuda.is_available():
@@ -356,8 +366,20 @@ def hf_train(
         disable_tqdm=True,
         **training,
     )
+    base = Seq2SeqTrainer if seq2seq else Trainer
+
+    class FollowingTrainer(base):  # type: ignore[misc,valid-type]
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if lr_factors is None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            factors = list(lr_factors)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, lambda k: factors[min(k, len(factors) - 1)]
+            )
+            return self.lr_scheduler
+
     clock = StepClock()
-    trainer = (Seq2SeqTrainer if seq2seq else Trainer)(
+    trainer = FollowingTrainer(
         model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[clock]
     )
     trainer.train()
@@ -366,6 +388,7 @@ def hf_train(
         "optimizer": str(getattr(args.optim, "value", args.optim)),
         "begin": clock.begin,
         "ends": clock.ends,
+        "lrs": clock.lrs,
     }
 
 

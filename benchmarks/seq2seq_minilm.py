@@ -2,14 +2,28 @@
 finetune`` against HF ``Seq2SeqTrainer`` at its best, the same number of steps, in one run.
 
 Both start from the same weights (the task's warm start, seed 42), read the same token
-ids (the prepared shards), and train with the same batch size, learning rate, linear
-schedule, weight decay, clipping and precision (bf16 autocast on a CPU with native bf16).
-HF gets dynamic padding (``DataCollatorForSeq2Seq``), length grouping
-(``train_sampling_strategy="group_by_length"``) and
-``adamw_torch_fused``. Figures: median samples/s over steps and its ratio, mean training
-loss, and ROUGE of both exports on the first ``--test-samples`` test abstracts through
-the same ``scilm evaluate`` (a warm-started pair needs far more steps than a CPU budget
-gives, so judge the pair on speed and loss; ROUGE is reported for completeness).
+ids (the prepared shards), and train with the same batch size, weight decay, clipping
+and precision (bf16 autocast on a CPU with native bf16). HF gets dynamic padding
+(``DataCollatorForSeq2Seq``), length grouping (``train_sampling_strategy=
+"group_by_length"``) and ``adamw_torch_fused``. Figures: median samples/s over steps and
+its ratio, mean training loss, the learning rate of every step of both runs, and ROUGE
+of both exports on the first ``--test-samples`` test abstracts through the same ``scilm
+evaluate`` (a warm-started pair needs far more steps than a CPU budget gives, so judge the
+pair on speed and loss; ROUGE is reported for completeness).
+
+The learning-rate schedule is the same, step for step: scilm runs its ``linear``
+schedule with ``--lr`` and ``train.warmup_ratio=--warmup-ratio`` (0.1, the shipped
+``configs/train/default.yaml``), i.e. DeepSpeed's ``WarmupDecayLR``: a linear warm-up
+from 0 over ``round(ratio x steps)`` steps (DeepSpeed takes at least 2) and a linear
+decay to 0 at the last step. HF's optimizer follows it exactly: the per-step learning
+rates of scilm's own scheduler (built from scilm's DeepSpeed config, stepped as the
+engine steps it) become a ``LambdaLR`` in place of HF's ``lr_scheduler_type``. HF's own
+``linear`` schedule is not used because it is one step ahead of DeepSpeed's (HF's first
+step uses the warm-up's first value, DeepSpeed applies its starting lr once more before
+it), so "the same warm-up ratio" alone would give the two runs different rates at every
+step. The benchmark checks the rates both runs applied (HF's recorded at each optimizer
+step, scilm's from ``metrics.jsonl``, whose ``lr`` is the one the next step uses) and
+stops if they differ.
 
     python benchmarks/seq2seq_minilm.py [--steps 150] [--micro-batch-size 16]
     quick check: --steps 6 --micro-batch-size 4 --train-samples 64 --test-samples 8
@@ -21,6 +35,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from _common import (
@@ -52,7 +67,28 @@ def rouge(model: Path, shards: Path, run_dir: Path, new_tokens: int) -> dict[str
     return {k: round(metrics[k], 2) for k in ("rouge1", "rouge2", "rougeL", "gen_length")}
 
 
-def hf_run(args: argparse.Namespace, shards: Path, out: Path) -> dict[str, float]:
+def scilm_lrs(overrides: list[str], steps: int) -> list[float]:
+    """The learning rate of each optimizer step of a ``scilm finetune`` with
+    ``overrides``: DeepSpeed's scheduler from scilm's DeepSpeed config, stepped after each
+    optimizer step as the engine does."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    from scilm_hpc.config import load_and_validate
+    from scilm_hpc.train.ds_config import deepspeed_config
+
+    job = load_and_validate(str(REPO / "jobs/finetune.yaml"), overrides, job="finetune")
+    config = deepspeed_config(job, steps, on_gpu=False)["scheduler"]
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=job.train.lr)
+    scheduler = getattr(lr_schedules, config["type"])(optimizer, **config["params"])
+    lrs = []
+    for _ in range(steps):
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
+        scheduler.step()
+    return lrs
+
+
+def hf_run(args: argparse.Namespace, shards: Path, out: Path, lrs: list[float]) -> dict[str, Any]:
     """Seq2SeqTrainer on the shards' token ids; its model saved to ``out``."""
     import torch
     from transformers import DataCollatorForSeq2Seq
@@ -83,7 +119,7 @@ def hf_run(args: argparse.Namespace, shards: Path, out: Path) -> dict[str, float
         per_device_train_batch_size=args.micro_batch_size,
         max_steps=args.steps,
         learning_rate=args.lr,
-        lr_scheduler_type="linear",
+        lr_factors=[lr / args.lr for lr in lrs],  # scilm's schedule, step for step
         seed=42,
         bf16=bf16,
         use_cpu=True,
@@ -100,6 +136,7 @@ def hf_run(args: argparse.Namespace, shards: Path, out: Path) -> dict[str, float
         "mean_loss": float(trainer.state.log_history[-1]["train_loss"]),
         "precision": "bf16" if bf16 else "fp32",
         "threads": run["threads"],
+        "lrs": run["lrs"],
     }
 
 
@@ -108,6 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--skip", type=int, default=1, help="first steps left out of medians")
     parser.add_argument("--train-samples", type=int, default=0, help="0: all 1992")
@@ -122,9 +160,7 @@ def main() -> None:
         files[split].write_text("".join(x + "\n" for x in lines))
     shards = prepare_shards(root, files, *SEQ2SEQ, *PAIR)
     run_dir = root / "scilm"
-    wall = run_scilm(
-        "finetune",
-        str(REPO / "jobs/finetune.yaml"),
+    overrides = [
         "cluster=none",
         *SEQ2SEQ,
         *PAIR,
@@ -133,18 +169,28 @@ def main() -> None:
         f"train.max_steps={args.steps}",
         f"train.micro_batch_size={args.micro_batch_size}",
         f"train.lr={args.lr}",
+        "train.schedule=linear",
+        f"train.warmup_ratio={args.warmup_ratio}",
         f"train.precision={args.precision}",
         "train.log_every=1",
         "train.checkpoint_every=0",
         "train.eval_every=0",
-    )
+    ]
+    lrs = scilm_lrs(overrides, args.steps)
+    wall = run_scilm("finetune", str(REPO / "jobs/finetune.yaml"), *overrides)
     steps = step_rows(run_dir)
+    logged = [r["lr"] for r in steps]  # the lr of the step after each logged one
+    if not np.allclose(logged[:-1], lrs[1:], rtol=1e-6, atol=0):
+        raise SystemExit(f"scilm's schedule is not the one computed: {logged} vs {lrs}")
     ours = {
         "samples_per_s": median(r["samples_per_s"] for r in steps[args.skip :]),
         "mean_loss": float(np.mean([r["loss"] for r in steps])),
         "wall_s": wall,
     }
-    hf = hf_run(args, shards, root / "hf")
+    hf = hf_run(args, shards, root / "hf", lrs)
+    hf_lrs = hf.pop("lrs")
+    if not np.allclose(hf_lrs, lrs, rtol=1e-6, atol=0):
+        raise SystemExit(f"HF did not follow scilm's schedule: {hf_lrs} vs {lrs}")
     ours["rouge"] = rouge(run_dir / "export", shards, root / "eval-scilm", args.max_new_tokens)
     hf["rouge"] = rouge(root / "hf" / "model", shards, root / "eval-hf", args.max_new_tokens)
     figures = {
@@ -154,6 +200,8 @@ def main() -> None:
         "scilm": ours,
         "hf_seq2seq_trainer": hf,
         "ratio_samples_per_s": ours["samples_per_s"] / hf["samples_per_s"],
+        "warmup_ratio": args.warmup_ratio,
+        "lr_per_step": [float(f"{lr:.6g}") for lr in lrs],  # both runs (checked)
         "loss_curve_scilm": [round(r["loss"], 4) for r in steps],
     }
     show(figures)

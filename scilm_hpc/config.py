@@ -374,6 +374,8 @@ def validate(job: JobConfig) -> list[str]:
             f"train.best_metric: got {t.best_metric!r}; needs a dev metric name such as "
             f"dev_loss or dev_macro_f1, and train.eval_every > 0"
         )
+    if t.dev_generate and job.task != "seq2seq":
+        p.append(f"train.dev_generate: dev generation is for task seq2seq; task is {job.task}")
     if t.early_stopping_patience and t.best_metric is None:
         p.append("train.early_stopping_patience: needs train.best_metric (e.g. dev_loss)")
     check_choice(p, "train.loss", t.loss, schema.TRAIN_LOSSES)

@@ -171,8 +171,12 @@ class TrainConfig:
     # a rank whose step has not advanced this long dumps its stacks and ends the job
     # (launch.watchdog); 0 (auto): 20 x the median step time after warm-up, at least 120 s
     hang_timeout_s: float = 0.0
-    # seq2seq with a ROUGE best_metric (dev_rougeL, ...): dev examples generated at each
-    # dev evaluation (the first N; 0 = all), with the eval section's generation options
+    # seq2seq: generate at each dev evaluation and log dev ROUGE (dev_rouge1/2/L/Lsum,
+    # dev_gen_length) whatever best_metric selects by; None (auto): when best_metric is a
+    # ROUGE metric (dev_rougeL, ...); false: never (a ROUGE best_metric then is an error)
+    dev_generate: bool | None = None
+    # dev examples generated at each dev evaluation (the first N; 0 = all), with the eval
+    # section's generation options
     dev_generate_examples: int = 64
 
 

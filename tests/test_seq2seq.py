@@ -498,10 +498,18 @@ def test_finetune_export_generates_with_plain_transformers(
 
     if kind == "decoder-only":
         model, extra, auto = tiny_llama_dir, [], transformers.AutoModelForCausalLM
+        dev_options: list[str] = []  # the default: dev loss, no generation
     else:
         model = tiny_bert_encoder_dir
         extra = [f"model.decoder_name_or_path={tiny_bert_encoder_dir}"]
         auto = transformers.AutoModelForSeq2SeqLM
+        # dev ROUGE logged on 3 dev examples, the best checkpoint still by dev loss
+        dev_options = [
+            "train.dev_generate=true",
+            "train.dev_generate_examples=3",
+            "train.best_metric=dev_loss",
+            "eval.max_new_tokens=4",
+        ]
     shards = prepare_corpus(tmp_path, model, *extra)
     done = scilm_run(
         "finetune",
@@ -518,11 +526,19 @@ def test_finetune_export_generates_with_plain_transformers(
         "train.lr=1e-3",
         "data.max_target_length=16",
         *extra,
+        *dev_options,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     dev = [r for r in logged if "dev_loss" in r]
-    assert [r["step"] for r in dev] == [2, 4] and "dev_rougeL" not in dev[0]  # loss only
+    assert [r["step"] for r in dev] == [2, 4]
+    if not dev_options:
+        assert "dev_rougeL" not in dev[0]  # loss only
+    else:
+        assert all(r["dev_generated_examples"] == 3 and "dev_rougeL" in r for r in dev)
+        state = json.loads((tmp_path / "checkpoints" / "step_4" / "scilm_state.json").read_text())
+        best = min(dev, key=lambda r: r["dev_loss"])
+        assert state["best"] == {"tag": f"step_{best['step']}", "value": best["dev_loss"]}
     export = tmp_path / "export"
     loaded = auto.from_pretrained(export).eval()
     # the export is the trained model: its dev loss is the one logged at the last step

@@ -120,3 +120,36 @@ def test_rouge_best_metric_is_accepted_and_the_cap_checked():
     assert problems("train.best_metric=dev_rouge2", "train.dev_generate_examples=0") == ""
     assert "train.dev_generate_examples: got -1" in problems("train.dev_generate_examples=-1")
     assert "allowed for seq2seq: dev_loss" in problems("train.best_metric=dev_bleu")
+
+
+def test_dev_generate_logs_rouge_without_selecting_by_it():
+    """``train.dev_generate``: true generates at dev evaluations whatever best_metric is;
+    unset (auto) only for a ROUGE best_metric; false never. Misuse is a config error."""
+    from scilm_hpc.config import load_config, resolve, validate
+    from scilm_hpc.train.evaluation import dev_generation
+
+    base = ["job=finetune", "run.dir=/tmp/x", "task=seq2seq", "train.eval_every=5"]
+
+    def job(*extra: str):
+        return resolve(load_config(None, [*base, *extra]))
+
+    def problems(*extra: str) -> str:
+        return "\n".join(validate(job(*extra)))
+
+    for extra, expected in (
+        ((), None),
+        (("train.best_metric=dev_loss",), None),
+        (("train.best_metric=dev_rougeL",), 64),
+        (("train.dev_generate=true", "train.best_metric=dev_loss"), 64),
+        (("train.dev_generate=true", "train.dev_generate_examples=8"), 8),
+        (("train.dev_generate=false",), None),
+    ):
+        assert problems(*extra) == "", extra
+        assert dev_generation(job(*extra)) == expected, extra
+    assert "train.dev_generate: false, but train.best_metric=dev_rouge1" in problems(
+        "train.dev_generate=false", "train.best_metric=dev_rouge1"
+    )
+    assert "set train.eval_every > 0" in problems("train.dev_generate=true", "train.eval_every=0")
+    assert "train.dev_generate: dev generation is for task seq2seq" in problems(
+        "task=classification", "train.dev_generate=true"
+    )

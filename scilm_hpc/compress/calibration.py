@@ -6,6 +6,12 @@ drawn from the train split of the shards in a fixed, seeded order so that two
 runs of a recipe prune the same weights. The model sees each batch as training and
 scoring feed it (``Task.model_inputs``): a packed causal-LM batch with its position ids
 and block-diagonal attention, so that a document's activations are those it has alone.
+
+An encoder-decoder reads a seq2seq batch as in training: the encoder the source, the
+decoder the shifted target (teacher forcing) and the encoder's real outputs. Each
+layer's padding is that of what it reads: the encoder's layers and the decoder's
+cross-attention keys and values (which read the encoder's outputs) skip source padding,
+the decoder's other layers (self-attention, cross-attention queries, FFN) target padding.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from scilm_hpc.compress.targets import is_encoder_decoder
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.tasks import Task, get_task
 
@@ -48,16 +55,38 @@ def input_norms(
 
     Padding positions are left out: they carry no text and would bias the norms
     towards the padding embedding. ``task`` turns each collated batch into the model's
-    forward arguments (packed batches: position ids and a block-diagonal mask).
+    forward arguments (packed batches: position ids and a block-diagonal mask; seq2seq
+    batches: the source, and the target the decoder reads).
     """
     task = get_task(task)
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
     current: dict[str, Any] = {}
+    decoder_layers: set[str] = set()
+    handles = []
+    if is_encoder_decoder(model):
+        decoder = model.get_decoder()
+        inside = {id(m) for m in decoder.modules()}
+        decoder_layers = {name for name, m in linears.items() if id(m) in inside}
+
+        def encoder_outputs(_module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+            current["encoded"] = kwargs.get("encoder_hidden_states")
+
+        handles.append(decoder.register_forward_pre_hook(encoder_outputs, with_kwargs=True))
+
+    def padding_mask(name: str, x: torch.Tensor) -> torch.Tensor:
+        """The source mask, or the target mask for a decoder layer reading decoder states."""
+        if name not in decoder_layers:
+            return current["mask"]
+        encoded = current.get("encoded")
+        reads_encoder = (
+            encoded is not None and x.shape == encoded.shape and x.data_ptr() == encoded.data_ptr()
+        )
+        return current["mask"] if reads_encoder else current["decoder_mask"]
 
     def hook(name: str) -> Any:
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            keep = padding_mask(name, args[0]).reshape(-1).bool()
             x = args[0].detach().to(torch.float64)
-            keep = current["mask"].reshape(-1).bool()
             x = x.reshape(-1, x.shape[-1])
             if keep.numel() == x.shape[0]:
                 x = x[keep]
@@ -65,12 +94,14 @@ def input_norms(
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    handles += [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             current["mask"] = batch["attention_mask"]
+            current["decoder_mask"] = batch.get("decoder_attention_mask", batch["attention_mask"])
+            current["encoded"] = None
             model(**task.model_inputs(task.forward_inputs(batch), model))
     finally:
         for handle in handles:

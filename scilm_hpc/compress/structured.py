@@ -1,9 +1,11 @@
 """Structured pruning: remove FFN neurons or attention heads, shrinking the matrices.
 
 Every block loses the same share of neurons (or heads), chosen by score within the
-block. Removing FFN neuron ``j`` deletes row ``j`` of the layers that produce it
-and column ``j`` of the layer that consumes it; removing a head deletes its rows of
-the query / key / value projections and its columns of the output projection.
+block; an encoder-decoder's encoder and decoder blocks alike (FFN neurons only: see
+``targets.structured_stacks``). Removing FFN neuron ``j`` deletes row ``j`` of the
+layers that produce it and column ``j`` of the layer that consumes it; removing a head
+deletes its rows of the query / key / value projections and its columns of the output
+projection.
 The model stays a standard transformers model with smaller ``nn.Linear`` layers
 (the forward reads the head size, not the head count); ``saving`` records the
 shapes so ``load_compressed`` rebuilds them.
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scilm_hpc.compress.targets import block_layout, transformer_blocks
+from scilm_hpc.compress.targets import BlockLayout, structured_stacks
 from scilm_hpc.errors import UserError
 
 #: FFN widths are rounded to a multiple of this (vectorised kernels like it).
@@ -78,13 +80,30 @@ def prune_structured(
         norms: qualified layer name -> calibration input norms.
 
     Returns:
-        Units kept per block: {"ffn": width} or {"heads": count}.
+        Units kept per block: {"ffn": width} or {"heads": count} (the encoder's, where
+        an encoder-decoder's two stacks differ).
 
     Raises:
         UserError: if nothing would be left or the layout is unknown.
     """
-    layout = block_layout(model, pattern)
-    prefix, blocks = transformer_blocks(model)
+    kept: int | None = None
+    for prefix, blocks, layout in structured_stacks(model, pattern):
+        width = _prune_stack(prefix, blocks, layout, pattern, sparsity, method, norms)
+        kept = width if kept is None else kept
+    assert kept is not None
+    return {pattern: kept}
+
+
+def _prune_stack(
+    prefix: str,
+    blocks: Any,
+    layout: BlockLayout,
+    pattern: str,
+    sparsity: float,
+    method: str,
+    norms: dict[str, torch.Tensor] | None,
+) -> int:
+    """Prune one stack of blocks (see ``prune_structured``); the units kept per block."""
     kept = 0
     block: Any
     total: int
@@ -117,7 +136,7 @@ def prune_structured(
             attention.num_attention_heads = keep_n
             attention.all_head_size = keep_n * unit
         kept = keep_n
-    return {pattern: kept}
+    return kept
 
 
 def _replace(block: Any, name: str, module: nn.Module) -> None:

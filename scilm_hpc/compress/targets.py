@@ -111,7 +111,7 @@ def _stack_linears(prefix: str, blocks: nn.ModuleList, found: dict[str, Any]) ->
                 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlockLayout:
     """Names (relative to a block) of the layers structured pruning shrinks together."""
 
@@ -121,9 +121,22 @@ class BlockLayout:
     heads_out: str  # attention output projection (columns of removed heads)
     head_attr: str  # the attention module holding the head size
 
+    def under(self, prefix: str) -> BlockLayout:
+        """The same layout with every name below ``prefix`` (``""`` or ending in ``.``)."""
+        return BlockLayout(
+            ffn_in=tuple(prefix + n for n in self.ffn_in),
+            ffn_out=prefix + self.ffn_out,
+            heads_in=tuple(prefix + n for n in self.heads_in),
+            heads_out=prefix + self.heads_out,
+            head_attr=prefix + self.head_attr,
+        )
 
+
+#: Block layouts scilm knows. A layout's names may sit below a sub-module of the block
+#: (T5 keeps its FFN in ``layer.1`` of an encoder block and ``layer.2`` of a decoder
+#: block); ``heads_in=()``: heads are not pruned for that layout.
 LAYOUTS = {
-    "bert": BlockLayout(
+    "bert": BlockLayout(  # also a BERT decoder (cross-attention beside it)
         ffn_in=("intermediate.dense",),
         ffn_out="output.dense",
         heads_in=("attention.self.query", "attention.self.key", "attention.self.value"),
@@ -137,30 +150,85 @@ LAYOUTS = {
         heads_out="self_attn.o_proj",
         head_attr="self_attn",
     ),
+    "t5-gated": BlockLayout(
+        ffn_in=("DenseReluDense.wi_0", "DenseReluDense.wi_1"),
+        ffn_out="DenseReluDense.wo",
+        heads_in=(),
+        heads_out="",
+        head_attr="",
+    ),
+    "t5": BlockLayout(
+        ffn_in=("DenseReluDense.wi",),
+        ffn_out="DenseReluDense.wo",
+        heads_in=(),
+        heads_out="",
+        head_attr="",
+    ),
+    "bart": BlockLayout(
+        ffn_in=("fc1",),
+        ffn_out="fc2",
+        heads_in=(),
+        heads_out="",
+        head_attr="",
+    ),
 }
 
 
-def block_layout(model: Any, pattern: str) -> BlockLayout:
-    """The layout of the model's blocks for structured ``pattern`` (ffn or heads).
+def _prefix_holding(names: set[str], wanted: tuple[str, ...]) -> str | None:
+    """The shortest prefix (``""`` or a module path ending in ``.``) under which every
+    name of ``wanted`` is in ``names``; None if there is none."""
+    first = wanted[0]
+    found = {n[: len(n) - len(first)] for n in names if n == first or n.endswith("." + first)}
+    candidates = sorted(found, key=len)
+    for prefix in candidates:
+        if all(prefix + w in names for w in wanted):
+            return prefix
+    return None
+
+
+def block_layout(blocks: nn.ModuleList, pattern: str, model_name: str = "the model") -> BlockLayout:
+    """The layout of ``blocks`` (one stack) for structured ``pattern`` (ffn or heads).
 
     Raises:
-        UserError: for a model type whose layout scilm does not know.
+        UserError: for a block layout scilm does not know.
     """
-    _, blocks = transformer_blocks(model)
     names = {n for n, _ in blocks[0].named_modules()}
     for kind, layout in LAYOUTS.items():
-        wanted = layout.ffn_in + (layout.ffn_out,)
-        if pattern == "heads":
-            wanted = layout.heads_in + (layout.heads_out,) if layout.heads_in else ("-",)
-        if all(w in names for w in wanted):
-            return layout
-        if kind == "llama" and pattern == "heads" and layout.heads_out in names:
-            raise UserError(
-                "compress: pattern 'heads' on a Llama-style model is not supported "
-                "(grouped-query attention shares key/value heads); use pattern 'ffn'"
-            )
+        if pattern == "ffn":
+            wanted = (*layout.ffn_in, layout.ffn_out)
+        elif layout.heads_in:
+            wanted = (*layout.heads_in, layout.heads_out)
+        else:
+            if kind == "llama" and layout.heads_out in names:
+                raise UserError(
+                    "compress: pattern 'heads' on a Llama-style model is not supported "
+                    "(grouped-query attention shares key/value heads); use pattern 'ffn'"
+                )
+            continue
+        prefix = _prefix_holding(names, wanted)
+        if prefix is not None:
+            return layout.under(prefix)
+    known = (
+        "BERT-style, Llama-style, T5 and BART blocks" if pattern == "ffn" else "BERT-style encoders"
+    )
     raise UserError(
         f"compress: structured pattern '{pattern}' does not know the block layout of "
-        f"{type(model).__name__} (known: BERT-style encoders"
-        f"{', Llama-style decoders' if pattern == 'ffn' else ''})"
+        f"{model_name} (known: {known})"
     )
+
+
+def structured_stacks(model: Any, pattern: str) -> list[tuple[str, nn.ModuleList, BlockLayout]]:
+    """Every stack of blocks (``block_stacks``) with its layout for ``pattern``.
+
+    Raises:
+        UserError: for an unknown layout, or attention heads of an encoder-decoder
+            (cross-attention reads the encoder's heads; scilm prunes FFN neurons there).
+    """
+    stacks = block_stacks(model)
+    if pattern == "heads" and len(stacks) > 1:
+        raise UserError(
+            "compress: pattern 'heads' of an encoder-decoder is not supported; use "
+            "pattern 'ffn' (FFN neurons of both stacks)"
+        )
+    name = type(model).__name__
+    return [(prefix, blocks, block_layout(blocks, pattern, name)) for prefix, blocks in stacks]

@@ -35,8 +35,8 @@ from scilm_hpc.compress.saving import load_compressed, save_compressed, weights_
 from scilm_hpc.compress.structured import prune_structured
 from scilm_hpc.compress.targets import (
     PRUNABLE_DESCRIPTION,
-    is_encoder_decoder,
     prunable_linears,
+    structured_stacks,
 )
 from scilm_hpc.data.dataset import ShardDataset
 from scilm_hpc.errors import UserError
@@ -86,28 +86,20 @@ def architecture(model: Any) -> dict[str, Any]:
     return {f: getattr(model.config, f, None) for f in fields}
 
 
-def _check_encoder_decoder_steps(model: Any, steps: list[CompressStep]) -> None:
-    """Refuse the steps scilm cannot yet run on an encoder-decoder's two stacks.
+def _check_structured_steps(model: Any, steps: list[CompressStep]) -> None:
+    """Refuse, before any work, a structured step the model's blocks cannot take.
 
     Raises:
-        UserError: for Wanda scores (their calibration reads decoder inputs) and
-            structured patterns on an encoder-decoder, naming the step.
+        UserError: for a block layout structured pruning does not know, or attention
+            heads of an encoder-decoder, naming the step.
     """
-    if not is_encoder_decoder(model):
-        return
     for i, step in enumerate(steps):
-        if step.kind != "prune":
-            continue
-        if step.pattern in ("ffn", "heads"):
-            raise UserError(
-                f"compress.steps.{i}.pattern: structured pruning ({step.pattern}) of an "
-                f"encoder-decoder is not supported; use pattern unstructured or nm"
-            )
-        if step.method == "wanda":
-            raise UserError(
-                f"compress.steps.{i}.method: Wanda pruning of an encoder-decoder is not "
-                f"supported (its calibration would need decoder inputs); use method magnitude"
-            )
+        if step.kind == "prune" and step.pattern in ("ffn", "heads"):
+            try:
+                structured_stacks(model, step.pattern)
+            except UserError as exc:
+                message = str(exc).removeprefix("compress: ")
+                raise UserError(f"compress.steps.{i}.pattern: {message}") from None
 
 
 class CompressJob:
@@ -138,10 +130,10 @@ class _Compression:
             )
         self.tokenizer, self.dense = load_for_eval(job.model.name_or_path, job.task, self.eval_set)
         prunable_linears(self.dense)  # unsupported layer types fail here, before any work
+        _check_structured_steps(self.dense, job.compress.steps)
         self.task = get_task(job.task)
         if self.task.generates:
             check_model_fits(self.dense, self.eval_set, job.model.name_or_path)
-            _check_encoder_decoder_steps(self.dense, job.compress.steps)
         self.pad_id = pad_token_id(self.tokenizer)
         self.batch = measure.latency_batch(self.eval_set, c.latency_batch, self.pad_id, job.task)
         self.threads = c.latency_threads or torch.get_num_threads()

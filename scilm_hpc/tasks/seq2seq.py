@@ -263,6 +263,13 @@ class Seq2Seq(Task):
                 f"examples at each dev evaluation)"
             )
         check_at_least(p, "train.dev_generate_examples", job.train.dev_generate_examples, 0)
+        if job.train.dev_generate and not job.train.eval_every:
+            p.append("train.dev_generate: generates at dev evaluations; set train.eval_every > 0")
+        if job.train.dev_generate is False and job.train.best_metric in DEV_ROUGE:
+            p.append(
+                f"train.dev_generate: false, but train.best_metric={job.train.best_metric} "
+                f"needs dev generation; remove one of them"
+            )
         return p
 
     def target_fields(self, data: DataConfig) -> TargetFields | None:

@@ -21,7 +21,11 @@ def is_better(value: float | None, best: float | None, metric: str) -> bool:
 
 def dev_generation(job: JobConfig) -> int | None:
     """How many dev examples dev evaluation generates for (0: all), or None: it does not
-    generate. It does for seq2seq when ``train.best_metric`` is a ROUGE metric."""
-    if job.task != "seq2seq" or job.train.best_metric not in DEV_ROUGE:
+    generate. It does for seq2seq with ``train.dev_generate`` true, or left unset (auto)
+    and ``train.best_metric`` a ROUGE metric."""
+    if job.task != "seq2seq":
         return None
-    return job.train.dev_generate_examples
+    generate = job.train.dev_generate
+    if generate is None:
+        generate = job.train.best_metric in DEV_ROUGE
+    return job.train.dev_generate_examples if generate else None

@@ -460,8 +460,9 @@ class Trainer:
         return self._last_eval
 
     def _dev_generation(self, engine: Any) -> dict[str, Any] | None:
-        """Dev ROUGE when ``train.best_metric`` asks for it (``evaluation.dev_generation``:
-        how many examples); the metrics on rank 0, None elsewhere or when not asked."""
+        """Dev ROUGE when ``train.dev_generate`` or a ROUGE ``train.best_metric`` asks for it
+        (``evaluation.dev_generation``: how many examples); the metrics on rank 0, None
+        elsewhere or when not asked."""
         limit = dev_generation(self.job)
         if limit is None:
             return None
