@@ -23,7 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scilm_hpc import schema
 from scilm_hpc.compress.recipe import recipe_problems
-from scilm_hpc.errors import ConfigError
+from scilm_hpc.data.ranges import corpus_files
+from scilm_hpc.errors import ConfigError, UserError
 from scilm_hpc.launch.slurm import unsafe_values
 from scilm_hpc.model_source import path_problem
 from scilm_hpc.schema import JobConfig, check_at_least, check_choice
@@ -327,13 +328,16 @@ def validate(job: JobConfig) -> list[str]:
             p.append("data.train: required for prepare: the training corpus file")
         for split in schema.SPLITS:
             path = getattr(d, split)
-            if path is not None and not Path(path).is_file():
-                p.append(f"data.{split}: file '{path}' does not exist")
-            elif path is not None and d.format != "parquet" and path.endswith(".parquet"):
-                p.append(
-                    f"data.{split}: '{path}' is a Parquet file but data.format is "
-                    f"{d.format}; set data.format=parquet"
-                )
+            if path is not None:
+                try:
+                    corpus_files(path, f"data.{split}")
+                except UserError as exc:
+                    p += exc.problems
+                if d.format != "parquet" and path.endswith(".parquet"):
+                    p.append(
+                        f"data.{split}: '{path}' is a Parquet file but data.format is "
+                        f"{d.format}; set data.format=parquet"
+                    )
         if d.dev is not None and d.split.dev_ratio > 0:
             p.append("data.split.dev_ratio: set, but data.dev is given too; use one of them")
         if d.test is not None and d.split.test_ratio > 0:

@@ -1,15 +1,18 @@
 """A prepare job's corpus as one stream of examples per split, never held whole.
 
-The raw files are read lazily (``readers.iter_corpus``), once to count and check
-them (``SplitStreams.count``) and again for whatever a later step needs: the label
-map, what a task learns from the training split, and the examples of the shards a
-rank writes (``ShardFeed``), one shard's worth at a time. What stays in memory does
-not grow with the text of the corpus: the counts, and for a ratio split one byte per
-training record saying which split it belongs to (the shuffle that decides it holds
-eight bytes per record while it runs).
+The ranks first count the records of every file together, each its own pieces
+(``data.ranges``: byte ranges of large files, whole gzip files), and exchange the
+counts and the marks where reading may start. From then on a split's examples are a
+stream that starts at any example (``SplitStreams.examples``): a rank reads the part
+of the corpus that holds its own shards (``ShardFeed``), one shard's worth at a
+time, and nothing before it. What stays in memory does not grow with the text of the
+corpus: the counts, one mark per ``ranges.MARK_EVERY`` records, and for a ratio split
+one byte per training record saying which split it belongs to (the shuffle that
+decides it holds eight bytes per record while it runs).
 
 The splits, their order, the ratio split and the residue check give exactly the
-examples the in-memory reading gave: the same shards, byte for byte.
+examples the in-memory reading gave: the same shards, byte for byte, on any number
+of ranks.
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
-from scilm_hpc.data.readers import Example, TargetFields, iter_corpus
+from scilm_hpc.data import ranges
+from scilm_hpc.data.readers import FILE_START, Example, TargetFields, iter_corpus
 from scilm_hpc.data.residues import ResidueChecker
 from scilm_hpc.errors import UserError
+from scilm_hpc.launch.dist import Communicator
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,8 +50,8 @@ class ReadOptions:
     targets: TargetFields | None = None
     fasta_labels: str | None = None
 
-    def read(self, path: Path) -> Iterator[Example]:
-        """The examples of ``path``, lazily."""
+    def read(self, path: Path, start: tuple[int, int] = FILE_START) -> Iterator[Example]:
+        """The examples of ``path``, lazily, from ``start`` (byte offset, line number)."""
         return iter_corpus(
             path,
             self.fmt,
@@ -55,6 +63,7 @@ class ReadOptions:
             label_kind=self.label_kind,
             targets=self.targets,
             fasta_labels=self.fasta_labels,
+            start=start,
         )
 
 
@@ -90,12 +99,32 @@ def ratio_membership(n: int, ratios: dict[str, float], seed: int) -> tuple[np.nd
     return member, names
 
 
+def on_every_rank(comm: Communicator, work: Callable[[], T]) -> list[T]:
+    """Run ``work`` on every rank and hand every rank the results of all, in rank order.
+
+    Raises:
+        UserError: on every rank, when ``work`` raised one on any: the problems of all
+            ranks that had any, in rank order (ten at most).
+    """
+    try:
+        outcome: tuple[bool, Any] = (True, work())
+    except UserError as exc:
+        outcome = (False, exc.problems)
+    gathered = comm.bcast(comm.gather(outcome))
+    problems = [p for ok, value in gathered if not ok for p in value]
+    if problems:
+        raise UserError(
+            problems[:10] + ([f"... and {len(problems) - 10} more"] * (len(problems) > 10))
+        )
+    return [value for _, value in gathered]
+
+
 class SplitStreams:
-    """The splits of a corpus (files, and a ratio split of the training file) as
+    """The splits of a corpus (files, and a ratio split of the training files) as
     streams of examples, each residue-checked when ``checker`` is given.
 
     Args:
-        files: the raw file of each split given (``data.train``, ...); train required.
+        files: the raw files of each split given (``data.train``, ...); train required.
         options: how to read them.
         ratios: ``data.split.{dev,test}_ratio`` by split.
         seed: ``data.split.seed``.
@@ -107,7 +136,7 @@ class SplitStreams:
 
     def __init__(
         self,
-        files: dict[str, Path],
+        files: dict[str, list[Path]],
         options: ReadOptions,
         ratios: dict[str, float],
         seed: int,
@@ -117,76 +146,129 @@ class SplitStreams:
             raise UserError("data.train: required for prepare: the training corpus file")
         self.files, self.options = files, options
         self.ratios, self.seed = ratios, seed
-        self._checker = checker
-        self.residues: ResidueChecker | None = None  # the checker of the counting pass
+        self.checker = checker
+        self.index: dict[str, list[ranges.FileIndex]] = {}
         self.member: np.ndarray | None = None
         self.member_names: list[str] = []
         self.counts: dict[str, int] = {}
 
-    def count(self) -> dict[str, int]:
-        """Read every file once: check it (reader problems, then residues), count its
-        examples and draw the ratio split.
+    def count(self, comm: Communicator) -> dict[str, int]:
+        """Count every file's records, each rank its own pieces (``ranges.plan_pieces``),
+        exchange the counts and draw the ratio split: every rank ends with the same
+        index and counts.
 
         Returns:
             The number of examples of each split, in the order the shards are planned.
 
         Raises:
-            UserError: the problems of the first file that has any, then the residue
-                problems of all of them.
+            UserError: on every rank, for a file that cannot be read or holds no example.
         """
-        self.residues = self._checker() if self._checker is not None else None
-        in_file: dict[str, int] = {}
-        for split, path in self.files.items():
-            n = 0
-            for example in self.options.read(path):
-                if self.residues is not None:
-                    self.residues.example(example)
-                n += 1
-            in_file[split] = n
-        if self.residues is not None:
-            self.residues.raise_problems()
-        counts = dict(in_file)
+        fmt = self.options.fmt
+        flat = [path for paths in self.files.values() for path in paths]
+        planned = ranges.plan_pieces(flat, fmt, comm.world_size)
+        pieces = [piece for _, piece in planned]
+        mine = [i for i, (rank, _) in enumerate(planned) if rank == comm.rank]
+
+        def count_mine() -> dict[int, ranges.PieceCount]:
+            return {i: self._count_piece(flat[pieces[i].file], pieces[i]) for i in mine}
+
+        counted: dict[int, ranges.PieceCount] = {}
+        for part in on_every_rank(comm, count_mine):
+            counted.update(part)
+        counts = [counted[i] for i in range(len(pieces))]
+        # a CSV file with an odd number of quotes on a line: counted again whole by its reader
+        recount = sorted({p.file for p, c in zip(pieces, counts, strict=True) if c.odd_quotes})
+        whole: dict[int, int] = {}
+        if recount:
+
+            def recount_mine() -> dict[int, int]:
+                return {
+                    f: sum(1 for _ in self.options.read(flat[f]))
+                    for k, f in enumerate(recount)
+                    if k % comm.world_size == comm.rank
+                }
+
+            for part_whole in on_every_rank(comm, recount_mine):
+                whole.update(part_whole)
+        indexes = ranges.index_files(flat, pieces, counts, whole.get)
+        empty = [ix.path for ix in indexes if ix.records == 0]
+        if empty:
+            raise UserError([f"{p}: the corpus is empty (no {fmt} example in it)" for p in empty])
+        position = 0
+        for split, paths in self.files.items():
+            self.index[split] = indexes[position : position + len(paths)]
+            position += len(paths)
+        counts_by_split = {s: sum(ix.records for ix in self.index[s]) for s in self.files}
         if any(self.ratios.values()):
             self.member, self.member_names = ratio_membership(
-                in_file["train"], self.ratios, self.seed
+                counts_by_split["train"], self.ratios, self.seed
             )
             for code, split in enumerate(self.member_names):
-                counts[split] = int(np.count_nonzero(self.member == code))
-        self.counts = counts
-        return counts
+                counts_by_split[split] = int(np.count_nonzero(self.member == code))
+        self.counts = counts_by_split
+        return counts_by_split
 
-    def examples(self, split: str) -> Iterator[Example]:
-        """The examples of ``split``, in order, read lazily from its file (``count``
-        first)."""
-        checker = self._checker() if self._checker is not None else None
+    def _count_piece(self, path: Path, piece: ranges.Piece) -> ranges.PieceCount:
+        """A piece's count: lines counted (JSONL, text, CSV), or records read (others)."""
+        if self.options.fmt in ranges.LINE_FORMATS:
+            return ranges.count_piece(path, self.options.fmt, piece, self.options.csv_delimiter)
+        assert piece.end is None
+        return ranges.PieceCount(records=sum(1 for _ in self.options.read(path)))
+
+    def _records(self, source: str, first: int) -> Iterator[Example]:
+        """The records of ``source``'s files from record ``first`` (counted over its
+        files in order) on, read from the last mark before it."""
+        for ix in self.index[source]:
+            if first >= ix.records:
+                first -= ix.records
+                continue
+            mark, start = ix.start_of(first)
+            stream = self.options.read(ix.path, start)
+            for _ in islice(stream, first - mark):  # at most MARK_EVERY - 1 records
+                pass
+            yield from stream
+            first = 0
+
+    def examples(
+        self, split: str, start: int = 0, checker: ResidueChecker | None = None
+    ) -> Iterator[Example]:
+        """The examples of ``split``, in order, from its ``start``-th on, read lazily
+        (``count`` first); residue-checked by ``checker`` (or a fresh one) in a protein
+        corpus."""
+        if checker is None and self.checker is not None:
+            checker = self.checker()
+        stream: Iterator[Example]
         if self.member is not None and split in self.member_names:
             code = self.member_names.index(split)
             member = self.member
-            stream: Iterator[Example] = (
+            where = np.flatnonzero(member == code)
+            first = int(where[start]) if start < len(where) else len(member)
+            stream = (
                 ex
-                for i, ex in enumerate(self.options.read(self.files["train"]))
+                for i, ex in enumerate(self._records("train", first), start=first)
                 if member[i] == code
             )
         else:
-            stream = self.options.read(self.files[split])
+            stream = self._records(split, start)
         for example in stream:
             yield checker.example(example) if checker is not None else example
 
 
 class ShardFeed:
     """The examples of one shard at a time, for shards taken in ascending order within
-    each split: each split's stream is read once, skipping the shards of other ranks."""
+    each split: a split's stream is opened at the first shard asked for and read on,
+    and opened again (from the nearest mark) when a shard further on is asked for."""
 
-    def __init__(self, streams: SplitStreams) -> None:
+    def __init__(self, streams: SplitStreams, checker: ResidueChecker | None = None) -> None:
         self.streams = streams
+        self.checker = checker
         self._open: dict[str, tuple[Iterator[Example], int]] = {}
 
     def take(self, split: str, lo: int, hi: int) -> list[Example]:
         """Examples ``lo`` to ``hi`` (exclusive) of ``split``."""
-        stream, position = self._open.get(split) or (self.streams.examples(split), 0)
-        assert lo >= position, f"{split}: shard at {lo} taken after {position}"
-        for _ in islice(stream, lo - position):  # other ranks' shards: read, not kept
-            pass
+        stream, position = self._open.get(split, (None, -1))
+        if stream is None or position != lo:
+            stream, position = self.streams.examples(split, lo, self.checker), lo
         batch = list(islice(stream, hi - lo))
         if len(batch) != hi - lo:
             raise UserError(

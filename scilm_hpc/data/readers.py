@@ -20,17 +20,21 @@ whose residues are the words).
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from scilm_hpc.errors import UserError
 
 MAX_REPORTED = 10
 LABEL_KINDS = ("name", "values", "tags")
+#: where reading starts: (byte offset of a line start, that line's number); gzip: (0, 1)
+FILE_START = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -77,35 +81,77 @@ class _Problems:
             raise UserError(self.lines + extra)
 
 
+def is_gzip(path: Path) -> bool:
+    """Whether ``path`` is read through gzip (its name ends in ``.gz``)."""
+    return path.name.endswith(".gz")
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    """``path`` opened for reading bytes, decompressed when it is gzip (``is_gzip``).
+
+    Raises:
+        UserError: if it cannot be opened.
+    """
+    try:
+        if is_gzip(path):
+            return cast(IO[bytes], gzip.open(path, "rb"))
+        return path.open("rb")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def damaged_gzip(path: Path, exc: BaseException) -> UserError:
+    """The error for a gzip file that does not decompress (bad CRC, truncated, not gzip)."""
+    return UserError(
+        f"{path}: damaged or incomplete gzip file ({exc or type(exc).__name__}); "
+        f"check the copy (gzip -t) or decompress it and pass the plain file"
+    )
+
+
+def iter_raw_lines(path: Path, offset: int = 0) -> Iterator[bytes]:
+    """The raw lines of ``path`` from byte ``offset`` (0 for gzip), newline kept;
+    a damaged gzip file raises ``damaged_gzip``."""
+    handle = open_binary(path)
+    with handle:
+        if offset:
+            handle.seek(offset)
+        try:
+            yield from handle
+        except (OSError, EOFError, zlib.error) as exc:
+            if not is_gzip(path):
+                raise
+            raise damaged_gzip(path, exc) from None
+
+
 def _decode_lines(
-    path: Path, problems: _Problems, for_csv: bool = False
+    path: Path,
+    problems: _Problems,
+    for_csv: bool = False,
+    start: tuple[int, int] = FILE_START,
 ) -> Iterator[tuple[int, str]]:
     """(line number, text) pairs read lazily, and an empty line after a final newline;
     an undecodable line is reported with its byte column and skipped. ``for_csv``: the
     undecodable line is yielded too, with replacement characters, and no final empty
-    line, so that a CSV parser counts lines as in the file."""
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    number = 0
+    line, so that a CSV parser counts lines as in the file. ``start``: the byte offset
+    of a line start and its line number (reading part of a file)."""
+    offset, first = start
+    number = first - 1
     ended_with_newline = True  # an empty file reads as one empty line, as split() did
-    with handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Excel)
-            ended_with_newline = raw.endswith(b"\n")
-            line = raw[:-1] if ended_with_newline else raw
-            try:
-                yield number, line.decode("utf-8").rstrip("\r")
-            except UnicodeDecodeError as exc:
-                problems.add(
-                    number,
-                    f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at column "
-                    f"{exc.start + 1}); re-encode the file as UTF-8",
-                )
-                if for_csv:
-                    yield number, line.decode("utf-8", errors="replace").rstrip("\r")
+    for number, raw in enumerate(iter_raw_lines(path, offset), start=first):
+        if number == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Excel)
+        ended_with_newline = raw.endswith(b"\n")
+        line = raw[:-1] if ended_with_newline else raw
+        try:
+            yield number, line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            problems.add(
+                number,
+                f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at column "
+                f"{exc.start + 1}); re-encode the file as UTF-8",
+            )
+            if for_csv:
+                yield number, line.decode("utf-8", errors="replace").rstrip("\r")
     if ended_with_newline and not for_csv:  # the empty piece after the last newline
         yield number + 1, ""
 
@@ -135,11 +181,13 @@ def iter_jsonl(
     label_field: str | None,
     label_kind: str = "name",
     targets: TargetFields | None = None,
+    start: tuple[int, int] = FILE_START,
 ) -> Iterator[Example]:
     """One JSON object a line with a text field and (unless None) a label field
-    (``targets``: the target and reference fields of a seq2seq corpus)."""
+    (``targets``: the target and reference fields of a seq2seq corpus), from line
+    ``start`` (byte offset, line number) on."""
     problems = _Problems(path)
-    for number, line in _decode_lines(path, problems):
+    for number, line in _decode_lines(path, problems, start=start):
         if not line.strip():
             continue
         try:
@@ -326,13 +374,21 @@ def iter_csv(
     delimiter: str = ",",
     label_kind: str = "name",
     targets: TargetFields | None = None,
+    start: tuple[int, int] = FILE_START,
 ) -> Iterator[Example]:
     """A CSV file with a header row naming the text and label columns (``targets``: the
-    target and reference columns of a seq2seq corpus; references as a JSON list)."""
+    target and reference columns of a seq2seq corpus; references as a JSON list);
+    ``start`` (byte offset, line number) past the header reads from a row start on."""
     problems = _Problems(path)
-    lines = (text + "\n" for _, text in _decode_lines(path, problems, for_csv=True))
-    reader = csv.DictReader(lines, delimiter=delimiter)
+    given: list[str] | None = None
+    if start != FILE_START:  # the header row, from the file's first line
+        head = (t + "\n" for _, t in _decode_lines(path, _Problems(path), for_csv=True))
+        given = list(csv.DictReader(head, delimiter=delimiter).fieldnames or [])
+        head.close()
+    lines = (text + "\n" for _, text in _decode_lines(path, problems, for_csv=True, start=start))
+    reader = csv.DictReader(lines, fieldnames=given, delimiter=delimiter)
     header = reader.fieldnames or []
+    first_line = start[1] - 1
     wanted = [(text_field, "data.text_field"), (label_field, "data.label_field")]
     if targets is not None:
         wanted += [
@@ -349,7 +405,7 @@ def iter_csv(
     problems.raise_if_any()
     try:
         for row in reader:
-            number = reader.line_num
+            number = first_line + reader.line_num
             if None in row:
                 problems.add(
                     number, f"{len(header) + len(row[None])} columns, the header has {len(header)}"
@@ -368,7 +424,7 @@ def iter_csv(
                 targets,
             )
     except csv.Error as exc:
-        problems.add(reader.line_num, f"malformed CSV ({exc})")
+        problems.add(first_line + reader.line_num, f"malformed CSV ({exc})")
     problems.raise_if_any()
 
 
@@ -426,10 +482,11 @@ def iter_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> Itera
     problems.raise_if_any()
 
 
-def iter_text(path: Path) -> Iterator[Example]:
-    """Plain text, one document a line; blank lines are skipped."""
+def iter_text(path: Path, start: tuple[int, int] = FILE_START) -> Iterator[Example]:
+    """Plain text, one document a line; blank lines are skipped (from line ``start``:
+    byte offset, line number, on)."""
     problems = _Problems(path)
-    for number, line in _decode_lines(path, problems):
+    for number, line in _decode_lines(path, problems, start=start):
         if line.strip():
             yield Example(source=f"{path}:{number}", text=line)
     problems.raise_if_any()
@@ -456,11 +513,15 @@ def iter_corpus(
     label_kind: str = "name",
     targets: TargetFields | None = None,
     fasta_labels: str | None = None,
+    start: tuple[int, int] = FILE_START,
 ) -> Iterator[Example]:
     """The examples of one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``,
     ``fasta``, ``text``, ``parquet``), read lazily; ``label_kind`` (``LABEL_KINDS``) says
     what the label field holds, ``targets`` (JSONL, CSV, Parquet) reads a seq2seq target
-    and its references, ``fasta_labels`` (FASTA) is a CSV of labels by record id.
+    and its references, ``fasta_labels`` (FASTA) is a CSV of labels by record id. A name
+    ending in ``.gz`` is read through gzip. ``start`` (JSONL, CSV, text; not gzip): the
+    byte offset of a record's first line and that line's number, to read from there on
+    (``data.ranges`` finds them).
 
     Raises:
         UserError: naming the file and line of every problem found (up to ten; raised
@@ -471,10 +532,14 @@ def iter_corpus(
     if not path.is_file():
         raise UserError(f"{path}: corpus file does not exist")
     examples: Iterator[Example]
+    if start != FILE_START and (fmt not in ("jsonl", "csv", "text") or is_gzip(path)):
+        raise ValueError(f"{path}: {fmt} is read from its start only")
     if fmt == "jsonl":
-        examples = iter_jsonl(path, text_field, label_field, label_kind, targets)
+        examples = iter_jsonl(path, text_field, label_field, label_kind, targets, start)
     elif fmt == "csv":
-        examples = iter_csv(path, text_field, label_field, csv_delimiter, label_kind, targets)
+        examples = iter_csv(
+            path, text_field, label_field, csv_delimiter, label_kind, targets, start
+        )
     elif fmt == "conll":
         examples = iter_conll(path, token_column, tag_column)
     elif fmt == "fasta":
@@ -485,7 +550,7 @@ def iter_corpus(
             table = read_label_table(fasta_labels, label_field, csv_delimiter)
         examples = iter_fasta(path, label_field, label_kind, table)
     elif fmt == "text":
-        examples = iter_text(path)
+        examples = iter_text(path, start)
     elif fmt == "parquet":
         from scilm_hpc.data.parquet import iter_parquet
 
@@ -498,5 +563,5 @@ def iter_corpus(
     for example in examples:
         empty = False
         yield example
-    if empty:
+    if empty and start == FILE_START:
         raise UserError(f"{path}: the corpus is empty (no {fmt} example in it)")

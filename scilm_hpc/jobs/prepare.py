@@ -1,13 +1,16 @@
 """The prepare job: raw corpus -> tokenized HDF5 shards + ``manifest.json``.
 
-Every rank reads and checks the raw files as streams (cheap, and every rank then
-fails the same way on bad input; memory does not grow with the corpus, see
-``data.corpus``), plans the same shard boundaries from the counts, and reads again,
-tokenizes and writes only the shards assigned to it (round robin), one shard's
-examples in memory at a time. Rank 0 gathers the shard
-entries, writes the manifest and renames the staging directory into place, so
-the result is the same files, in the same order, whatever the number of ranks,
-and a killed prepare never leaves a directory that looks complete.
+The ranks count the corpus together, each its own pieces (``data.ranges``), and
+exchange the counts, so every rank plans the same shard boundaries. Each rank then
+owns a contiguous block of each split's shards and reads only the part of the corpus
+that holds them (from the nearest mark, never what comes before): once to survey it
+where the job needs that (the label map, what the task learns from the training
+split, the residue check; the ranks combine what they found) and once to tokenize
+and write its shards, one shard's examples in memory at a time. Problems a rank
+finds reach every rank, which all fail with them. Rank 0 gathers the shard entries,
+writes the manifest and renames the staging directory into place, so the result is
+the same files, in the same order, whatever the number of ranks, and a killed
+prepare never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from scilm_hpc import __version__
-from scilm_hpc.data.corpus import ReadOptions, ShardFeed, SplitStreams
+from scilm_hpc.data.corpus import ReadOptions, ShardFeed, SplitStreams, on_every_rank
+from scilm_hpc.data.ranges import corpus_files
+from scilm_hpc.data.readers import MAX_REPORTED, Example
 from scilm_hpc.data.residues import ResidueChecker
 from scilm_hpc.data.shards import (
     FORMAT_VERSION,
@@ -46,7 +52,9 @@ def split_streams(job: JobConfig, task: Task, tokenizer: Any) -> SplitStreams:
     """The configured corpus files (and ratio split) as streams of examples per split,
     residue-checked for a protein corpus."""
     d = job.data
-    files = {s: Path(getattr(d, s)) for s in SPLITS if getattr(d, s) is not None}
+    files = {
+        s: corpus_files(getattr(d, s), f"data.{s}") for s in SPLITS if getattr(d, s) is not None
+    }
     options = ReadOptions(
         fmt=d.format,
         text_field=d.text_field,
@@ -72,35 +80,80 @@ def residue_checker(job: JobConfig, tokenizer: Any) -> Callable[[], ResidueCheck
     return partial(ResidueChecker, tokenizer, separator or "", job.data.unknown_residue)
 
 
-def build_label_map(task: Task, corpus: SplitStreams) -> list[str]:
-    """Sorted labels (or tags) of the training split; dev/test may not add new ones.
+def survey(task: Task, corpus: SplitStreams, regions: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """What one rank finds in its regions (split -> first, end example) that the ranks
+    combine (``combine_surveys``): the training labels, each dev/test label with up
+    to ten of its records, the task's ``fit_part`` of its training examples and the
+    residue check's findings."""
+    checker = corpus.checker() if corpus.checker is not None else None
+    train_labels: set[str] = set()
+    other: dict[str, dict[str, list[str]]] = {}
+    fit_part = None
+    for split, (lo, hi) in regions.items():
+        examples = islice(corpus.examples(split, lo, checker), hi - lo)
+        if split == "train":
+            labelled = _labelled(task, examples, train_labels)
+            if task.learns_from_train:
+                fit_part = task.fit_part(labelled)
+            for _ in labelled:  # what fit_part left unread
+                pass
+        else:
+            found = other.setdefault(split, {})
+            for ex in examples:
+                for label in task.example_labels(ex):
+                    sources = found.setdefault(label, [])
+                    if len(sources) < MAX_REPORTED:
+                        sources.append(ex.source)
+    residues = None
+    if checker is not None:
+        residues = (checker.problems, checker.unknown, checker.records_with_unknown)
+    return {"train_labels": train_labels, "other": other, "fit": fit_part, "residues": residues}
+
+
+def _labelled(task: Task, examples: Iterator[Example], labels: set[str]) -> Iterator[Example]:
+    """``examples``, adding the labels of each to ``labels`` as it passes."""
+    for ex in examples:
+        labels.update(task.example_labels(ex))
+        yield ex
+
+
+def combine_surveys(
+    task: Task, parts: list[dict[str, Any]], checker: ResidueChecker | None
+) -> tuple[list[str], dict[str, Any]]:
+    """The label map (sorted training labels; dev/test may not add new ones) and the
+    task state from every rank's ``survey``, in rank order; ``checker`` takes the
+    residue findings.
 
     Raises:
-        UserError: naming file and line of a dev/test label absent from train.
+        UserError: naming the records of residues the tokenizer does not know, or of
+            dev/test labels absent from train.
     """
+    if checker is not None:
+        for part in parts:
+            problems, unknown, records = part["residues"]
+            checker.problems += problems
+            checker.unknown.update(unknown)
+            checker.records_with_unknown += records
+        checker.problems = checker.problems[:MAX_REPORTED]
+        checker.raise_problems()
+    task_state = task.fit_merge([p["fit"] for p in parts]) if task.learns_from_train else {}
     if not task.has_label_map:
-        return []
-    train_labels: set[str] = set()
-    for ex in corpus.examples("train"):
-        train_labels.update(task.example_labels(ex))
-    labels = sorted(train_labels)
+        return [], task_state
+    labels = sorted(set().union(*(p["train_labels"] for p in parts)))
     known = set(labels)
     problems = []
     for split in ("dev", "test"):
-        if split not in corpus.counts:
-            continue
-        for ex in corpus.examples(split):
-            unknown = [v for v in task.example_labels(ex) if v not in known]
-            if unknown:
-                problems.append(
-                    f"{ex.source}: {split} label '{unknown[0]}' does not occur in "
-                    f"the training split (labels there: {', '.join(labels)})"
-                )
-                if len(problems) >= 10:
-                    break
+        for part in parts:
+            for label, sources in part["other"].get(split, {}).items():
+                if label not in known:
+                    problems += [
+                        f"{source}: {split} label '{label}' does not occur in the training "
+                        f"split (labels there: {', '.join(labels)})"
+                        for source in sources
+                    ]
     if problems:
-        raise UserError(problems)
-    return labels
+        raise UserError(problems[:MAX_REPORTED])
+    return labels, task_state
 
 
 def plan_shards(counts: dict[str, int], per_shard: int) -> list[tuple[str, int, int, int]]:
@@ -113,6 +166,34 @@ def plan_shards(counts: dict[str, int], per_shard: int) -> list[tuple[str, int, 
     return plan
 
 
+def assign_shards(plan: list[tuple[str, int, int, int]], rank: int, world_size: int) -> list[int]:
+    """The plan indices ``rank`` writes: a contiguous block of each split's shards (so
+    it reads one stretch of the corpus per split), blocks of a split in rank order
+    (a split with fewer shards than ranks starts one rank further than the split
+    before it, to spread them)."""
+    by_split: dict[str, list[int]] = {}
+    for index, (split, _, _, _) in enumerate(plan):
+        by_split.setdefault(split, []).append(index)
+    mine = []
+    for position, indices in enumerate(by_split.values()):
+        n = len(indices)
+        slot = (rank - position) % world_size if n < world_size else rank
+        mine += indices[n * slot // world_size : n * (slot + 1) // world_size]
+    return mine
+
+
+def regions_of(
+    plan: list[tuple[str, int, int, int]], mine: list[int]
+) -> dict[str, tuple[int, int]]:
+    """Per split, the first and end example of the shards ``mine`` (contiguous)."""
+    regions: dict[str, tuple[int, int]] = {}
+    for index in mine:
+        split, _, lo, hi = plan[index]
+        first, _ = regions.get(split, (lo, hi))
+        regions[split] = (first, hi)
+    return regions
+
+
 class PrepareJob:
     """Submitit-callable prepare job (runs as 1 rank, N MPI ranks or N local tasks)."""
 
@@ -120,9 +201,17 @@ class PrepareJob:
         self.job = job
 
     def __call__(self) -> dict[str, Any]:
+        target = Path(self.job.data.shards).absolute()
+        return self.run(communicator(target.parent, self.job.cluster.collective_timeout_s))
+
+    def run(self, comm: Communicator) -> dict[str, Any]:
+        """Prepare as one of ``comm``'s ranks; rank 0 returns the summary, others ``{}``.
+
+        Raises:
+            UserError: on every rank, for a problem any rank found in the corpus.
+        """
         job = self.job
         target = Path(job.data.shards).absolute()
-        comm = communicator(target.parent, job.cluster.collective_timeout_s)
         if comm.world_size > 1:
             # One core per rank: the tokenizer's own thread pool would oversubscribe.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -130,15 +219,20 @@ class PrepareJob:
         tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)
         task = get_task(job.task).for_job(job)
         corpus = split_streams(job, task, tokenizer)
-        split_counts = corpus.count()
-        residues = corpus.residues
+        split_counts = corpus.count(comm)
+        residues = corpus.checker() if corpus.checker is not None else None
         if residues is not None:
             residues.check_tokenisation(next(corpus.examples("train")))
-        labels = build_label_map(task, corpus)
-        task_state = task.fit(corpus.examples("train"))
+        plan = plan_shards(split_counts, job.data.examples_per_shard)
+        mine = assign_shards(plan, comm.rank, comm.world_size)
+        labels: list[str] = []
+        task_state: dict[str, Any] = {}
+        if task.has_label_map or task.learns_from_train or residues is not None:
+            regions = regions_of(plan, mine)
+            parts = on_every_rank(comm, partial(survey, task, corpus, regions))
+            labels, task_state = combine_surveys(task, parts, residues)
         task = task.bind(task_state)
         label_ids = {name: i for i, name in enumerate(labels)}
-        plan = plan_shards(split_counts, job.data.examples_per_shard)
         feed = ShardFeed(corpus)
 
         decided: Path | UserError | None = None
@@ -166,37 +260,14 @@ class PrepareJob:
             raise shared
         staging: Path = shared
         try:
-            mine = [i for i in range(len(plan)) if i % comm.world_size == comm.rank]
-            written: dict[int, ShardInfo] = {}
-            counted: dict[int, dict[str, int]] = {}  # per shard: the task's token counts
-            stats: dict[str, dict[str, int]] = {}  # per split: what encoding cut (targets)
-            started = time.perf_counter()
-            records = sum(plan[i][3] - plan[i][2] for i in mine)
-            progress = CountProgress(f"prepare rank {comm.rank}", "records", records)
-            for index in mine:
-                split, shard_no, lo, hi = plan[index]
-                ids, columns, counted[index] = task.encode_shard(
-                    tokenizer, feed.take(split, lo, hi), label_ids, job.data
-                )
-                written[index] = write_shard(
-                    staging,
-                    shard_name(split, shard_no),
-                    ids,
-                    columns,
-                    job.task,
-                    job.data.compression,
-                    job.data.compression_level,
-                )
-                for key, count in task.take_stats().items():
-                    stats.setdefault(split, {}).setdefault(key, 0)
-                    stats[split][key] += count
-                progress.update(hi - lo)
-            progress.close()
-            elapsed = time.perf_counter() - started
-            gathered = comm.gather((written, counted, elapsed, stats))
+            gathered = on_every_rank(
+                comm,
+                partial(
+                    self._write_shards, task, tokenizer, label_ids, feed, plan, mine, staging, comm
+                ),
+            )
             summary: dict[str, Any] = {}
             if comm.rank == 0:
-                assert gathered is not None
                 infos: dict[int, ShardInfo] = {}
                 counts: dict[int, dict[str, int]] = {}
                 truncated: dict[str, dict[str, int]] = {}
@@ -236,6 +307,51 @@ class PrepareJob:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
 
+    def _write_shards(
+        self,
+        task: Task,
+        tokenizer: Any,
+        label_ids: dict[str, int],
+        feed: ShardFeed,
+        plan: list[tuple[str, int, int, int]],
+        mine: list[int],
+        staging: Path,
+        comm: Communicator,
+    ) -> tuple[dict[int, ShardInfo], dict[int, dict[str, int]], float, dict[str, dict[str, int]]]:
+        """Tokenize and write this rank's shards (plan indices ``mine``) into ``staging``.
+
+        Returns:
+            The shard entries and the task's token counts per plan index, the seconds it
+            took, and what encoding cut per split.
+        """
+        job = self.job
+        written: dict[int, ShardInfo] = {}
+        counted: dict[int, dict[str, int]] = {}  # per shard: the task's token counts
+        stats: dict[str, dict[str, int]] = {}  # per split: what encoding cut (targets)
+        started = time.perf_counter()
+        records = sum(plan[i][3] - plan[i][2] for i in mine)
+        progress = CountProgress(f"prepare rank {comm.rank}", "records", records)
+        for index in mine:
+            split, shard_no, lo, hi = plan[index]
+            ids, columns, counted[index] = task.encode_shard(
+                tokenizer, feed.take(split, lo, hi), label_ids, job.data
+            )
+            written[index] = write_shard(
+                staging,
+                shard_name(split, shard_no),
+                ids,
+                columns,
+                job.task,
+                job.data.compression,
+                job.data.compression_level,
+            )
+            for key, count in task.take_stats().items():
+                stats.setdefault(split, {}).setdefault(key, 0)
+                stats[split][key] += count
+            progress.update(hi - lo)
+        progress.close()
+        return written, counted, time.perf_counter() - started, stats
+
     def _manifest(
         self,
         plan: list[tuple[str, int, int, int]],
@@ -259,13 +375,23 @@ class PrepareJob:
             # the task's token counts (causal LM: tokens in, kept, truncated)
             for key, value in counts[index].items():
                 entry[key] = entry.get(key, 0) + value
-        sources = {}
+        sources: dict[str, Any] = {}
         for split in SPLITS:
-            path = getattr(job.data, split)
-            if path is not None:
+            given = getattr(job.data, split)
+            if given is None:
+                continue
+            if Path(given).is_file():
                 sources[split] = {
-                    "path": str(Path(path).resolve()),
-                    "sha256": file_sha256(Path(path)),
+                    "path": str(Path(given).resolve()),
+                    "sha256": file_sha256(Path(given)),
+                }
+            else:  # a directory or pattern: each of its files
+                sources[split] = {
+                    "path": given,
+                    "files": [
+                        {"path": str(f.resolve()), "sha256": file_sha256(f)}
+                        for f in corpus_files(given, f"data.{split}")
+                    ],
                 }
         return {
             "format_version": FORMAT_VERSION,

@@ -160,9 +160,21 @@ class Task(ABC):
         return self.auto_class().from_pretrained(source)
 
     # --- prepare -------------------------------------------------------------------
+    #: whether the task learns something from the training split (``fit_part``)
+    learns_from_train = False
+
     def fit(self, train: Iterable[Example]) -> dict[str, Any]:
         """What the task learns from the training split (JSON; the manifest's
-        ``task_state``), read once as a stream. Nothing by default (``train`` unread)."""
+        ``task_state``), read once as a stream: ``fit_merge`` of one ``fit_part``."""
+        return self.fit_merge([self.fit_part(train)])
+
+    def fit_part(self, train: Iterable[Example]) -> Any:
+        """What one prepare rank keeps of its stretch of the training split for
+        ``fit_merge`` (picklable). Nothing by default (``train`` unread)."""
+        return None
+
+    def fit_merge(self, parts: list[Any]) -> dict[str, Any]:
+        """The ``task_state`` from every rank's ``fit_part``, in corpus order."""
         return {}
 
     def bind(self, state: dict[str, Any]) -> Task:

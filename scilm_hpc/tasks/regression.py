@@ -149,28 +149,50 @@ class Regression(Task):
     def label_field(self, configured: str) -> str | None:
         return configured
 
-    def fit(self, train: Iterable[Example]) -> dict[str, Any]:
-        """Mean and population standard deviation of each target on ``train`` (read
-        once; the targets are kept, 8 bytes a value, for the same mean as numpy's).
+    learns_from_train = True
+
+    def fit_part(self, train: Iterable[Example]) -> tuple[int | None, str, array]:
+        """The targets of ``train`` (8 bytes a value, kept for the same mean as numpy's),
+        their number per example and the first example's source.
 
         Raises:
-            UserError: if examples differ in their number of targets, or a target is
-                constant (nothing to regress).
+            UserError: if examples differ in their number of targets.
         """
         k: int | None = None
-        kept, n = array("d"), 0
+        kept, first = array("d"), ""
         for ex in train:
             if k is None:
-                k = len(ex.values or ())
+                k, first = len(ex.values or ()), ex.source
             if len(ex.values or ()) != k:
                 raise UserError(
                     f"{ex.source}: {len(ex.values or ())} label values where the first "
                     f"training example has {k}; every example needs the same number"
                 )
             kept.extend(ex.values or ())
-            n += 1
-        values = np.frombuffer(kept, dtype=np.float64).reshape(n, k or 0)
-        mean, std = values.mean(axis=0), values.std(axis=0)
+        return k, first, kept
+
+    def fit_merge(self, parts: list[tuple[int | None, str, array]]) -> dict[str, Any]:
+        """Mean and population standard deviation of each target over the parts.
+
+        Raises:
+            UserError: if the parts differ in their number of targets, or a target is
+                constant (nothing to regress).
+        """
+        k: int | None = None
+        kept = array("d")
+        for part_k, source, values in parts:
+            if part_k is None:
+                continue
+            if k is not None and part_k != k:
+                raise UserError(
+                    f"{source}: {part_k} label values where the first training example "
+                    f"has {k}; every example needs the same number"
+                )
+            k = part_k
+            kept.extend(values)
+        rows = len(kept) // k if k else 0
+        values_2d = np.frombuffer(kept, dtype=np.float64).reshape(rows, k or 0)
+        mean, std = values_2d.mean(axis=0), values_2d.std(axis=0)
         for j in np.flatnonzero(std == 0):
             raise UserError(
                 f"data.train: label value {j} is {mean[j]} in every training example; "

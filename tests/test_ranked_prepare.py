@@ -1,0 +1,264 @@
+"""Each prepare rank reads only its own part of the corpus: byte ranges of a large file,
+whole files of a gzip corpus, and the shards and manifest of N ranks equal one rank's.
+
+Ranks run as threads that talk through the file communicator, as local processes do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scilm_hpc.config import load_and_validate
+from scilm_hpc.data import ranges
+from scilm_hpc.data.corpus import ReadOptions, SplitStreams
+from scilm_hpc.errors import UserError
+from scilm_hpc.jobs.prepare import PrepareJob
+from scilm_hpc.launch.dist import FileCommunicator, SingleProcess
+
+from .conftest import REPO
+
+WORDS = [f"w{i}" for i in range(40)] + ["é", "naïve", "Δ", '"quoted"', "a,b"]
+
+
+def _rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [
+        {
+            "text": " ".join(rng.choices(WORDS, k=rng.randint(3, 40))),
+            "label": rng.choice(["x", "y", "z"]),
+            "value": round(rng.uniform(-2, 2), 3),
+        }
+        for _ in range(n)
+    ]
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    # blank lines in between: records are not lines
+    return "".join(
+        json.dumps(r, ensure_ascii=False) + ("\n\n" if i % 7 == 3 else "\n")
+        for i, r in enumerate(rows)
+    ).encode()
+
+
+def _run_ranks(tmp_path: Path, name: str, ranks: int, *overrides: str) -> list[BaseException]:
+    """Prepare on ``ranks`` threads; what each rank raised."""
+    run = tmp_path / name
+    job = load_and_validate(
+        REPO / "jobs/prepare.yaml", ["cluster=none", f"run.dir={run}", *overrides]
+    )
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        comm = (
+            SingleProcess()
+            if ranks == 1
+            else FileCommunicator(tmp_path / f".rdv-{name}", r, ranks, timeout_s=120)
+        )
+        try:
+            PrepareJob(job).run(comm)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    return errors
+
+
+def _prepare(tmp_path: Path, name: str, ranks: int, *overrides: str) -> dict[str, Any]:
+    """Prepare on ``ranks`` threads; the manifest, and each shard file's bytes by name."""
+    errors = _run_ranks(tmp_path, name, ranks, *overrides)
+    if errors:
+        raise errors[0]
+    shards = tmp_path / name / "shards"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    files = {str(p.relative_to(shards)): p.read_bytes() for p in sorted(shards.rglob("*.h5"))}
+    return {"manifest": manifest, "files": files}
+
+
+def _same(one: dict[str, Any], many: dict[str, Any], ranks: int) -> None:
+    a, b = one["manifest"], many["manifest"]
+    assert b["prepare"].pop("ranks") == ranks and a["prepare"].pop("ranks") == 1
+    a["prepare"].pop("rank_seconds"), b["prepare"].pop("rank_seconds")
+    assert b == a
+    assert many["files"] == one["files"] and len(one["files"]) > 3
+
+
+@pytest.mark.timeout(240)
+def test_byte_ranges_of_one_file_give_the_shards_of_one_rank(tmp_path, tiny_model_dir):
+    """One JSONL file (blank lines, non-ASCII text) cut into three byte ranges, with a
+    ratio split and a label map: three ranks write the files and manifest of one."""
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_bytes(_jsonl(_rows(300)))
+    common = [
+        f"data.train={corpus}",
+        f"model.name_or_path={tiny_model_dir}",
+        "data.examples_per_shard=40",
+        "data.split.dev_ratio=0.2",
+        "data.split.test_ratio=0.1",
+    ]
+    one = _prepare(tmp_path, "one", 1, *common)
+    assert one["manifest"]["splits"]["train"]["n_examples"] == 210
+    _same(one, _prepare(tmp_path, "three", 3, *common), 3)
+
+
+@pytest.mark.timeout(240)
+def test_many_file_gzip_corpus_is_split_by_files(tmp_path, tiny_model_dir):
+    """A directory of gzip JSONL files (regression: the ranks merge what the task learns
+    from the training split) gives on two ranks the shards of one rank, and the same
+    shards as the plain file holding the same records."""
+    rows = _rows(260, seed=1)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for k in range(5):
+        with gzip.open(folder / f"part-{k}.jsonl.gz", "wb") as fh:
+            fh.write(_jsonl(rows[k * 52 : (k + 1) * 52]))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(_jsonl(rows))
+    common = [
+        f"model.name_or_path={tiny_model_dir}",
+        "task=regression",
+        "data.label_field=value",
+        "data.examples_per_shard=30",
+        "data.split.dev_ratio=0.15",
+    ]
+    one = _prepare(tmp_path, "gz-one", 1, f"data.train={folder}", *common)
+    assert [f["path"] for f in one["manifest"]["sources"]["train"]["files"]] == [
+        str(p) for p in sorted(folder.iterdir())
+    ]
+    two = _prepare(tmp_path, "gz-two", 2, f"data.train={folder}", *common)
+    _same(one, two, 2)
+    flat = _prepare(tmp_path, "plain", 1, f"data.train={plain}", *common)
+    assert flat["files"] == one["files"]
+    assert flat["manifest"]["task_state"] == one["manifest"]["task_state"]
+
+
+@pytest.mark.timeout(240)
+def test_csv_with_quoted_newlines_is_read_whole(tmp_path, tiny_model_dir):
+    """A CSV whose quoted values span lines cannot be cut at line starts: its count
+    falls back to the reader, and two ranks still write what one writes."""
+    corpus = tmp_path / "train.csv"
+    lines = ["text,label"]
+    for i, row in enumerate(_rows(120, seed=2)):
+        text = row["text"].replace('"', '""')
+        more = " then\na new line" if i % 5 == 0 else ""
+        lines.append(f'"{text}{more}",{row["label"]}')
+    corpus.write_text("\n".join(lines) + "\n")
+    common = [
+        f"data.train={corpus}",
+        "data.format=csv",
+        f"model.name_or_path={tiny_model_dir}",
+        "data.examples_per_shard=25",
+    ]
+    one = _prepare(tmp_path, "csv-one", 1, *common)
+    assert one["manifest"]["splits"]["train"]["n_examples"] == 120
+    _same(one, _prepare(tmp_path, "csv-two", 2, *common), 2)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text", "csv"])
+def test_every_cut_counts_each_record_once(tmp_path, fmt):
+    """Two byte ranges cut at every byte of a small file: the counts add up to the
+    records, a line straddling the cut is counted by the range it starts in, and every
+    mark names the byte and line of a record's start."""
+    rows = _rows(12, seed=3)
+    if fmt == "jsonl":
+        data = _jsonl(rows)
+    elif fmt == "text":
+        data = "".join(
+            r["text"] + ("\n  \n" if i % 4 == 0 else "\n") for i, r in enumerate(rows)
+        ).encode()
+    else:
+        data = (
+            "text,label\n" + "".join(f"{r['label']}{i},x\n ,\n" for i, r in enumerate(rows))
+        ).encode()
+    path = tmp_path / f"c.{fmt}"
+    path.write_bytes(data)
+    options = ReadOptions(fmt=fmt)
+    truth = list(options.read(path))
+    assert len(truth) == 12
+    line_starts = [0] + [i + 1 for i, b in enumerate(data) if b == 0x0A]
+    for cut in range(len(data) + 1):
+        pieces = [ranges.Piece(0, 0, cut), ranges.Piece(0, cut, len(data))]
+        counts = [ranges.count_piece(path, fmt, p) for p in pieces]
+        assert sum(c.records for c in counts) == 12, cut
+        [index] = ranges.index_files([path], pieces, counts)
+        for record, offset, line in index.marks[1:]:
+            assert offset in line_starts
+            first = next(options.read(path, (offset, line)))
+            assert first == truth[record], (cut, record)
+
+
+def test_a_rank_starts_at_its_own_record(tmp_path):
+    """Reading from any record starts at the mark before it and skips the rest: every
+    start gives the records from there on."""
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(_jsonl(_rows(50, seed=4)))
+    streams = SplitStreams({"train": [path]}, ReadOptions(fmt="jsonl"), {}, 0)
+    old = ranges.MARK_EVERY
+    ranges.MARK_EVERY = 8
+    try:
+        streams.count(SingleProcess())
+    finally:
+        ranges.MARK_EVERY = old
+    assert len(streams.index["train"][0].marks) == 1 + 7
+    truth = list(streams.examples("train"))
+    for start in (0, 1, 7, 8, 9, 31, 49):
+        assert list(streams.examples("train", start)) == truth[start:]
+
+
+def _damaged(tmp_path: Path, how: str) -> Path:
+    blob = gzip.compress(_jsonl(_rows(400, seed=5)))
+    if how == "crc":  # the trailer's CRC-32, wrong
+        blob = blob[:-8] + bytes([blob[-8] ^ 0xFF]) + blob[-7:]
+    else:
+        blob = blob[: len(blob) // 2]
+    path = tmp_path / f"{how}.jsonl.gz"
+    path.write_bytes(blob)
+    return path
+
+
+@pytest.mark.parametrize("how", ["crc", "truncated"])
+def test_a_damaged_gzip_file_is_named(tmp_path, how):
+    path = _damaged(tmp_path, how)
+    streams = SplitStreams({"train": [path]}, ReadOptions(fmt="jsonl"), {}, 0)
+    with pytest.raises(UserError, match=rf"{path}: damaged or incomplete gzip file"):
+        streams.count(SingleProcess())
+
+
+@pytest.mark.timeout(120)
+def test_a_problem_in_one_rank_s_range_stops_every_rank(tmp_path, tiny_model_dir):
+    """Bad JSON in the second half of the file, which rank 1 reads: both ranks fail
+    with the file and its line number, counted from the start of the file."""
+    rows = _jsonl(_rows(80, seed=6)).decode().splitlines()
+    rows[-10] = "{not json"
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("\n".join(rows) + "\n")
+    errors = _run_ranks(
+        tmp_path,
+        "bad",
+        2,
+        f"data.train={corpus}",
+        f"model.name_or_path={tiny_model_dir}",
+        "data.examples_per_shard=20",
+    )
+    assert len(errors) == 2
+    for error in errors:
+        assert isinstance(error, UserError)
+        assert f"{corpus}:{len(rows) - 9}: not valid JSON" in str(error)
+
+
+def test_a_pattern_that_matches_nothing_is_refused(tmp_path):
+    with pytest.raises(UserError, match="data.train: no file matches the pattern"):
+        ranges.corpus_files(str(tmp_path / "*.jsonl.gz"), "data.train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no corpus file"):
+        ranges.corpus_files(str(tmp_path / "empty"), "data.train")
