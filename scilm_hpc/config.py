@@ -387,6 +387,10 @@ def validate(job: JobConfig) -> list[str]:
         p.append(f"train.loss: huber is a regression loss; task is {job.task} (use auto)")
     if t.huber_delta <= 0:
         p.append(f"train.huber_delta: got {t.huber_delta}; must be > 0")
+    if t.peak_tflops is not None and not t.peak_tflops > 0:
+        p.append(
+            f"train.peak_tflops: got {t.peak_tflops}; must be > 0 (TFLOP/s of one rank), or null"
+        )
     if t.class_weights and job.task not in ("classification", "token_classification"):
         p.append(
             f"train.class_weights: weights classes of classification or "

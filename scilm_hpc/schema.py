@@ -158,6 +158,9 @@ class TrainConfig:
     # generator so results and resume match eager): worth it only when the run is long
     # enough to repay the compile (about a minute for MiniLM on 2 CPU cores)
     compile: bool = False
+    # peak TFLOP/s of one rank's device (e.g. 989 for an H100 SXM in bf16): metrics.jsonl
+    # then has mfu (model FLOPs per second / peak x ranks); None: no mfu column
+    peak_tflops: float | None = None
     # e.g. dev_loss or dev_macro_f1: keeps the best checkpoint (needs eval_every > 0)
     best_metric: str | None = None
     early_stopping_patience: int = 0

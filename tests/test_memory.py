@@ -74,7 +74,7 @@ def test_finetune_with_checkpointing_logs_the_same_losses_and_peak_memory(tmp_pa
     root = tmp_path
     model, shards = _lm(root, minilm_path)
     runs = {}
-    for name, flag in (("plain", "false"), ("checkpointed", "true")):
+    for name, flag, peak in (("plain", "false", "null"), ("checkpointed", "true", "0.05")):
         done = scilm_run(
             "finetune",
             str(REPO / "jobs" / "finetune.yaml"),
@@ -88,6 +88,7 @@ def test_finetune_with_checkpointing_logs_the_same_losses_and_peak_memory(tmp_pa
             "train.max_steps=3",
             "train.log_every=1",
             f"train.gradient_checkpointing={flag}",
+            f"train.peak_tflops={peak}",
         )
         assert done.returncode == 0, done.stderr[-3000:]
         rows = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
@@ -96,6 +97,18 @@ def test_finetune_with_checkpointing_logs_the_same_losses_and_peak_memory(tmp_pa
         [r["loss"] for r in runs["plain"]], rel=1e-6
     )
     assert all(r["peak_rss_mb"] > 50 for r in runs["checkpointed"])
+    # the step's raw counts and model FLOPs: the same model FLOPs with or without
+    # recomputation (model FLOPs, not hardware FLOPs), MFU only against a given peak
+    for plain, checkpointed in zip(runs["plain"], runs["checkpointed"], strict=True):
+        for key in ("samples", "tokens", "model_flops_per_token"):
+            assert plain[key] == checkpointed[key] > 0, key
+        assert "mfu" not in plain
+        for row in (plain, checkpointed):
+            assert row["samples"] == 2 and row["step_s"] > 0
+            assert row["model_tflops"] == pytest.approx(
+                row["model_flops_per_token"] * row["tokens"] / row["step_s"] / 1e12
+            )
+        assert checkpointed["mfu"] == pytest.approx(checkpointed["model_tflops"] / 0.05)
 
 
 def _lm(root, minilm_path):

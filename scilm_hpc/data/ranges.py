@@ -188,8 +188,9 @@ def index_files(
     whole: Callable[[int], int | None] | None = None,
 ) -> list[FileIndex]:
     """Every file's index from the counts of its pieces (in file and byte order; a
-    file's marks are those of its pieces, none for gzip); ``whole(file)`` overrides a file's count (records of a file counted whole by its
-    reader, which is then read from its start only) where it returns one."""
+    file's marks are those of its pieces, none for gzip); ``whole(file)`` overrides a
+    file's count (records of a file counted whole by its reader, which is then read
+    from its start only) where it returns one."""
     by_file: dict[int, list[tuple[Piece, PieceCount]]] = {}
     for piece, count in zip(pieces, counts, strict=True):
         by_file.setdefault(piece.file, []).append((piece, count))

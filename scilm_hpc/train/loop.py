@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from scilm_hpc.data.dataset import ShardDataset
@@ -40,6 +41,7 @@ from scilm_hpc.train import checkpoint as ckpt
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.evaluation import dev_generation, is_better
 from scilm_hpc.train.export import export_model
+from scilm_hpc.train.flops import ModelFlops, throughput_row
 from scilm_hpc.train.lora import export_lora, lora_enabled, lora_model, trainable_parameters
 from scilm_hpc.train.memory import compile_model, enable_gradient_checkpointing, peak_memory
 from scilm_hpc.train.progress import Progress
@@ -73,6 +75,7 @@ class Trainer:
     """
 
     def __init__(self, job: JobConfig, rank: int, world: int, on_gpu: bool, stop: StopFlag) -> None:
+        self.flops: ModelFlops  # the model's FLOPs count, set with the engine
         self.job, self.rank, self.world, self.on_gpu = job, rank, world, on_gpu
         self.stop = stop
         self.run_dir = Path(job.run.dir)
@@ -135,6 +138,7 @@ class Trainer:
                 weights = ckpt.consolidated_weights(self.run_dir, resume_tag, state["zero_stage"])
         torch.manual_seed(job.train.seed)  # new heads start the same on every rank and run
         model = self.build_model(weights)
+        self.flops = ModelFlops.of(model)
         if job.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if job.train.compile:
@@ -274,14 +278,14 @@ class Trainer:
         precision: Callable[[], contextlib.AbstractContextManager[Any]],
     ) -> tuple[torch.Tensor, float, int]:
         """One optimizer step. Returns the step's totals summed over ranks (loss, tokens,
-        examples, stop flag: one all-reduce for all of them), this rank's data seconds
-        (drawing indices, reading, collating) and its number of micro-batches."""
+        examples, stop flag, squared lengths: one all-reduce for all of them), this rank's
+        data seconds (drawing indices, reading, collating) and its number of micro-batches."""
         import torch.distributed as dist
 
         data_tick = time.perf_counter()
         run.position, micro_batches = next(stream)
         lengths = self.train_set.lengths()  # real tokens per example, without padding
-        loss_total, tokens, data_s = 0.0, 0, 0.0
+        loss_total, tokens, squared, data_s = 0.0, 0, 0, 0.0
         for indices in micro_batches:
             batch = to_device(
                 self.task.collate([self.train_set[int(i)] for i in indices], self.pad_id),
@@ -294,10 +298,11 @@ class Trainer:
             engine.step()
             loss_total += loss.item()
             tokens += int(lengths[indices].sum())
+            squared += int((lengths[indices].astype(np.int64) ** 2).sum())  # attention FLOPs
             data_tick = time.perf_counter()
         run.step += 1
         totals = torch.tensor(
-            [loss_total, tokens, sum(map(len, micro_batches)), self.stop.local_flag()],
+            [loss_total, tokens, sum(map(len, micro_batches)), self.stop.local_flag(), squared],
             dtype=torch.float64,
             device=engine.device,  # NCCL reduces device tensors only
         )
@@ -325,6 +330,18 @@ class Trainer:
             "lr": engine.get_lr()[0],
             "samples_per_s": totals[2].item() / elapsed,
             "tokens_per_s": totals[1].item() / elapsed,
+            "samples": int(totals[2].item()),  # this step's, all ranks
+            "tokens": int(totals[1].item()),  # real tokens, no padding
+            "step_s": elapsed,
+            **throughput_row(
+                self.flops,
+                totals[1].item(),
+                totals[4].item(),
+                totals[2].item(),
+                elapsed,
+                self.world,
+                self.job.train.peak_tflops,
+            ),
             "data_s_per_step": data_s,
             "data_fraction": data_s / elapsed,
             **peak_memory(self.on_gpu),  # rank 0's
