@@ -24,9 +24,11 @@ the ratios scilm / hf_best and scilm / hf_dynamic. ``--zero-steps N`` adds ZeRO-
 ZeRO-3 on 2 local ranks (1 thread each) on SciCite.
 
 Model FLOPs per trained example of n real tokens: 6 * N * n + 12 * L * d * n^2, where N
-counts the non-embedding parameters (encoder, pooler, classifier), L the layers and d
-the hidden size (attention scores and values, forward + backward; PaLM appendix B). Only
-real tokens count: padding is work, not model FLOPs.
+counts the weights of matrix multiplies (the pooler and classifier once per example), L
+the layers and d the hidden size (attention scores and values, forward + backward; PaLM
+appendix B): the library's count (``scilm_hpc.train.flops``), which scilm's runs log in
+metrics.jsonl and the HF runs get from the same function. Only real tokens count:
+padding is work, not model FLOPs.
 
     python benchmarks/train_throughput.py [--samples 2000] [--epochs 1] [--sets scicite,short]
         [--short-length 20] [--history] [--compile] [--zero-steps 0] [--out DIR]
@@ -60,6 +62,8 @@ from _common import (
     worker_command,
 )
 
+from scilm_hpc.train.flops import ModelFlops
+
 MAX_LENGTH = 128
 CPU_ENV = {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
 
@@ -67,27 +71,19 @@ CPU_ENV = {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
 # ---------------------------------------------------------------- model FLOPs
 
 
-def model_shape(model_dir: str) -> dict[str, int]:
-    """Non-embedding parameters, layers and hidden size of the classifier."""
+def model_shape(model_dir: str) -> ModelFlops:
+    """The classifier's FLOPs count (``scilm_hpc.train.flops``, what scilm logs)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
-    total = sum(p.numel() for p in model.parameters())
-    embedding = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." in n)
-    return {
-        "params": total,
-        "params_non_embedding": total - embedding,
-        "layers": model.config.num_hidden_layers,
-        "hidden": model.config.hidden_size,
-    }
+    return ModelFlops.of(
+        AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
+    )
 
 
-def train_flops(lengths: np.ndarray, shape: dict[str, int]) -> float:
+def train_flops(lengths: np.ndarray, shape: ModelFlops) -> float:
     """Model FLOPs of one training pass (forward + backward) over examples of ``lengths``."""
     n = lengths.astype(np.float64)
-    dense = 6.0 * shape["params_non_embedding"] * n.sum()
-    attention = 12.0 * shape["layers"] * shape["hidden"] * (n**2).sum()
-    return float(dense + attention)
+    return shape.step_flops(float(n.sum()), float((n**2).sum()), len(n))
 
 
 # ---------------------------------------------------------------- HF Trainer worker
@@ -169,34 +165,8 @@ def hf_worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- scilm runs
 
 
-def trained_lengths(shards: Path, config: dict[str, Any], steps: int) -> np.ndarray:
-    """Real lengths of the examples a scilm run trained on in ``steps`` steps (every
-    rank), drawn again from the same deterministic sampler."""
-    from scilm_hpc.data.dataset import ShardDataset
-    from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition
-
-    lengths = ShardDataset(shards, "train").lengths()
-    t, c = config["train"], config["cluster"]
-    world = c["nodes"] * c["tasks_per_node"]
-    picked = []
-    for rank in range(world):
-        batches = ResumableBatches(
-            lengths,
-            t["micro_batch_size"],
-            t["gradient_accumulation"],
-            world,
-            rank,
-            t["seed"],
-            t["length_bucketing"],
-        )
-        stream = batches.step_batches(SamplerPosition())
-        for _ in range(steps):
-            picked += [lengths[m] for m in next(stream)[1]]
-    return np.concatenate(picked)
-
-
 def scilm_finetune(
-    name: str, out: Path, shards: Path, overrides: list[str], shape: dict[str, int]
+    name: str, out: Path, shards: Path, overrides: list[str], shape: ModelFlops
 ) -> dict[str, Any]:
     """Run ``scilm finetune`` with ``overrides``; figures from its metrics.jsonl (one row
     per step: that step's samples/s, tokens/s and data-loading seconds)."""
@@ -219,11 +189,11 @@ def scilm_finetune(
         {**os.environ, **CPU_ENV},
     )
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    steps = step_rows(run_dir)
-    lengths = trained_lengths(shards, config, len(steps))
-    per_step = len(lengths) // len(steps)
-    step_s = np.array([per_step / r["samples_per_s"] for r in steps])
+    steps = step_rows(run_dir)  # per step: samples, tokens, seconds, model FLOPs per token
+    step_s = np.array([r["step_s"] for r in steps])
     train_s = float(step_s.sum())
+    samples, tokens = sum(r["samples"] for r in steps), sum(r["tokens"] for r in steps)
+    flops = sum(r["model_flops_per_token"] * r["tokens"] for r in steps)
     data_s = np.array([r["data_s_per_step"] for r in steps])
     return {
         **proc,
@@ -232,13 +202,13 @@ def scilm_finetune(
         "zero_stage": config["zero"]["stage"],
         "precision": config["train"]["precision"],
         "steps": len(steps),
-        "train_samples": len(lengths),
-        "train_tokens": int(lengths.sum()),
+        "train_samples": samples,
+        "train_tokens": tokens,
         "train_s": train_s,
-        "samples_per_s": len(lengths) / train_s,
+        "samples_per_s": samples / train_s,
         "samples_per_s_step_median": median(r["samples_per_s"] for r in steps),
-        "tokens_per_s": float(lengths.sum()) / train_s,
-        "model_gflops_per_s": train_flops(lengths, shape) / train_s / 1e9,
+        "tokens_per_s": tokens / train_s,
+        "model_gflops_per_s": flops / train_s / 1e9,
         "data_s_per_step_median": float(np.median(data_s)),
         "data_fraction": float(data_s.sum() / train_s),
         "final_loss": steps[-1]["loss"],
@@ -246,7 +216,7 @@ def scilm_finetune(
 
 
 def hf_run(
-    kind: str, args: argparse.Namespace, shards: Path, shape: dict[str, int], max_length: int
+    kind: str, args: argparse.Namespace, shards: Path, shape: ModelFlops, max_length: int
 ) -> dict[str, Any]:
     """hf_best, hf_dynamic or hf_padded in a child process."""
     from scilm_hpc.data.dataset import ShardDataset
@@ -297,7 +267,7 @@ def prepare(out: Path, samples: int | None, seed: int, max_length: int) -> Path:
 
 
 def example_set(
-    name: str, max_length: int, args: argparse.Namespace, shape: dict[str, int]
+    name: str, max_length: int, args: argparse.Namespace, shape: ModelFlops
 ) -> dict[str, dict[str, Any]]:
     """Every trainer on one example set; results keyed ``SET/RUN``."""
     out = args.out / name
@@ -406,8 +376,8 @@ def main() -> None:
         "cpu_native_bf16": native_bf16,
         "matmul_peak_gflops_fp32": peak["fp32"],
         "matmul_peak_gflops_bf16": peak["bf16"],
-        "params_non_embedding": shape["params_non_embedding"],
-        "flops_formula": "6*N_non_embedding*real_tokens + 12*layers*hidden*sum(len^2)",
+        "matmul_weights": shape.matmul_weights,
+        "flops_formula": "scilm_hpc.train.flops: 6*N*tokens + 12*layers*hidden*sum(len^2)",
     }
     for name in args.sets.split(","):
         best, dynamic, scilm = (runs[f"{name}/{k}"] for k in ("hf_best", "hf_dynamic", "scilm"))

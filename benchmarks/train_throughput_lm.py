@@ -19,9 +19,11 @@ Printed per trainer: median step time over the steps after ``--warmup`` (first s
 compile kernels and grow allocators), samples/s, tokens/s, peak RSS, peak GPU memory
 (``nvidia-smi`` polled, whole device), model TFLOP/s and MFU against the bf16 (or
 fp32) matrix-multiply peak this script measures on the same device, and against
-``--nominal-tflops`` where given (989 for an H100 SXM's dense bf16). Model FLOPs per
-token: 6 * N + 12 * L * d * s (N: parameters except the input embedding, lm_head
-included; s: the sequence length; PaLM appendix B). One JSON line at the end.
+``--nominal-tflops`` where given (989 for an H100 SXM's dense bf16). Model FLOPs:
+the library's count (``scilm_hpc.train.flops``: 6 * N + 12 * L * d * s per token, N the
+weights of matrix multiplies, lm_head included; PaLM appendix B); scilm's figures come
+from its metrics.jsonl, the HF Trainer's from the same count at the mean length. One
+JSON line at the end.
 
     python benchmarks/train_throughput_lm.py                       # 1B on the GPU
     python benchmarks/train_throughput_lm.py --size tiny --steps 20 # CPU check (~3 min)
@@ -138,15 +140,18 @@ class GpuMemory:
 
 
 def model_flops_per_token(model_dir: Path, seq_len: int) -> tuple[float, int]:
-    """(training FLOPs per token, parameters counted) of the model in ``model_dir``."""
-    from transformers import AutoConfig
+    """(training FLOPs per token, weights in matrix multiplies) of the model in
+    ``model_dir`` for sequences of ``seq_len`` tokens: the library's count
+    (``scilm_hpc.train.flops``, what scilm logs in metrics.jsonl), shapes only."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
-    d, layers = config.hidden_size, config.num_hidden_layers
-    kv = d // config.num_attention_heads * config.num_key_value_heads
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.intermediate_size
-    params = layers * per_layer + d * config.vocab_size  # + lm_head; no input embedding
-    return 6.0 * params + 12.0 * layers * d * seq_len, params
+    from scilm_hpc.train.flops import ModelFlops
+
+    with torch.device("meta"):  # shapes, no memory
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    flops = ModelFlops.of(model)
+    return flops.step_flops(seq_len, seq_len**2, 1) / seq_len, flops.matmul_weights
 
 
 def hf_worker(args: argparse.Namespace) -> None:
@@ -249,13 +254,15 @@ def scilm_finetune(args: argparse.Namespace, shards: Path) -> dict[str, Any]:
         )
     steps = step_rows(run_dir)
     samples = args.micro_batch_size
-    step_s = [samples / r["samples_per_s"] for r in steps]
+    step_s = [r["step_s"] for r in steps]
     return {
         **proc,
         "precision": "bf16",
         "zero_stage": args.zero_stage,
         "gpu_peak_mb": gpu_mem.peak_mb,
         "data_fraction_median": median(r["data_fraction"] for r in steps),
+        # the model FLOP/s scilm logged, over the timed steps
+        "model_tflops_per_s": median(r["model_tflops"] for r in steps[args.warmup :] or steps),
         **summarize(step_s, args.warmup, samples, args.seq_len),
     }
 
@@ -324,7 +331,7 @@ def main() -> None:
     runs = {"hf": run_hf(args, shards), "scilm": scilm_finetune(args, shards)}
     runs["hf"]["precision"] = hf_precision
     for run in runs.values():
-        run["model_tflops_per_s"] = run["tokens_per_s"] * flops_token / 1e12
+        run.setdefault("model_tflops_per_s", run["tokens_per_s"] * flops_token / 1e12)
         run["mfu"] = run["model_tflops_per_s"] / peak[run["precision"]]
         if args.nominal_tflops:
             run["mfu_nominal"] = run["model_tflops_per_s"] / args.nominal_tflops
