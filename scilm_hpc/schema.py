@@ -56,6 +56,7 @@ class DataConfig:
 
     # jsonl | csv | conll | fasta | text | parquet (columns named by the *_field keys)
     format: str = "jsonl"
+    # a file, a directory (its files, sorted) or a glob pattern; ``.gz`` files are gunzipped
     train: str | None = None
     dev: str | None = None
     test: str | None = None
