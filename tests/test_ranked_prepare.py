@@ -13,11 +13,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from scilm_hpc.config import load_and_validate
 from scilm_hpc.data import ranges
-from scilm_hpc.data.corpus import ReadOptions, SplitStreams
+from scilm_hpc.data.corpus import ReadOptions, SplitStreams, nth_member
 from scilm_hpc.errors import UserError
 from scilm_hpc.jobs.prepare import PrepareJob
 from scilm_hpc.launch.dist import FileCommunicator, SingleProcess
@@ -262,3 +263,12 @@ def test_a_pattern_that_matches_nothing_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no corpus file"):
         ranges.corpus_files(str(tmp_path / "empty"), "data.train")
+
+
+def test_nth_member_is_the_index_of_the_nth_record_of_a_split():
+    member = np.random.default_rng(0).integers(0, 3, 1000).astype(np.uint8)
+    for code in range(3):
+        where = np.flatnonzero(member == code)
+        for n in (0, 1, 17, len(where) - 1, len(where)):
+            expected = int(where[n]) if n < len(where) else 1000
+            assert nth_member(member, code, n, chunk=64) == expected

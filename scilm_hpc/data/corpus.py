@@ -119,6 +119,20 @@ def on_every_rank(comm: Communicator, work: Callable[[], T]) -> list[T]:
     return [value for _, value in gathered]
 
 
+def nth_member(member: np.ndarray, code: int, n: int, chunk: int = 1 << 20) -> int:
+    """The record index of the ``n``-th record (from 0) whose ``member`` code is ``code``,
+    or ``len(member)`` if there are not that many; looked up a chunk at a time (the
+    indices of a whole split would take eight bytes a record)."""
+    seen = 0
+    for lo in range(0, len(member), chunk):
+        hits = member[lo : lo + chunk] == code
+        count = int(np.count_nonzero(hits))
+        if seen + count > n:
+            return lo + int(np.flatnonzero(hits)[n - seen])
+        seen += count
+    return len(member)
+
+
 class SplitStreams:
     """The splits of a corpus (files, and a ratio split of the training files) as
     streams of examples, each residue-checked when ``checker`` is given.
@@ -241,8 +255,7 @@ class SplitStreams:
         if self.member is not None and split in self.member_names:
             code = self.member_names.index(split)
             member = self.member
-            where = np.flatnonzero(member == code)
-            first = int(where[start]) if start < len(where) else len(member)
+            first = nth_member(member, code, start)
             stream = (
                 ex
                 for i, ex in enumerate(self._records("train", first), start=first)
