@@ -50,7 +50,8 @@ class ModelFlops:
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelFlops:
         """The counts of ``model`` (a transformers model, peft-wrapped or not)."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        unwrap = getattr(model, "get_base_model", None)  # peft
+        base = unwrap() if callable(unwrap) else model
         pooled = type(base).__name__.endswith("ForSequenceClassification")
         total = trainable = per_sequence = per_sequence_trainable = 0
         for name, module in model.named_modules():
