@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scilm_hpc.config import load_and_validate, to_yaml
-from scilm_hpc.errors import STORAGE_ERRNOS, StorageError, UserError, storage_error
+from scilm_hpc.config import load_and_validate, load_config, resolve, to_yaml, validate
+from scilm_hpc.errors import STORAGE_ERRNOS, ConfigError, StorageError, UserError, storage_error
 from scilm_hpc.launch.watchdog import HANG_EXIT_CODE, HangError
 from scilm_hpc.rundir import config_file, write_text_atomic
 from scilm_hpc.schema import JobConfig
@@ -32,13 +32,14 @@ def _save_config(job: JobConfig) -> None:
     write_text_atomic(config_file(job.run.dir, job.job), to_yaml(job))
 
 
-def _check_before_submit(job: JobConfig) -> None:
+def _check_before_submit(job: JobConfig, problems: list[str] | None = None) -> None:
     """Refuse, before anything is written or queued, a busy run directory, a changed
-    config on a used one, and missing or unfit inputs: every problem at once."""
+    config on a used one, and missing or unfit inputs: every problem at once, after
+    ``problems`` (the config's own)."""
     from scilm_hpc.jobs.presubmit import submission_problems
     from scilm_hpc.launch.ownership import refuse_if_busy
 
-    problems: list[str] = []
+    problems = list(problems or [])
     try:
         refuse_if_busy(Path(job.run.dir), job.job)
     except UserError as exc:
@@ -122,13 +123,20 @@ def cmd_job(args: argparse.Namespace) -> int:
         os.environ[QUIET_ENV] = "1"  # inherited by the local and Slurm ranks
     if args.sweep:
         return _sweep(args)
-    job = load_and_validate(args.job_file, args.overrides, job=args.command)
+    from scilm_hpc.jobs.presubmit import CHECKED_JOBS
+
+    checked = args.command in CHECKED_JOBS  # their inputs are checked with the rest below
+    job = resolve(load_config(args.job_file, args.overrides, args.command))
+    problems = validate(job, inputs=not checked)
+    if args.dry_run or not checked:
+        if problems:
+            raise ConfigError(problems)
     if args.dry_run:
         print(to_yaml(job), end="")
         _print_sbatch(job)
         _note_refusals(job)
         return 0
-    _check_before_submit(job)  # before config.yaml is rewritten
+    _check_before_submit(job, problems)  # before config.yaml is rewritten
     _save_config(job)
     result = run_job(JOB_FACTORIES[args.command](job), job, wait=args.wait)
     print(json.dumps(result, indent=1))

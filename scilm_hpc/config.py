@@ -285,8 +285,14 @@ def to_yaml(job: JobConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(job))
 
 
-def validate(job: JobConfig) -> list[str]:
+def validate(job: JobConfig, inputs: bool = True) -> list[str]:
     """Checks between fields. Side-effect free: it reads the filesystem, writes nothing.
+
+    Args:
+        job: the resolved config.
+        inputs: also check that ``model.name_or_path`` is a model directory. The CLI
+            passes False for finetune / compress / evaluate, whose pre-submission
+            check (``jobs.presubmit``) reports it with the other input problems.
 
     Returns:
         One line per problem, each naming the dotted key and what is allowed.
@@ -354,7 +360,7 @@ def validate(job: JobConfig) -> list[str]:
                 "model.lora.target_modules: empty; name modules (e.g. [q_proj, v_proj]) or "
                 "leave it null for peft's default for the model family"
             )
-    model_problem = path_problem(job.model.name_or_path)
+    model_problem = path_problem(job.model.name_or_path) if inputs else None
     if model_problem:
         p.append(model_problem)
     t = job.train
@@ -449,11 +455,14 @@ def validate(job: JobConfig) -> list[str]:
 
 
 def load_and_validate(
-    job_file: str | Path | None, overrides: list[str] | None = None, job: str | None = None
+    job_file: str | Path | None,
+    overrides: list[str] | None = None,
+    job: str | None = None,
+    inputs: bool = True,
 ) -> JobConfig:
     """``load_config`` + ``resolve`` + ``validate``; raises one ConfigError with every problem."""
     job_cfg = resolve(load_config(job_file, overrides, job))
-    problems = validate(job_cfg)
+    problems = validate(job_cfg, inputs)
     if problems:
         raise ConfigError(problems)
     return job_cfg

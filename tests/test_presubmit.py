@@ -173,6 +173,37 @@ def test_missing_shards_and_too_long_max_length_both_refused_nothing_queued(
     assert not marks.exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_bad_model_path_is_reported_with_the_other_problems_nothing_queued(
+    scilm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marks = fake_slurm(tmp_path, monkeypatch)
+    run = tmp_path / "runs" / "ft"
+    code, out, err = scilm(
+        "finetune",
+        FINETUNE,
+        f"run.dir={run}",
+        f"data.shards={tmp_path / 'no-shards'}",
+        f"model.name_or_path={tmp_path / 'no-model'}",
+        "train.lr=-1",  # a config mistake is reported in the same list
+        "cluster=dev",
+    )
+    assert code == 2 and out == ""
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert [e.split(":")[1].strip() for e in errors] == [
+        "train.lr",
+        "model.name_or_path",
+        "data.shards",
+    ], err
+    assert errors[1] == (
+        f"error: model.name_or_path: directory '{tmp_path / 'no-model'}' does not exist; give "
+        "a HF model directory, a hub id, or 'minilm' for the packaged MiniLM"
+    )
+    assert not marks.exists() and not (tmp_path / "runs").exists()
+    # scilm validate and prepare still report it as a config problem
+    code, _, err = scilm("validate", FINETUNE, f"run.dir={run}", f"model.name_or_path={run}")
+    assert code == 2 and "error: model.name_or_path: directory" in err
+
+
 def test_shard_files_splits_models_and_run_dir_are_checked(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     (shards / "test").mkdir(parents=True)

@@ -218,7 +218,7 @@ def length_problem(job: JobConfig, manifest: dict[str, Any] | None) -> str | Non
     (``max_length`` they were prepared with), else ``data.max_length``."""
     name = job.model.name_or_path
     if path_problem(name):
-        return None  # reported by config validation
+        return None  # reported as such by submission_problems
     positions = model_positions(name)
     if positions is None:
         return None
@@ -253,10 +253,19 @@ def writable_problem(run_dir: str | Path) -> str | None:
 
 
 def submission_problems(job: JobConfig) -> list[str]:
-    """Every reason not to queue ``job`` (finetune, compress, evaluate), at once."""
+    """Every reason not to queue ``job`` (finetune, compress, evaluate), at once: a
+    changed config, the models (a directory with ``config.json``, a packaged name or a
+    hub id), the shards, the sequence length, the run directory."""
     if job.job not in CHECKED_JOBS:
         return []
     problems = changed_config_problems(job)
+    for key, name in (
+        ("model.name_or_path", job.model.name_or_path),
+        ("model.decoder_name_or_path", job.model.decoder_name_or_path),
+    ):
+        problem = path_problem(name) if name else None
+        if problem:
+            problems.append(problem.replace("model.name_or_path", key, 1))
     shards, manifest = shard_problems(job)
     problems += shards
     length = length_problem(job, manifest)
