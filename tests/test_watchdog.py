@@ -228,13 +228,24 @@ def finetune(run: Path, shards: Path, model: Path, *overrides: str, fault: str |
     )
 
 
+def assert_same_export(run: Path, reference: Path) -> None:
+    a, b = (
+        load_file(run / "export" / "model.safetensors"),
+        load_file(reference / "export" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
 @pytest.mark.integration
-@pytest.mark.timeout(1500)
-def test_a_hung_rank_is_dumped_ends_the_job_and_resume_finishes_equal(
+@pytest.mark.timeout(1800)
+def test_a_hung_rank_then_a_lost_one_end_the_job_and_resume_finishes_equal(
     tmp_path, shards, tiny_model_dir
 ) -> None:
-    straight = finetune(tmp_path / "straight", shards, tiny_model_dir)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    """One run meets both faults (one start-up fewer than two tests): rank 1 hangs at
+    step 5; the resume loses rank 1 to a SIGKILL at step 5; the next resume finishes."""
+    straight = tmp_path / "straight"
+    done = finetune(straight, shards, tiny_model_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
 
     run = tmp_path / "hung"
     hung = finetune(
@@ -258,35 +269,62 @@ def test_a_hung_rank_is_dumped_ends_the_job_and_resume_finishes_equal(
         warnings.simplefilter("error")  # no damaged line in the history
         hung_status = run_status(run)
     assert hung_status["state"] == "hung" and "rank 1 in train at step 5" in hung_status["reason"]
+    assert re.search(r"rank 1 hung in train at step 5", _logs(run, 1))
+
+    # the resume loses rank 1 (SIGKILL before the all-reduce of step 5): the survivor
+    # ends like a hang (exit 4, resume advised), not as a failed run
+    lost = scilm_run("resume", str(run), fault="kill_before_allreduce:5", timeout=480)
+    ended = time.time()
+    assert lost.returncode == HANG_EXIT_CODE, lost.stderr[-3000:]
+    assert "lost rank 1" in lost.stderr
+    assert f"continue from the last checkpoint with: scilm resume {run}" in lost.stderr
+    killed = re.search(
+        r"SIGKILL before the all-reduce of step 5 at ([0-9.]+)", _logs(run, 1, "out")
+    )
+    assert killed, _logs(run, 1, "out")
+    (event,) = [e for e in read_events(run) if e["event"] == "rank_lost"]
+    assert (event["rank"], event["reported_by"], event["step"]) == (1, 0, 5), event
+    assert event["phase"] == "all-reduce" and 0 <= event["last_heartbeat"]["step"] <= 5
+    assert "Connection" in event["reason"]  # gloo's own words
+    detected = event["unix"] - float(killed.group(1))
+    assert 0 <= detected < 15, detected  # seconds, not the 600 s collective timeout
+    assert ended - event["unix"] < 60
+    lost_status = run_status(run)
+    assert lost_status["state"] == "rank_lost"
+    assert (
+        lost_status["reason"].startswith("lost rank 1 on ") and "at step 5" in lost_status["reason"]
+    )
 
     resumed = scilm_run("resume", str(run), timeout=480)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step_4" in "".join(
         p.read_text() for p in (run / "submitit").glob("*_0_log.out")
     )
-    a, b = (
-        load_file(run / "export" / "model.safetensors"),
-        load_file(tmp_path / "straight" / "export" / "model.safetensors"),
-    )
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert_same_export(run, straight)
 
     status = run_status(run)
-    assert status["state"] == "completed" and status["restarts"] == 1
+    assert status["state"] == "completed" and status["restarts"] == 2
     history = [(h["event"], h.get("step"), h.get("rank")) for h in status["history"]]
-    assert history[0] == ("running", 0, None) and history[-2:] == [
+    assert sorted(h for h in history if h[0] == "hung") == [("hung", 5, 0), ("hung", 5, 1)]
+    assert [h for h in history if h[0] != "hung"] == [
+        ("running", 0, None),
         ("running", 4, None),  # resumed at the last checkpoint
+        ("rank_lost", 5, 1),
+        ("running", 4, None),
         ("completed", 6, None),
     ]
-    assert sorted(h for h in history if h[0] == "hung") == [("hung", 5, 0), ("hung", 5, 1)]
+    assert not any(h[0] == "failed" for h in history)
     beats = {b["rank"]: b for b in status["ranks"]}
     assert beats[0]["phase"] == beats[1]["phase"] == "ended" and beats[1]["step"] == 6
-    # hang detection latency (for the note): seconds from the last step to the dump
-    print(f"hang detected after {sleeper['stalled_s']} s; scilm ended {seconds:.1f} s later")
-    assert re.search(r"rank 1 hung in train at step 5", _logs(run, 1))
+    # latencies (for the note): hang: last step to the dump; lost: SIGKILL to the event
+    print(
+        f"hang detected after {sleeper['stalled_s']} s; lost rank detected after "
+        f"{detected:.2f} s; scilm ended {ended - event['unix']:.1f} s later"
+    )
 
 
-def _logs(run: Path, rank: int) -> str:
-    return "".join(p.read_text() for p in (run / "submitit").glob(f"*_{rank}_log.err"))
+def _logs(run: Path, rank: int, kind: str = "err") -> str:
+    return "".join(p.read_text() for p in (run / "submitit").glob(f"*_{rank}_log.{kind}"))
 
 
 @pytest.fixture(autouse=True)
@@ -305,3 +343,71 @@ def test_timeouts_are_checked(scilm, tmp_path) -> None:
     )
     assert code == 2
     assert "error: cluster.collective_timeout_s: " in err and "error: train.hang_timeout_s: " in err
+
+
+# --- a lost rank: real gloo ranks, one SIGKILLed or failing on its own --------------------
+
+GLOO_RANK = """
+import os, sys, time
+from datetime import timedelta
+import torch, torch.distributed as dist
+from scilm_hpc.launch import watchdog
+run, rank, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
+dog = watchdog.Watchdog(Path := __import__("pathlib").Path(run), rank, 2, 60, 120, 0)
+watchdog.install(dog)
+try:
+    for step in range(1, 6):
+        if mode == "fail" and rank == 1 and step == 3:
+            raise ValueError("rank 1's own mistake")
+        watchdog.at_allreduce(step)
+        dist.all_reduce(torch.ones(2))
+        watchdog.beat(step)
+        dog._heartbeat()  # every step (the thread writes every 5 s)
+except Exception as exc:
+    dog.on_exception(exc)
+    print(f"rank {rank} failed: {exc}", flush=True)
+    sys.exit(1)
+"""
+
+
+def gloo_pair(run: Path, mode: str, fault: str | None = None):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "SUBMITIT_LOCAL_JOB_ID": f"gloo-{mode}"}
+    env.pop("SLURM_JOB_ID", None)
+    if fault:
+        env["SCILM_FAULT"] = fault
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", GLOO_RANK, str(run), str(rank), port, mode],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+@pytest.mark.timeout(300)
+def test_a_peer_failing_on_its_own_error_is_not_lost(tmp_path: Path) -> None:
+    """Real gloo: rank 1 fails on its own error, which breaks rank 0's all-reduce with
+    the same "Connection closed/reset by peer" as a SIGKILL would. Rank 0 fails too
+    (no requeue: the error would come back), and nothing is called lost. (A SIGKILLed
+    rank: ``test_a_lost_rank_ends_the_job_like_a_hang_and_resume_finishes_equal``.)"""
+    codes, outs = gloo_pair(tmp_path, "fail", None)
+    assert codes == [1, 1], outs
+    assert "rank 0 failed: " in outs[0] and "by peer" in outs[0], outs[0]
+    assert not (tmp_path / "events.jsonl").exists() and not (tmp_path / "hangs").exists()
+    beat = json.loads((tmp_path / "heartbeat" / "rank1.json").read_text())
+    assert beat["phase"] == "failed" and beat["error"] == "rank 1's own mistake"
+    assert json.loads((tmp_path / "heartbeat" / "rank0.json").read_text())["phase"] == "peer-error"

@@ -5,8 +5,8 @@ JIT build, the process group — must stop the run at its first step, not kill i
 through submitit), then the rank's environment, the GPU or the CPU thread count,
 DeepSpeed and the process group (its collectives time out after
 ``cluster.collective_timeout_s``), the run directory's lock (one run per directory)
-and the rank's watchdog (``launch.watchdog``: heartbeat, hang detection). On the way
-out: a failed run is recorded in the run directory's state, the watchdog stopped, the
+and the rank's watchdog (``launch.watchdog``: heartbeat, hang detection, lost peers).
+On the way out: a failed run is recorded in the run directory's state, the watchdog stopped, the
 lock released and the process group destroyed.
 """
 
@@ -89,7 +89,9 @@ def rank_session(job: JobConfig, use_gpu: bool = True) -> Iterator[RankSession]:
     try:
         yield RankSession(stop, env, on_gpu, job)
     except Exception as exc:
-        watchdog.on_exception()  # a peer's watchdog ended it: end this rank the same way
+        # a peer hung or was lost: end this rank like a hang (exit, requeue); otherwise
+        # mark it failed for the others, whose collectives break when it leaves
+        watchdog.on_exception(exc)
         if env.rank == 0:
             write_run_state(
                 Path(job.run.dir),

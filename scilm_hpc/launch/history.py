@@ -1,5 +1,5 @@
-"""A run's record: its history (every start, resume, stop, requeue, hang and failure,
-in order) and each rank's heartbeat.
+"""A run's record: its history (every start, resume, stop, requeue, hang, lost rank
+and failure, in order) and each rank's heartbeat.
 
 ``RUN_DIR/events.jsonl`` gets one JSON line per event, appended with a single
 ``write`` on an ``O_APPEND`` descriptor and fsynced, so lines from several ranks or
@@ -91,9 +91,44 @@ def hang_summary(events: list[dict[str, Any]]) -> str | None:
     return "no progress on " + "; ".join(parts)
 
 
+def lost_summary(events: list[dict[str, Any]]) -> str | None:
+    """One line about the last lost rank(s): which, on which host, where the job was,
+    and the lost rank's last heartbeat."""
+    lost = [e for e in events if e["event"] == "rank_lost"]
+    if not lost:
+        return None
+    attempt = lost[-1].get("attempt")
+    parts = []
+    for e in (e for e in lost if e.get("attempt") == attempt):
+        rank = "a rank" if e.get("rank") is None else f"rank {e['rank']}"
+        host = f" on {e['host']}" if e.get("host") else ""
+        beat = e.get("last_heartbeat") or {}
+        last = (
+            f" (its last heartbeat: step {beat['step']}, {beat.get('phase')}, {beat.get('time')})"
+            if beat.get("step") is not None
+            else ""
+        )
+        parts.append(f"{rank}{host}{last}")
+    first = lost[-1]
+    return (
+        f"lost {'; '.join(parts)} in {first.get('phase')} at step {first.get('step')}: "
+        f"{first.get('reason')}"
+    )
+
+
+def fault_summary(events: list[dict[str, Any]]) -> str | None:
+    """``hang_summary`` or ``lost_summary``, whichever happened last."""
+    faults = [e for e in events if e["event"] in ("hung", "rank_lost")]
+    if not faults:
+        return None
+    return lost_summary(events) if faults[-1]["event"] == "rank_lost" else hang_summary(events)
+
+
 def history_rows(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The events as ``scilm status`` shows them: the fields that tell what happened."""
-    keep = ("time", "event", "job_id", "restart", "step", "rank", "phase", "reason", "dump")
+    keep = (
+        "time", "event", "job_id", "restart", "step", "rank", "host", "phase", "reason", "dump",
+    )  # fmt: skip
     return [{k: e[k] for k in keep if e.get(k) is not None} for e in events]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from scilm_hpc.errors import UserError
 from scilm_hpc.launch.history import (
     append_event,
-    hang_summary,
+    fault_summary,
     heartbeats,
     history_rows,
     read_events,
@@ -79,8 +79,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     train, dev = _last_rows(run_dir)
     state, reason = own.get("state", "unknown"), own.get("reason")
     events = read_events(run_dir)
-    if state == "hung":
-        reason = hang_summary(events) or reason
+    if state in ("hung", "rank_lost"):
+        reason = fault_summary(events) or reason
     latest = jobs[-1] if jobs else {}
     slurm = latest.get("state")
     if slurm in FINISHED and slurm != "COMPLETED" and state in ("running", "unknown"):

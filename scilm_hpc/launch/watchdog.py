@@ -32,15 +32,28 @@ recovery steps), nothing is watched: there the collectives' own timeout applies.
 The training loop reaches the rank's watchdog through this module's functions
 (``beat``, ``phase``, ``at_allreduce``), which do nothing where none is installed.
 
-Test hook: ``SCILM_FAULT=hang_before_allreduce:N`` makes the last rank sleep for an
-hour just before its all-reduce of step N (the function ``_test_hang_before_allreduce``,
-so that the stack dump names it). It exists for the tests only.
+A lost rank (killed, OOM-killed, its node gone) ends the job the same way: the
+survivors' next collective fails, ``on_exception`` asks ``launch.lost`` whether a peer
+vanished or failed on its own error, and for a vanished one the first survivor records
+a ``rank_lost`` event per lost rank (its host, last heartbeat, the step and phase the
+job was in), requeues under Slurm or says ``scilm resume`` locally, and every survivor
+exits with ``HANG_EXIT_CODE``. A peer whose heartbeat stopped while this rank waits
+(a node that vanished without closing its connections) is found by the watchdog
+thread: ``PEER_SILENT_S`` without a new heartbeat, once this rank has itself made no
+progress for that long.
+
+Test hooks (tests only; both act on the last rank, and only in a job's first attempt,
+so that a requeued job runs clean): ``SCILM_FAULT=hang_before_allreduce:N`` makes it
+sleep for an hour just before its all-reduce of step N (the function
+``_test_hang_before_allreduce``, so that the stack dump names it);
+``SCILM_FAULT=kill_before_allreduce:N`` makes it SIGKILL itself there.
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -53,11 +66,13 @@ from typing import Any
 
 from scilm_hpc.launch.history import (
     append_event,
-    hang_summary,
+    fault_summary,
+    heartbeats,
     job_id,
     read_events,
     write_heartbeat,
 )
+from scilm_hpc.launch.lost import OWN_FAILURE, PEER_ERROR, broken_collective, find_lost
 from scilm_hpc.launch.preemption import requeue
 from scilm_hpc.launch.status import write_run_state
 
@@ -70,13 +85,16 @@ AUTO_FACTOR = 20.0
 WARMUP_STEPS = 2
 MEASURED_STEPS = 5
 WATCHED = ("train", "all-reduce")  # phases held to the step limit
-TEST_HOOK = "hang_before_allreduce"
+PEER_SILENT_S = 30.0  # a peer's heartbeat older than this (6 missed beats) is lost
+TEST_HOOKS = ("hang_before_allreduce", "kill_before_allreduce")
 
 
-def _hang_step() -> int | None:
-    fault = os.environ.get("SCILM_FAULT", "")
-    point, _, step = fault.partition(":")
-    return int(step) if point == TEST_HOOK and step.isdigit() else None
+def _test_fault() -> tuple[str, int] | None:
+    """The ``SCILM_FAULT`` test hook of this job attempt (first attempt only), or None."""
+    point, _, step = os.environ.get("SCILM_FAULT", "").partition(":")
+    if point not in TEST_HOOKS or not step.isdigit():
+        return None
+    return None if os.environ.get("SLURM_RESTART_COUNT", "0") != "0" else (point, int(step))
 
 
 def _test_hang_before_allreduce(step: int) -> None:
@@ -114,12 +132,15 @@ class Watchdog:
         self.since = time.monotonic()  # when the step (or phase) last changed
         self._train_beats = 0
         self._step_times: list[float] = []
-        self._hang_at = _hang_step() if rank == world - 1 else None
+        self._fault = _test_fault() if rank == world - 1 else None
         # every rank of one job (and one restart of it) shares this marker
         attempt = job_id() or os.environ.get("MASTER_PORT", "single")
         self.attempt = f"{attempt}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
         self.marker = self.run_dir / HANGS_DIR / f".fired-{self.attempt}"
         self._fired = threading.Lock()
+        self._peers_checked = 0.0
+        self._phase_at_error: str | None = None
+        self._allreduce_step: int | None = None  # the step whose all-reduce it waits in
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="scilm-watchdog", daemon=True)
 
@@ -133,13 +154,21 @@ class Watchdog:
             if self._train_beats > WARMUP_STEPS and len(self._step_times) < MEASURED_STEPS:
                 self._step_times.append(now - self.since)
         self.step, self.phase_name, self.since = step, phase, now
+        self._allreduce_step = None
 
     def at_allreduce(self, step: int) -> None:
         """The rank is about to wait for the others in step ``step``'s all-reduce."""
-        if step == self._hang_at:
+        if self._fault is not None and step == self._fault[1]:
+            if self._fault[0] == "kill_before_allreduce":
+                print(
+                    f"test hook: SIGKILL before the all-reduce of step {step} at {time.time():.3f}",
+                    flush=True,
+                )
+                os.kill(os.getpid(), signal.SIGKILL)
             _test_hang_before_allreduce(step)
         if self.phase_name == "train":
             self.phase_name = "all-reduce"
+        self._allreduce_step = step  # also in the unwatched first step (lost peers)
 
     # --- the limit ------------------------------------------------------------------------
 
@@ -174,7 +203,7 @@ class Watchdog:
         self.phase_name = "ended"
         self._heartbeat()
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, **extra: Any) -> None:
         try:
             write_heartbeat(
                 self.run_dir,
@@ -187,6 +216,8 @@ class Watchdog:
                     "host": socket.gethostname(),
                     "pid": os.getpid(),
                     "step_limit_s": self.step_limit(),
+                    "attempt": self.attempt,
+                    **extra,
                 },
             )
         except OSError:
@@ -207,15 +238,42 @@ class Watchdog:
                 continue
             stalled = now - self.since
             if self.marker.exists():
-                self.fire(f"another rank hung ({self._marker_text()}); ending with it")
+                self.fire(f"another rank {self._marker_cause()}; ending with it")
             elif stalled > limit:
                 self.fire(f"no progress for {stalled:.1f} s (limit {limit:.1f} s)")
+            elif stalled > PEER_SILENT_S and self.world > 1:
+                self._check_silent_peers(now)
+
+    def _check_silent_peers(self, now: float) -> None:
+        """While this rank waits, a peer whose heartbeat stopped is lost (its node
+        vanished without closing its connections); checked once per heartbeat."""
+        if now - self._peers_checked < HEARTBEAT_S:
+            return
+        self._peers_checked = now
+        silent = [
+            beat
+            for beat in heartbeats(self.run_dir)
+            if beat.get("attempt") == self.attempt
+            and beat["rank"] != self.rank
+            and beat.get("phase") not in ("ended", OWN_FAILURE, PEER_ERROR)
+            and time.time() - float(beat.get("unix", time.time())) > PEER_SILENT_S
+        ]
+        if silent:
+            self.lose(silent, f"no heartbeat for more than {PEER_SILENT_S:.0f} s")
+
+    def _marker_lines(self) -> list[str]:
+        try:
+            return self.marker.read_text().strip().splitlines() or ["unknown rank"]
+        except OSError:
+            return ["unknown rank"]
 
     def _marker_text(self) -> str:
-        try:
-            return self.marker.read_text().strip()
-        except OSError:
-            return "unknown rank"
+        return self._marker_lines()[0]
+
+    def _marker_cause(self) -> str:
+        """What the first rank to fire saw: ``hung (rank 1)`` or ``lost rank 1 (...)``."""
+        lines = self._marker_lines()
+        return lines[1] if len(lines) > 1 else f"hung ({lines[0]})"
 
     def peer_fired(self) -> bool:
         """Whether a rank of this job has been ended by its watchdog."""
@@ -227,6 +285,10 @@ class Watchdog:
         """Dump this rank's stacks, record the hang, requeue (first rank, Slurm) and exit."""
         if not self._fired.acquire(blocking=False):
             return
+        if self._marker_lines()[1:2] and self._marker_lines()[1].startswith("lost"):
+            # another rank found a lost peer: nothing hung here, no dump
+            print(f"rank {self.rank}: {cause}", file=sys.stderr, flush=True)
+            os._exit(HANG_EXIT_CODE)
         stalled = time.monotonic() - self.since
         phase = self.phase_name
         # the step it was working on: the next one while training, else the one it saves...
@@ -258,26 +320,66 @@ class Watchdog:
             )
             message = f"rank {self.rank} hung in {phase} at step {step}: {cause}; stacks in {dump}"
             if self._claim_marker():
-                requeued, why = False, f"continue with: scilm resume {self.run_dir}"
-                if os.environ.get("SLURM_JOB_ID"):
-                    requeued, why = requeue(self.max_requeues)
-                write_run_state(
-                    self.run_dir,
-                    "requeued" if requeued else "hung",
-                    event=requeued,  # the hang itself is in the history already
-                    step=step,
-                    rank=self.rank,
-                    phase=phase,
-                    dump=where,
-                    reason=f"{message}: {why}",
+                message += ": " + self._end_job(
+                    "hung", message, step=step, rank=self.rank, phase=phase, dump=where
                 )
-                message += f": {why}"
             print(message, file=sys.stderr, flush=True)
         finally:
             os._exit(HANG_EXIT_CODE)
 
-    def _claim_marker(self) -> bool:
+    def _end_job(self, state: str, message: str, **fields: Any) -> str:
+        """First rank to fire: requeue (Slurm) and record the state. Returns what next."""
+        requeued, why = False, f"continue with: scilm resume {self.run_dir}"
+        if os.environ.get("SLURM_JOB_ID"):
+            requeued, why = requeue(self.max_requeues)
+        write_run_state(
+            self.run_dir,
+            "requeued" if requeued else state,
+            event=requeued,  # the hang or loss itself is in the history already
+            reason=f"{message}: {why}",
+            **fields,
+        )
+        return why
+
+    def lose(self, lost: list[dict[str, Any]], cause: str) -> None:
+        """The ranks ``lost`` (their last heartbeats, ``launch.lost``) are gone: record
+        them (first survivor), requeue (Slurm) and exit like a hang."""
+        if not self._fired.acquire(blocking=False):
+            return
+        phase = self._phase_at_error or self.phase_name
+        step = self.step + 1 if phase in WATCHED else self.step
+        if self._allreduce_step is not None:
+            step, phase = self._allreduce_step, "all-reduce"
+        names = ", ".join(
+            f"rank {b['rank']}" + (f" ({b['host']})" if b.get("host") else "") for b in lost
+        )
+        message = f"lost {names or 'a peer'} in {phase} at step {step}: {cause}"
+        try:
+            if self._claim_marker(message.split(":")[0]):
+                for beat in lost or [{}]:
+                    append_event(
+                        self.run_dir,
+                        "rank_lost",
+                        rank=beat.get("rank"),
+                        step=step,
+                        phase=phase,
+                        host=beat.get("host"),
+                        last_heartbeat={k: beat.get(k) for k in ("step", "phase", "time")},
+                        reported_by=self.rank,
+                        reason=cause,
+                        attempt=self.attempt,
+                    )
+                ranks = [b["rank"] for b in lost]
+                message += ": " + self._end_job("rank_lost", message, step=step, lost=ranks)
+            else:
+                message = f"{message} (another rank {self._marker_cause()} first)"
+            print(f"rank {self.rank}: {message}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(HANG_EXIT_CODE)
+
+    def _claim_marker(self, cause: str = "") -> bool:
         """Create this job's marker; False if another rank created it first."""
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -285,14 +387,32 @@ class Watchdog:
         except OSError:
             return True  # cannot tell: requeueing twice is harmless, never requeueing is not
         with os.fdopen(fd, "w") as fh:
-            fh.write(f"rank {self.rank}\n")
+            fh.write(f"rank {self.rank}\n{cause}\n" if cause else f"rank {self.rank}\n")
         return True
 
-    def on_exception(self) -> None:
-        """Called when the rank fails: if another rank was ended by its watchdog (its
-        exit broke this rank's collective), end this one the same way."""
+    def mark(self, phase: str, **extra: Any) -> None:
+        """Enter ``phase`` and write the heartbeat now (``launch.lost``'s ``failed`` and
+        ``peer-error``: what the other ranks read when their collective breaks)."""
+        self._phase_at_error = self._phase_at_error or self.phase_name
+        self.phase_name = phase
+        self._heartbeat(**extra)
+
+    def on_exception(self, exc: BaseException | None = None) -> None:
+        """Called when the rank fails. If another rank was ended by its watchdog (its
+        exit broke this rank's collective), end this one the same way; if a peer is
+        lost (``launch.lost``), record it and end like a hang; otherwise mark this rank
+        ``failed`` for the others to read, and return."""
         if self.peer_fired():
-            self.fire(f"a collective failed after another rank hung ({self._marker_text()})")
+            self.fire(f"a collective failed after another rank {self._marker_cause()}")
+        if exc is None:
+            return
+        if self.world > 1 and broken_collective(exc):
+            self.mark(PEER_ERROR)
+            lost = find_lost(self.run_dir, self.attempt, self.rank, self.world)
+            if lost is not None:
+                self.lose(lost, str(exc).splitlines()[0][:300] if str(exc) else repr(exc))
+            return  # a peer failed on its own error first: this failure follows from it
+        self.mark(OWN_FAILURE, error=(str(exc).splitlines() or [type(exc).__name__])[0][:300])
 
 
 class HangError(Exception):
@@ -308,10 +428,10 @@ class HangError(Exception):
 
 
 def hang_since(run_dir: Path, since: float) -> HangError | None:
-    """A ``HangError`` describing the hang recorded in ``run_dir`` after ``since`` (a
-    ``time.time()``), or None if no rank recorded one."""
+    """A ``HangError`` describing the hang or lost rank recorded in ``run_dir`` after
+    ``since`` (a ``time.time()``), or None if no rank recorded one."""
     events = [e for e in read_events(run_dir) if float(e.get("unix", 0)) >= since]
-    summary = hang_summary(events)
+    summary = fault_summary(events)
     if summary is None:
         return None
     return HangError(
