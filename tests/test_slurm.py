@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from scilm_hpc.launch.history import read_events
 from scilm_hpc.launch.status import FINISHED
 
 from .conftest import scilm_run
@@ -240,3 +242,137 @@ def test_sweep_refuses_cluster_keys(scilm, tmp_path):
         "--dry-run",
     )
     assert code == 2 and "--sweep cluster.nodes" in err
+
+
+# --- one run per directory, lost ranks and lost nodes (issue 18) ----------------------------
+
+
+def test_a_second_finetune_on_a_queued_or_running_job_is_refused_naming_it(
+    slurm_cluster, tmp_path, shards, tiny_model_dir
+):
+    # one job held PENDING (--begin), one RUNNING (rank 1 sleeps in step 2: the test hook)
+    pending, running = tmp_path / "pending", tmp_path / "running"
+    held = ("cluster=dev", "cluster.extra_sbatch=['--begin=now+3600']")
+    first = scilm_run("finetune", *common(pending, shards, tiny_model_dir), *held)
+    assert first.returncode == 0, first.stderr[-3000:]
+    busy = (*common(running, shards, tiny_model_dir, "train.hang_timeout_s=600"), "cluster=dev")
+    first = scilm_run("finetune", *busy, "cluster.nodes=2", fault="hang_before_allreduce:2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ids = {run: job_id(run) for run in (pending, running)}
+    try:
+        wait_for(lambda: step_reached(running, 1), 180, "the running job's first step")
+        for run, state in ((pending, "PENDING"), (running, "RUNNING")):
+            second = scilm_run("finetune", *common(run, shards, tiny_model_dir), "cluster=dev")
+            assert second.returncode == 2, second.stderr[-3000:]
+            assert f"belongs to Slurm job {ids[run]} (finetune, {state})" in second.stderr or (
+                state == "RUNNING" and f"in use by finetune job {ids[run]} " in second.stderr
+            ), second.stderr
+            assert job_id(run) == ids[run]  # nothing queued
+    finally:
+        subprocess.run(["scancel", *ids.values()], check=False)
+
+
+def rank_log(run_dir: Path, rank: int, kind: str = "out") -> str:
+    return "".join(
+        p.read_text(errors="replace") for p in (run_dir / "submitit").glob(f"*_{rank}_log.{kind}")
+    )
+
+
+FAULT_ARGS = ("zero.stage=2", "train.max_steps=40", "train.checkpoint_every=4")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, shards, tiny_model_dir) -> Path:
+    """An uninterrupted 2-rank run with ``FAULT_ARGS`` (the reference of the fault tests;
+    two local processes compute what two Slurm nodes do, see the first test above)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    done = scilm_run(
+        "finetune",
+        *common(run, shards, tiny_model_dir, *FAULT_ARGS),
+        "cluster=local",
+        "cluster.tasks_per_node=2",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def test_a_killed_rank_ends_the_job_which_requeues_and_finishes_equal(
+    slurm_cluster, tmp_path, shards, tiny_model_dir, straight
+):
+    args = FAULT_ARGS
+    run = tmp_path / "killed"
+    # rank 1 (node2) SIGKILLs itself before the all-reduce of step 6 (first attempt only)
+    job_args = (*common(run, shards, tiny_model_dir, *args), "cluster=dev", "cluster.nodes=2")
+    submitted = scilm_run("finetune", *job_args, fault="kill_before_allreduce:6")
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    final = wait_for(
+        lambda: (s := status(run))["state"] in ENDED and s, 300, "the end of the run", poll=2
+    )
+    assert final["state"] == "completed", f"{final}\n{log_tail(run)}"
+    assert final["jobs"][-1]["restarts"] == "1" and final["restarts"] == 1
+    events = read_events(run)
+    lost = [e for e in events if e["event"] == "rank_lost"]
+    assert [(e["rank"], e["step"], e["restart"]) for e in lost] == [(1, 6, 0)], events
+    requeued = next(e for e in events if e["event"] == "requeued")
+    assert "lost rank 1" in requeued["reason"] and "requeued as restart 1" in requeued["reason"]
+    resumed = next(e for e in events if e["event"] == "running" and e["restart"] == 1)
+    assert resumed["step"] == 4  # from the last checkpoint
+    assert losses(run) == losses(straight)
+    assert_same_weights(export_weights(run), export_weights(straight))
+    # the hook's line also shows that the job ran this checkout's code
+    hook = re.search(r"SIGKILL before the all-reduce of step 6 at ([0-9.]+)", rank_log(run, 1))
+    assert hook, log_tail(run)
+    killed = float(hook[1])
+    print(
+        f"rank killed -> lost recorded {lost[0]['unix'] - killed:.1f} s, requeued "
+        f"{requeued['unix'] - killed:.1f} s, training again {resumed['unix'] - killed:.1f} s"
+    )
+    assert lost[0]["unix"] - killed < 30  # promptly, not at the 30-minute time limit
+
+
+def test_a_node_set_down_mid_run_requeues_the_job_which_finishes_equal(
+    slurm_cluster, tmp_path, shards, tiny_model_dir, straight
+):
+    run = tmp_path / "node-down"
+    submitted = scilm_run(
+        "finetune",
+        *common(run, shards, tiny_model_dir, *FAULT_ARGS),
+        "cluster=dev",
+        "cluster.nodes=2",
+    )
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    jid = job_id(run)
+    wait_for(lambda: step_reached(run, 5), 180, "step 5", poll=0.1)
+    down = time.time()
+    scontrol = ["scontrol", "update", "nodename=node2"]
+    subprocess.run([*scontrol, "state=down", "reason=scilm-test"], check=True)
+    try:
+        # Slurm ends the job on both nodes and requeues it (JobRequeue=1); it waits for node2
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True
+                ).stdout.strip()
+                == "PENDING"
+            ),
+            60,
+            "the requeued job",
+            poll=0.5,
+        )
+        requeued = time.time()
+    finally:
+        subprocess.run([*scontrol, "state=resume"], check=True)
+    back = time.time()
+    final = wait_for(
+        lambda: (s := status(run))["state"] in ENDED and s, 300, "the end of the run", poll=2
+    )
+    assert final["state"] == "completed", f"{final}\n{log_tail(run)}"
+    assert final["jobs"][-1]["restarts"] == "1"
+    assert losses(run) == losses(straight)
+    assert_same_weights(export_weights(run), export_weights(straight))
+    again = next(e for e in read_events(run) if e["event"] == "running" and e["restart"] == 1)
+    print(
+        f"node2 down -> job requeued {requeued - down:.1f} s; node back after "
+        f"{back - down:.1f} s; training again {again['unix'] - down:.1f} s after the loss "
+        f"({again['unix'] - back:.1f} s after the node came back), from step {again['step']}"
+    )
