@@ -379,6 +379,10 @@ def validate(job: JobConfig, inputs: bool = True) -> list[str]:
         "hang_timeout_s",
     ):
         check_at_least(p, f"train.{key}", getattr(t, key), 0)
+    if t.straggler_factor != 0 and t.straggler_factor <= 1:
+        p.append(
+            f"train.straggler_factor: got {t.straggler_factor}; allowed: 0 (off) or a factor > 1"
+        )
     if t.best_metric is not None and (not t.best_metric.startswith("dev_") or not t.eval_every):
         p.append(
             f"train.best_metric: got {t.best_metric!r}; needs a dev metric name such as "

@@ -175,6 +175,10 @@ class TrainConfig:
     # a rank whose step has not advanced this long dumps its stacks and ends the job
     # (launch.watchdog); 0 (auto): 20 x the median step time after warm-up, at least 120 s
     hang_timeout_s: float = 0.0
+    # warn (and record a `straggler` event) when one rank's work before the step's first
+    # collective is persistently slower than the ranks' median by this factor (median
+    # over 20 steps; train.stragglers); 0 turns the check off
+    straggler_factor: float = 1.5
     # seq2seq: generate at each dev evaluation and log dev ROUGE (dev_rouge1/2/L/Lsum,
     # dev_gen_length) whatever best_metric selects by; None (auto): when best_metric is a
     # ROUGE metric (dev_rougeL, ...); false: never (a ROUGE best_metric then is an error)

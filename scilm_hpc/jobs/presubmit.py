@@ -43,6 +43,7 @@ RESOURCE_KEYS = (
     "train.compile",
     "train.adamw",
     "train.hang_timeout_s",
+    "train.straggler_factor",
     "eval.batch_size",
     "compress.latency_threads",
     "notes.",

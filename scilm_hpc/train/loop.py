@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from scilm_hpc.evaluate.generation import generation_metrics
 from scilm_hpc.evaluate.inference import evaluate_split
 from scilm_hpc.launch import watchdog
 from scilm_hpc.launch.hardware import cpu_has_native_bf16
+from scilm_hpc.launch.history import append_event
 from scilm_hpc.launch.preemption import StopFlag, requeue, restarts
 from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import load_tokenizer
@@ -46,7 +48,12 @@ from scilm_hpc.train.lora import export_lora, lora_enabled, lora_model, trainabl
 from scilm_hpc.train.memory import compile_model, enable_gradient_checkpointing, peak_memory
 from scilm_hpc.train.progress import Progress
 from scilm_hpc.train.report import MetricsLog, plot_loss
+from scilm_hpc.train.stragglers import StragglerDetector, straggler_message
 from scilm_hpc.train.tensorboard import wanted
+
+#: Where each rank's own slot starts in a step's all-reduced totals (after loss, tokens,
+#: examples, stop flag, squared lengths): one slot per rank (``train.stragglers``).
+RANK_SLOTS = 5
 
 
 @dataclass
@@ -119,6 +126,7 @@ class Trainer:
         )
         self._last_eval_step = -1
         self._last_eval: dict[str, Any] | None = None
+        self.stragglers = StragglerDetector(t.straggler_factor)
 
     def _engine(self, resume_tag: str | None) -> tuple[Any, dict[str, Any]]:
         import deepspeed
@@ -224,6 +232,7 @@ class Trainer:
             tick = time.perf_counter()
             totals, data_s, micro = self._train_step(engine, stream, run, precision)
             watchdog.beat(run.step)
+            self._check_stragglers(run.step, totals)
             row = self._log_step(engine, run, totals, data_s, micro, time.perf_counter() - tick)
             progress.update(run.step, totals[2].item(), row)
             early_stop = self._evaluate_if_due(engine, run)
@@ -278,22 +287,25 @@ class Trainer:
         precision: Callable[[], contextlib.AbstractContextManager[Any]],
     ) -> tuple[torch.Tensor, float, int]:
         """One optimizer step. Returns the step's totals summed over ranks (loss, tokens,
-        examples, stop flag, squared lengths: one all-reduce for all of them), this rank's
+        examples, stop flag, squared lengths, then each rank's seconds of work before its
+        first collective (``train.stragglers``): one all-reduce for all of them), this rank's
         data seconds (drawing indices, reading, collating) and its number of micro-batches."""
         import torch.distributed as dist
 
         data_tick = time.perf_counter()
         run.position, micro_batches = next(stream)
         lengths = self.train_set.lengths()  # real tokens per example, without padding
-        loss_total, tokens, squared, data_s = 0.0, 0, 0, 0.0
+        loss_total, tokens, squared, data_s, forward_s = 0.0, 0, 0, 0.0, 0.0
         for indices in micro_batches:
             batch = to_device(
                 self.task.collate([self.train_set[int(i)] for i in indices], self.pad_id),
                 engine.device,  # the rank's GPU, or the CPU
             )
-            data_s += time.perf_counter() - data_tick
+            forward_tick = time.perf_counter()
+            data_s += forward_tick - data_tick
             with precision():
                 loss = self.compute_loss(engine, batch)
+            forward_s += time.perf_counter() - forward_tick
             engine.backward(loss)
             engine.step()
             loss_total += loss.item()
@@ -301,8 +313,17 @@ class Trainer:
             squared += int((lengths[indices].astype(np.int64) ** 2).sum())  # attention FLOPs
             data_tick = time.perf_counter()
         run.step += 1
+        local_s = [0.0] * self.world  # this rank's slot: the others add theirs
+        local_s[self.rank] = data_s + forward_s
         totals = torch.tensor(
-            [loss_total, tokens, sum(map(len, micro_batches)), self.stop.local_flag(), squared],
+            [
+                loss_total,
+                tokens,
+                sum(map(len, micro_batches)),
+                self.stop.local_flag(),
+                squared,
+                *local_s,
+            ],
             dtype=torch.float64,
             device=engine.device,  # NCCL reduces device tensors only
         )
@@ -344,10 +365,31 @@ class Trainer:
             ),
             "data_s_per_step": data_s,
             "data_fraction": data_s / elapsed,
+            # each rank's data + forward seconds (work before its first collective)
+            "rank_local_s": [round(x, 4) for x in totals[RANK_SLOTS:].tolist()],
             **peak_memory(self.on_gpu),  # rank 0's
         }
         self.log.write(row)
         return row
+
+    def _check_stragglers(self, step: int, totals: torch.Tensor) -> None:
+        """Rank 0 warns about, and records, a rank persistently slower than the others."""
+        if self.rank != 0 or self.world < 2:
+            return
+        for rank, seconds, typical in self.stragglers.update(totals[RANK_SLOTS:].tolist()):
+            message = straggler_message(
+                rank, seconds, typical, self.job.train.straggler_factor, self.stragglers.window
+            )
+            print(f"warning: step {step}: {message}", file=sys.stderr, flush=True)
+            append_event(
+                self.run_dir,
+                "straggler",
+                rank=rank,
+                step=step,
+                local_s=round(seconds, 4),
+                median_s=round(typical, 4),
+                reason=message,
+            )
 
     def _evaluate_if_due(self, engine: Any, run: RunProgress) -> bool:
         """Dev evaluation every ``eval_every`` steps; with ``best_metric``, keep the best
