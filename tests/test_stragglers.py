@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from scilm_hpc.train.stragglers import StragglerDetector, straggler_message
 
+from .conftest import REPO
+
 
 def test_a_persistently_slow_rank_is_reported_once_a_passing_hiccup_never() -> None:
     detector = StragglerDetector(factor=1.5, window=5)
@@ -36,3 +38,12 @@ def test_the_message_names_rank_times_and_key() -> None:
     line = straggler_message(3, 0.3, 0.1, 1.5, 20)
     assert line.startswith("straggler: rank 3 took 300.0 ms per step before its first collective")
     assert "3.0x the ranks' median of 100.0 ms (train.straggler_factor=1.5)" in line
+
+
+def test_the_factor_is_checked(scilm, tmp_path) -> None:
+    job = str(REPO / "jobs" / "finetune.yaml")
+    code, _, err = scilm("validate", job, f"run.dir={tmp_path}", "train.straggler_factor=1")
+    assert code == 2
+    assert "error: train.straggler_factor: got 1.0; allowed: 0 (off) or a factor > 1" in err
+    code, _, _ = scilm("validate", job, f"run.dir={tmp_path}", "train.straggler_factor=0")
+    assert code == 0

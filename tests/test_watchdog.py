@@ -18,6 +18,7 @@ from scilm_hpc.launch.history import append_event, hang_summary, read_events
 from scilm_hpc.launch.preemption import requeue
 from scilm_hpc.launch.status import run_status, write_run_state
 from scilm_hpc.launch.watchdog import HANG_EXIT_CODE, Watchdog
+from scilm_hpc.rundir import read_jsonl
 
 from .conftest import REPO, scilm_run
 
@@ -246,6 +247,10 @@ def test_a_hung_rank_then_a_lost_one_end_the_job_and_resume_finishes_equal(
     straight = tmp_path / "straight"
     done = finetune(straight, shards, tiny_model_dir)
     assert done.returncode == 0, done.stderr[-3000:]
+    # each rank's work before the step's first collective, by rank (train.stragglers)
+    rows = [r for r in read_jsonl(straight / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 6 and all(len(r["rank_local_s"]) == 2 for r in rows)
+    assert all(0 < s < 60 for r in rows for s in r["rank_local_s"])
 
     run = tmp_path / "hung"
     hung = finetune(
