@@ -416,3 +416,41 @@ def test_a_peer_failing_on_its_own_error_is_not_lost(tmp_path: Path) -> None:
     beat = json.loads((tmp_path / "heartbeat" / "rank1.json").read_text())
     assert beat["phase"] == "failed" and beat["error"] == "rank 1's own mistake"
     assert json.loads((tmp_path / "heartbeat" / "rank0.json").read_text())["phase"] == "peer-error"
+
+
+SILENT_PEER = """
+import sys, time
+from pathlib import Path
+from scilm_hpc.launch import watchdog
+from scilm_hpc.launch.history import write_heartbeat
+run = Path(sys.argv[1])
+watchdog.PEER_SILENT_S, watchdog.HEARTBEAT_S = 1.0, 0.2  # 30 s and 5 s, scaled down
+dog = watchdog.Watchdog(run, 0, 2, hang_timeout_s=60, collective_timeout_s=60, max_requeues=0)
+watchdog.install(dog)
+watchdog.beat(3)
+watchdog.at_allreduce(4)
+# rank 1's last heartbeat, from another host, then nothing: its node vanished silently
+beat = {"step": 3, "phase": "train", "time": "t", "unix": time.time(), "host": "node-gone"}
+write_heartbeat(run, 1, {**beat, "pid": 12345, "attempt": dog.attempt})
+time.sleep(30)  # waiting in the all-reduce for a peer that will never answer
+"""
+
+
+def test_a_peer_whose_heartbeat_stopped_is_lost_while_this_rank_waits(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SUBMITIT_LOCAL_JOB_ID": "88"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", SILENT_PEER, str(tmp_path)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == HANG_EXIT_CODE, done.stderr
+    assert time.monotonic() - start < 20  # not the 30 s sleep
+    (event,) = read_events(tmp_path)
+    assert (event["event"], event["rank"], event["host"], event["step"]) == (
+        "rank_lost", 1, "node-gone", 4,
+    )  # fmt: skip
+    assert event["phase"] == "all-reduce" and event["reason"] == "no heartbeat for more than 1 s"
+    assert "lost rank 1 (node-gone) in all-reduce at step 4" in done.stderr
