@@ -193,6 +193,25 @@ def test_requeue_without_scontrol_is_a_message(tmp_path, monkeypatch) -> None:
     assert "failed after 1 attempt(s): scontrol is not on the PATH" in reason
 
 
+def test_a_job_slurm_requeued_itself_counts_as_requeued(tmp_path, monkeypatch) -> None:
+    # a node failure: Slurm requeues the job (JobRequeue=1) before the ranks ask; the real
+    # scontrol 22.05 then answers exactly this (on the dev cluster, exit status 1)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "scontrol"
+    script.write_text(
+        f'#!/bin/sh\necho "$@" >> "{folder}/calls"\n'
+        'echo "Job is pending execution for job 4242" >&2\nexit 1\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert requeue(3, first_delay_s=5) == (True, "requeued by Slurm already, as restart 1")
+    assert (folder / "calls").read_text().splitlines() == ["requeue 4242"]  # no retries
+
+
 def test_requeue_succeeds_and_counts(tmp_path, monkeypatch) -> None:
     folder = fake_scontrol(tmp_path / "bin", 0)
     monkeypatch.setenv("PATH", f"{folder}:/usr/bin:/bin")

@@ -38,6 +38,10 @@ class StopFlag:
         return 1.0 if self.signal_name else 0.0
 
 
+#: ``scontrol requeue``'s error for a job Slurm has requeued already (it is pending again).
+ALREADY_REQUEUED = "Job is pending execution"
+
+
 def restarts() -> int:
     """How many times Slurm has requeued this job."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -77,6 +81,10 @@ def requeue(
             if done.returncode == 0:
                 return True, f"requeued as restart {restarts() + 1}"
             error = done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}"
+            if ALREADY_REQUEUED in error:
+                # Slurm requeued it itself (a node failure with JobRequeue=1, measured on
+                # the dev cluster): the job runs again without our request
+                return True, f"requeued by Slurm already, as restart {restarts() + 1}"
         if attempt < attempts:
             time.sleep(delay)
             delay *= 2
