@@ -1,33 +1,52 @@
 """What the benchmarks share, so that each benchmark file holds only its measurement.
 
-Paths (the repository, the shared data sets, the ``scilm`` script), running ``scilm``
-(exiting with the tail of its stderr when it fails), preparing a corpus into shards,
-the tiny and packaged models the benchmarks train, ``metrics.jsonl`` rows, medians,
-and the run measurements both throughput benchmarks take (peak RSS of a process tree,
-the plain HF Trainer timed step by step, the matrix-multiply peak).
+Paths (the repository, the shared data sets, the ``scilm`` script); the command line
+(a parser whose plain options come from their defaults, a working directory, the
+closing ``key: value`` lines and JSON line); running ``scilm`` jobs (exiting with the
+tail of their stderr when one fails): prepare, fine-tune, evaluate; the tiny and
+packaged models the benchmarks train; ``metrics.jsonl`` rows and medians; and the
+measurements several benchmarks take (peak RSS and GPU memory of a process tree, the
+plain HF Trainer timed step by step in a worker process, the matrix-multiply peak,
+``scilm evaluate`` on one and two ranks).
 
 Benchmarks run as scripts (``python benchmarks/NAME.py``): Python puts this folder on
-``sys.path``, so ``import _common`` finds this module. Heavy imports (torch,
-transformers, scilm_hpc) happen inside the functions that need them.
+``sys.path``, so ``import _common`` finds this module; the tests import it as
+``benchmarks._common``. Heavy imports (torch, transformers, scilm_hpc) happen inside
+the functions that need them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from argparse import SUPPRESS
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"  # the real data sets (../shared/data, as in CI)
+#: The real data sets: ``../shared/data`` beside the clone, or ``SCILM_SHARED_DATA``
+#: (the tests' rule).
+DATA = Path(os.environ.get("SCILM_SHARED_DATA") or REPO.parent / "shared" / "data")
 SCICITE = DATA / "scicite"
+SCITLDR = DATA / "scitldr"
+#: SciTLDR as a seq2seq corpus: abstract -> TLDR (every TLDR a reference).
+SCITLDR_SEQ2SEQ = [
+    "task=seq2seq",
+    "data.text_field=abstract",
+    "data.target_field=tldr",
+    "data.references_field=tldrs",
+    "data.max_length=256",
+    "data.max_target_length=32",
+]
 
 
 def _scilm_command() -> list[str]:
@@ -43,6 +62,65 @@ SCILM = _scilm_command()
 
 # one tokenizer thread per process: the benchmarks give each process its cores
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def command_line(
+    doc: str, hidden: dict[str, Any] | None = None, **defaults: Any
+) -> argparse.ArgumentParser:
+    """A parser described by the first line of ``doc``, with an option ``--NAME`` for
+    each of ``defaults`` (underscores become dashes), typed by its default: a bool
+    default is a flag, a ``Path`` type is given as ``(Path, default)``, ``out`` is a
+    ``Path`` (default: a new temporary directory). ``hidden``: options of the same kind
+    left out of ``--help`` (those of a worker process, see ``run_worker``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in {**defaults, **(hidden or {})}.items():
+        flag = "--" + name.replace("_", "-")
+        shown = "working directory (kept)" if name == "out" else "default: %(default)s"
+        more = {"help": shown if name in defaults else SUPPRESS}
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", **more)
+        elif name == "out":
+            parser.add_argument(flag, type=Path, default=None, **more)
+        else:
+            kind, value = default if isinstance(default, tuple) else (type(default), default)
+            parser.add_argument(flag, type=kind, default=value, **more)
+    return parser
+
+
+def work_dir(out: Path | None, name: str) -> Path:
+    """``out`` (created), or a new temporary directory ``scilm-bench-NAME-*``."""
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix=f"scilm-bench-{name}-"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def report(figures: dict[str, Any], width: int = 32, digits: int = 2) -> None:
+    """Print ``key: value`` lines (floats to ``digits``; the ``runs`` table left out),
+    then the JSON line every benchmark ends with."""
+    for key, value in figures.items():
+        if key != "runs":
+            shown = f"{value:.{digits}f}" if isinstance(value, float) else value
+            print(f"{key:>{width}}: {shown}")
+    print(json.dumps(figures))
+
+
+def table(columns: list[str], rows: dict[str, list[Any]], label: int = 24, cell: int = 14) -> None:
+    """Print a table: ``columns`` as its header, then per row its label and cells
+    (floats below 10 to 3 decimals, below 100 to 2, others whole; None as ``-``)."""
+
+    def fmt(value: Any) -> str:
+        if not isinstance(value, int | float):
+            return f"{'-':>{cell}}"
+        digits = 3 if abs(value) < 10 else 2 if abs(value) < 100 else 0
+        return f"{value:>{cell},.{digits}f}"
+
+    print(" " * (label + 2) + "".join(f"{c:>{cell}.{cell - 1}}" for c in columns))
+    for name, values in rows.items():
+        print(f"  {name:<{label}.{label}}" + "".join(fmt(v) for v in values))
 
 
 # ---------------------------------------------------------------- running commands
@@ -68,9 +146,9 @@ def run(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = No
     return wall
 
 
-def run_scilm(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> float:
-    """Run ``scilm ARGS``; wall seconds (exits with its stderr tail when it fails)."""
-    return run([*SCILM, *args], env, log)
+def job_command(job: str, *overrides: str) -> list[str]:
+    """``scilm JOB jobs/JOB.yaml OVERRIDES`` (the generic job file of ``job``)."""
+    return [*SCILM, job, str(REPO / f"jobs/{job}.yaml"), *overrides]
 
 
 def ranks_cluster(ranks: int) -> list[str]:
@@ -80,21 +158,33 @@ def ranks_cluster(ranks: int) -> list[str]:
     return ["cluster=local", f"cluster.tasks_per_node={ranks}", "cluster.cpus_per_task=1"]
 
 
-def prepare_shards(out: Path, splits: dict[str, Path], *overrides: str) -> Path:
+def prepare_command(out: Path, splits: dict[str, Path], *overrides: str) -> list[str]:
     """``scilm prepare`` of the corpus files ``splits`` (split name -> file) in one
-    process, run directory ``out`` (its log in ``out/prepare.log``); the shards directory."""
-    out.mkdir(parents=True, exist_ok=True)
-    run_scilm(
-        "prepare",
-        str(REPO / "jobs/prepare.yaml"),
-        "cluster=none",
-        f"run.dir={out}",
-        *(f"data.{split}={path}" for split, path in splits.items()),
-        "data.overwrite=true",
-        *overrides,
-        log=out / "prepare.log",
+    process, run directory ``out``, shards in ``out/shards`` (replaced)."""
+    data = [f"data.{split}={path}" for split, path in splits.items()]
+    return job_command(
+        "prepare", "cluster=none", f"run.dir={out}", *data, "data.overwrite=true", *overrides
     )
+
+
+def prepare_shards(out: Path, splits: dict[str, Path], *overrides: str) -> Path:
+    """Run ``prepare_command`` (its log in ``out/prepare.log``); the shards directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    run(prepare_command(out, splits, *overrides), log=out / "prepare.log")
     return out / "shards"
+
+
+def finetune_command(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
+    """``scilm finetune`` of ``shards`` in ``run_dir``, a ``metrics.jsonl`` row every
+    step and no checkpoints (``overrides`` added)."""
+    return job_command(
+        "finetune",
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+        *overrides,
+    )
 
 
 def eval_metrics(
@@ -102,22 +192,22 @@ def eval_metrics(
 ) -> dict[str, Any]:
     """Metrics of an exported model on a split of ``shards`` (``scilm evaluate``, one
     process, run directory ``run_dir``, ``overrides`` added)."""
-    run_scilm(
-        "evaluate",
-        str(REPO / "jobs/evaluate.yaml"),
-        "cluster=none",
-        f"run.dir={run_dir}",
-        f"model.name_or_path={model}",
-        f"data.shards={shards}",
-        f"eval.split={split}",
-        *overrides,
-    )
+    model_split = [f"model.name_or_path={model}", f"data.shards={shards}", f"eval.split={split}"]
+    run(job_command("evaluate", "cluster=none", f"run.dir={run_dir}", *model_split, *overrides))
     return json.loads((run_dir / "eval.json").read_text())["metrics"]
 
 
 def scicite(*splits: str) -> dict[str, Path]:
     """SciCite's JSONL files of ``splits`` (default train, dev, test), for prepare_shards."""
     return {s: SCICITE / f"{s}.jsonl" for s in splits or ("train", "dev", "test")}
+
+
+def head_lines(src: Path, dst: Path, count: int) -> list[str]:
+    """Copy the first ``count`` lines of ``src`` (0: all) to ``dst``; those lines."""
+    lines = src.read_text(encoding="utf-8").splitlines()[: count or None]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    return lines
 
 
 # ---------------------------------------------------------------- reading results
@@ -140,12 +230,12 @@ def median(values: Iterable[float]) -> float:
     return float(statistics.median(values))
 
 
-def show(figures: dict[str, Any], width: int = 32, digits: int = 2) -> None:
-    """Print ``key: value`` lines (floats to ``digits``; the ``runs`` table left out)."""
-    for key, value in figures.items():
-        if key != "runs":
-            shown = f"{value:.{digits}f}" if isinstance(value, float) else value
-            print(f"{key:>{width}}: {shown}")
+def shard_examples(shards: Path, split: str = "train") -> tuple[list[dict[str, Any]], list[str]]:
+    """Every item of a split of ``shards`` (``ShardDataset``'s dicts), and its label names."""
+    from scilm_hpc.data.dataset import ShardDataset
+
+    dataset = ShardDataset(shards, split)
+    return [dataset[i] for i in range(len(dataset))], dataset.label_names
 
 
 # ---------------------------------------------------------------- models
@@ -159,25 +249,35 @@ def _minilm_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(packaged_minilm_path())
 
 
-def tiny_bert(out: Path) -> Path:
-    """A tiny randomly initialised BERT classifier with MiniLM's tokenizer (the same
-    fingerprint, so MiniLM shards fit it), saved in ``out``; the tests' ``tiny_model_dir``."""
+def label_kwargs(labels: list[str]) -> dict[str, Any]:
+    """``from_pretrained`` keywords of a head for ``labels``."""
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {n: i for i, n in enumerate(labels)},
+    }
+
+
+def _random_model(out: Path, model_class: str, config_class: str, **config: Any) -> Path:
+    """A randomly initialised (seed 0) ``transformers`` model of ``model_class`` built
+    from ``config_class(**config)``, with MiniLM's tokenizer and vocabulary, saved in ``out``."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    import transformers
 
     tokenizer = _minilm_tokenizer()
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    BertForSequenceClassification(config).save_pretrained(out)
+    settings = getattr(transformers, config_class)(vocab_size=len(tokenizer), **config)
+    getattr(transformers, model_class)(settings).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def tiny_bert(out: Path) -> Path:
+    """A tiny randomly initialised BERT classifier with MiniLM's tokenizer (the same
+    fingerprint, so MiniLM shards fit it), saved in ``out``; the tests' ``tiny_model_dir``."""
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    bert = ("BertForSequenceClassification", "BertConfig")
+    return _random_model(out, *bert, hidden_size=32, max_position_embeddings=512, **shape)
 
 
 def minilm_classifier(out: Path, labels: list[str]) -> Path:
@@ -189,10 +289,7 @@ def minilm_classifier(out: Path, labels: list[str]) -> Path:
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
-        packaged_minilm_path(),
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)},
+        packaged_minilm_path(), **label_kwargs(labels)
     )
     model.save_pretrained(out)
     _minilm_tokenizer().save_pretrained(out)
@@ -214,21 +311,10 @@ def random_llama(out: Path, shape: dict[str, int], max_positions: int) -> Path:
     tokenizer, untied lm_head, saved in fp32 in ``out`` (kept if already there)."""
     if (out / "config.json").is_file():
         return out
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _minilm_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **shape,
-    )
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    pad = _minilm_tokenizer().pad_token_id
+    untied = {"tie_word_embeddings": False, "pad_token_id": pad}
+    llama = ("LlamaForCausalLM", "LlamaConfig")
+    return _random_model(out, *llama, max_position_embeddings=max_positions, **untied, **shape)
 
 
 # ---------------------------------------------------------------- measuring runs
@@ -254,20 +340,45 @@ def _tree_hwm_kb(root: int) -> dict[int, int]:
     return out
 
 
-def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+def _gpu_used_mb() -> float | None:
+    """``memory.used`` (MiB) of GPU 0 from ``nvidia-smi``; None where it gives none."""
+    try:
+        used = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return float(used[0]) if used else None
+
+
+def run_measured(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, gpu: bool = False
+) -> dict[str, Any]:
     """Run ``cmd`` (output to ``log``); returns wall seconds and the peak RSS (MiB) of
     the largest process of its tree (polled VmHWM, and the kernel's figure for the
-    reaped tree from wait4). Exits with the log's tail when it fails."""
+    reaped tree from wait4); with ``gpu``, also the peak ``memory.used`` of GPU 0
+    (``gpu_peak_mb``, the whole device, ``nvidia-smi`` polled every 0.5 s; None
+    without one). Exits with the log's tail when it fails."""
     peaks: dict[int, int] = {}
+    gpu_peak: list[float] = []
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         done = threading.Event()
 
         def poll() -> None:
+            polls, smi = 0, gpu
             while not done.wait(0.2):
                 for pid, kb in _tree_hwm_kb(proc.pid).items():
                     peaks[pid] = max(peaks.get(pid, 0), kb)
+                polls += 1
+                if smi and polls % 3 == 0:  # nvidia-smi is slow to start: about 0.5 s apart
+                    used = _gpu_used_mb()
+                    smi = used is not None  # no GPU to read: stop asking
+                    gpu_peak.extend([used] if used is not None else [])
 
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
@@ -279,7 +390,10 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
     peak_kb = max([usage.ru_maxrss, *peaks.values()])  # ru_maxrss is in kB on Linux
-    return {"wall_s": wall, "peak_rss_mb": peak_kb / 1024}
+    measured = {"wall_s": wall, "peak_rss_mb": peak_kb / 1024}
+    if gpu:
+        measured["gpu_peak_mb"] = max(gpu_peak) if gpu_peak else None
+    return measured
 
 
 def matmul_peak_gflops(dtype_name: str, device: str = "cpu") -> float:
@@ -308,6 +422,16 @@ def matmul_peak_gflops(dtype_name: str, device: str = "cpu") -> float:
     return 2 * n**3 / best / 1e9
 
 
+def matmul_peaks(device: str = "cpu", before: dict[str, float] | None = None) -> dict[str, float]:
+    """``matmul_peak_gflops`` in fp32 and bf16 (keys ``fp32``, ``bf16``); with ``before``
+    (an earlier measurement), the better of the two per precision."""
+    peaks = {
+        precision: matmul_peak_gflops(dtype, device)
+        for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16"))
+    }
+    return {k: max(v, (before or {}).get(k, 0.0)) for k, v in peaks.items()}
+
+
 def hf_train(
     model: Any,
     examples: list[Any],
@@ -325,9 +449,10 @@ def hf_train(
     run's schedule step for step.
 
     Returns:
-        The trainer, and its threads, optimizer, the time training began (``begin``),
-        when each optimizer step ended (``ends``, after a CUDA synchronize on a GPU) and
-        the learning rate each optimizer step used (``lrs``).
+        The trainer, and its threads, optimizer and the seconds of each optimizer step
+        (``step_s``: from the end of the one before, the first from the start of
+        training; after a CUDA synchronize on a GPU), so data loading counts as it does
+        in ``scilm``'s per-step figures, and the learning rate each step used (``lrs``).
     """
     import torch
     from transformers import (
@@ -340,13 +465,11 @@ def hf_train(
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
-            self.begin = 0.0
-            self.ends: list[float] = []
-
+            self.times: list[float] = []
             self.lrs: list[float] = []
 
         def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.begin = time.perf_counter()
+            self.times = [time.perf_counter()]
 
         def on_step_begin(self, *_: Any, **kwargs: Any) -> None:
             self.lrs.append(float(kwargs["optimizer"].param_groups[0]["lr"]))
@@ -354,7 +477,7 @@ def hf_train(
         def on_step_end(self, *_: Any, **__: Any) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
+            self.times.append(time.perf_counter())
 
     args = (Seq2SeqTrainingArguments if seq2seq else TrainingArguments)(
         output_dir=str(output_dir),
@@ -386,8 +509,7 @@ def hf_train(
     return trainer, {
         "threads": torch.get_num_threads(),
         "optimizer": str(getattr(args.optim, "value", args.optim)),
-        "begin": clock.begin,
-        "ends": clock.ends,
+        "step_s": [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)],
         "lrs": clock.lrs,
     }
 
@@ -399,3 +521,61 @@ def worker_command(script: str, **options: Any) -> list[str]:
     for name, value in options.items():
         cmd += [f"--{name.replace('_', '-')}", *([] if value is True else [str(value)])]
     return cmd
+
+
+def run_worker(
+    script: str, out: Path, env: dict[str, str], gpu: bool = False, **options: Any
+) -> dict[str, Any]:
+    """Run ``worker_command(SCRIPT, worker=True, out=OUT, **options)`` measured by
+    ``run_measured`` (log: ``OUT.log``); the worker leaves its figures in
+    ``OUT/result.json`` (``worker_result``). Returns both, merged."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = worker_command(script, worker=True, out=out, **options)
+    measured = run_measured(cmd, out.with_name(out.name + ".log"), {**os.environ, **env}, gpu)
+    return {**measured, **json.loads((out / "result.json").read_text())}
+
+
+def worker_result(out: Path, result: dict[str, Any]) -> None:
+    """A worker's figures, for ``run_worker``."""
+    (out / "result.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- evaluation scaling
+
+#: ``scilm evaluate`` on one rank with one and with two threads, and on two ranks of
+#: one thread (name: cluster overrides, environment).
+EVAL_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "1rank_1thread": (["cluster=none"], {"OMP_NUM_THREADS": "1"}),
+    "1rank_2threads": (["cluster=none"], {}),
+    "2ranks_1thread": (["cluster.tasks_per_node=2", "cluster.cpus_per_task=1"], {}),
+}
+
+
+def eval_scaling(
+    root: Path, repeats: int, overrides: list[str], references: dict[str, Callable[[], float]]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``repeats`` rounds of ``scilm evaluate OVERRIDES`` in each of ``EVAL_VARIANTS``
+    (run directories ``root/VARIANT-R``) and of each reference (a function returning
+    examples/s), a line per round. Returns the medians of examples/s (the job's own
+    figure: inference only, slowest rank) per variant and reference, and of the
+    variants' wall seconds (process start and model loading included)."""
+    rates: dict[str, list[float]] = {k: [] for k in [*EVAL_VARIANTS, *references]}
+    walls: dict[str, list[float]] = {k: [] for k in EVAL_VARIANTS}
+    for r in range(repeats):
+        for name, (cluster, env) in EVAL_VARIANTS.items():
+            run_dir = root / f"{name}-{r}"
+            cmd = job_command("evaluate", *overrides, f"run.dir={run_dir}", *cluster)
+            walls[name].append(run(cmd, env))
+            rates[name].append(json.loads((run_dir / "eval.json").read_text())["examples_per_s"])
+        for name, rate in references.items():
+            rates[name].append(rate())
+        print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}/s" for k, v in rates.items()))
+    return {k: median(v) for k, v in rates.items()}, {k: median(v) for k, v in walls.items()}
+
+
+def rank_scaling(rates: dict[str, float]) -> dict[str, float]:
+    """Two ranks against one rank on one thread and on two threads (``eval_scaling``)."""
+    return {
+        "scaling_2ranks_vs_1rank_1thread": rates["2ranks_1thread"] / rates["1rank_1thread"],
+        "scaling_2ranks_vs_1rank_2threads": rates["2ranks_1thread"] / rates["1rank_2threads"],
+    }

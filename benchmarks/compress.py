@@ -19,15 +19,14 @@ Without ``--export`` it first fine-tunes the packaged MiniLM for one epoch
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from _common import REPO, run, run_scilm
+import _common as bench
 
 RUNS = {
     "int8-dynamic": ["compress=int8-dynamic"],
@@ -38,19 +37,10 @@ RUNS = {
 }
 
 
-def finetuned() -> tuple[Path, Path]:
-    """Fine-tune MiniLM on SciCite with the fine-tuning benchmark; (export, shards)."""
-    out = Path(tempfile.mkdtemp(prefix="scilm-bench-compress-"))
-    run([sys.executable, str(REPO / "benchmarks/finetune_scicite.py"), "--out", str(out)])
-    return out / "ft" / "export", out / "shards"
-
-
-def compress(name: str, export: Path, shards: Path, out: Path, args: argparse.Namespace) -> dict:
-    run_dir = out / name
+def compress(name: str, export: Path, shards: Path, run_dir: Path, args: Any) -> dict:
+    """One ``scilm compress`` run of recipe ``name``; its report and wall seconds."""
     start = time.perf_counter()
-    run_scilm(
-        "compress",
-        str(REPO / "jobs/compress.yaml"),
+    overrides = [
         f"run.dir={run_dir}",
         f"model.name_or_path={export}",
         f"data.shards={shards}",
@@ -58,20 +48,25 @@ def compress(name: str, export: Path, shards: Path, out: Path, args: argparse.Na
         "compress.eval_split=test",
         f"compress.latency_repeats={args.repeats}",
         f"compress.latency_threads={args.threads}",
-        *RUNS[name],
-    )
+    ]
+    bench.run(bench.job_command("compress", *overrides, *RUNS[name]))
     report = json.loads((run_dir / "compress_report.json").read_text())
-    report["wall_s"] = time.perf_counter() - start
-    return report
+    return {**report, "wall_s": time.perf_counter() - start}
 
 
-def summary(name: str, report: dict) -> dict:
+def summary(report: dict) -> dict[str, Any]:
+    """The figures of one recipe against the dense model measured in the same run."""
     base, last = report["baseline"], report["steps"][-1]
-    f1_base = 100 * base["metrics"]["macro_f1"]
+
+    def f1(step: dict) -> float:
+        return round(100 * step["metrics"]["macro_f1"], 2)
+
     row = {
-        "dense_macro_f1": round(f1_base, 2),
-        "macro_f1": round(100 * last["metrics"]["macro_f1"], 2),
-        "f1_change_points": round(100 * last["metrics"]["macro_f1"] - f1_base, 2),
+        "dense_macro_f1": f1(base),
+        "macro_f1": f1(last),
+        "f1_change_points": round(
+            100 * (last["metrics"]["macro_f1"] - base["metrics"]["macro_f1"]), 2
+        ),
         "dense_latency_ms": round(base["latency_ms"], 1),
         "latency_ms": round(last["latency_ms"], 1),
         "speedup": round(last["speedup"], 2),
@@ -81,34 +76,36 @@ def summary(name: str, report: dict) -> dict:
         "sparsity": round(last["sparsity"], 3),
         "wall_s": round(report["wall_s"], 1),
     }
-    # before recovery (after the pruning step), where there is one
+    # before recovery (after the pruning step) and after it, where there are such steps
     pruned = [s for s in report["steps"] if s["kind"] == "prune"]
     if pruned:
-        row["macro_f1_after_pruning"] = round(100 * pruned[0]["metrics"]["macro_f1"], 2)
+        row["macro_f1_after_pruning"] = f1(pruned[0])
     recovered = [s for s in report["steps"] if s["kind"] == "recover"]
     if recovered:
-        row["macro_f1_after_recovery"] = round(100 * recovered[0]["metrics"]["macro_f1"], 2)
+        row["macro_f1_after_recovery"] = f1(recovered[0])
         row["speedup_after_recovery"] = round(recovered[0]["speedup"], 2)
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--export", type=Path, default=None)
-    parser.add_argument("--shards", type=Path, default=None)
+    parser = bench.command_line(__doc__, export=(Path, None), shards=(Path, None), out=None)
     parser.add_argument("--recipes", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--repeats", type=int, default=20, help="latency repeats (median)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for latency")
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if (args.export is None) != (args.shards is None):
         sys.exit("give --export and --shards together (or neither)")
-    export, shards = (args.export, args.shards) if args.export else finetuned()
-    out = args.out or Path(tempfile.mkdtemp(prefix="scilm-bench-compress-runs-"))
+    out = bench.work_dir(args.out, "compress")
+    export, shards = args.export, args.shards
+    if export is None:  # fine-tune MiniLM on SciCite with the fine-tuning benchmark
+        bench.run(
+            [sys.executable, str(bench.REPO / "benchmarks/finetune_scicite.py"), "--out", str(out)]
+        )
+        export, shards = out / "ft" / "export", out / "shards"
     rows = {}
     for name in args.recipes:
-        rows[name] = summary(name, compress(name, export, shards, out, args))
+        rows[name] = summary(compress(name, export, shards, out / name, args))
         print(f"{name:>26}: {json.dumps(rows[name])}", flush=True)
     goals = {}
     if "int8-dynamic" in rows:

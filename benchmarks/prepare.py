@@ -30,7 +30,6 @@ multi-rank keys name the rank count (``prepare_2rank_...``, ``prepare_scaling_2v
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -38,55 +37,41 @@ import shutil
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, SCICITE, SCILM, median, run
+import _common as bench
 
 THREAD_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 TARGET_DOCS = 60_000
 SCALING_GOAL = 1.7
 READ_GOAL = 20.0
 READ_BATCH = 512
+CORPUS_HELP = "JSONL corpus ({text, label} per line), or a directory holding train.jsonl"
 
 # This process tokenizes on the fly in (b): one thread, like each prepare rank.
 os.environ.update(THREAD_ENV)
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--corpus",
-        type=Path,
-        default=SCICITE / "train.jsonl",
-        help="JSONL corpus ({text, label} per line), or a directory holding train.jsonl",
-    )
-    p.add_argument("--model", default="minilm", help="model.name_or_path of the tokenizer")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (default: 3)")
-    p.add_argument(
-        "--replicate", type=int, default=None, help=f"corpus K times (default ~{TARGET_DOCS} docs)"
-    )
-    p.add_argument("--examples-per-shard", type=int, default=2048)
-    p.add_argument("--ranks", type=int, default=2, help="MPI ranks of the parallel run")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up prepare")
-    p.add_argument("--out", type=Path, default=None, help="working directory (kept)")
-    args = p.parse_args(argv)
-    if args.corpus.is_dir():
-        args.corpus = args.corpus / "train.jsonl"
-    if not args.corpus.is_file():
-        p.error(f"--corpus: '{args.corpus}' is not a file")
-    if args.repeats < 1:
-        p.error("--repeats: must be >= 1")
-    return args
-
-
-def replicate_corpus(src: Path, dst: Path, times: int | None) -> tuple[int, int]:
-    """Write ``src`` concatenated ``times`` times to ``dst``; (times, documents)."""
-    lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if times is None:
-        times = max(1, round(TARGET_DOCS / max(1, len(lines))))
-    dst.write_text(("\n".join(lines) + "\n") * times, encoding="utf-8")
-    return times, times * len(lines)
+# per rank count: JSON key (prepare_NRANKrank_KEY), table label, digits in the JSON
+# (None: table only), and the ratio between rank counts shown beside it (RATIOS)
+RATIOS = {
+    "scaling": "docs_per_s",
+    "wall_scaling": "wall_docs_per_s",
+    "scaling_best": "best_docs_per_s",
+    "wall_scaling_best": "best_wall_docs_per_s",
+}
+FIGURES = [
+    ("docs_per_s", "compute docs/s", 1, "scaling"),
+    ("tokens_per_s", "compute tokens/s", 1, "scaling"),
+    ("wall_docs_per_s", "end-to-end docs/s", 1, "wall_scaling"),
+    ("wall_tokens_per_s", "end-to-end tokens/s", 1, "wall_scaling"),
+    ("compute_s", "tokenize+write s (max)", 3, None),
+    ("wall_s", "wall s", 3, None),
+    ("other_load_cores", "other load (cores)", 2, None),
+    ("best_docs_per_s", "best compute docs/s", 1, "scaling_best"),
+    ("best_wall_docs_per_s", "best end-to-end docs/s", None, "wall_scaling_best"),
+]
 
 
 def cpu_busy_seconds() -> float:
@@ -106,30 +91,24 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_prepare(corpus: Path, work: Path, ranks: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_prepare(corpus: Path, work: Path, ranks: int, args: Any) -> dict[str, Any]:
     """One ``scilm prepare`` run; wall seconds, its manifest's figures and other load."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cmd = [
-        *SCILM,
-        "prepare",
-        str(REPO / "jobs/prepare.yaml"),
-        "cluster=none",
-        f"data.train={corpus}",
-        f"run.dir={work}",
-        f"data.shards={work / 'shards'}",
+    cmd = bench.prepare_command(
+        work,
+        {"train": corpus},
         f"data.examples_per_shard={args.examples_per_shard}",
         f"model.name_or_path={args.model}",
-    ]
+    )
     if ranks > 1:
         exports = [a for k in THREAD_ENV for a in ("-x", k)]
         cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks), *exports, *cmd]
     busy0, own0 = cpu_busy_seconds(), children_cpu_seconds()
-    wall = run(cmd, THREAD_ENV)
+    wall = bench.run(cmd, THREAD_ENV)
     own = children_cpu_seconds() - own0
-    other = max(0.0, (cpu_busy_seconds() - busy0 - own) / wall)
     manifest = json.loads((work / "shards/manifest.json").read_text(encoding="utf-8"))
-    seconds = manifest["prepare"]["rank_seconds"]
+    seconds = manifest["prepare"]["rank_seconds"]  # the job's own summary
     if len(seconds) != ranks:
         raise SystemExit(f"expected {ranks} rank_seconds, got {seconds}")
     train = manifest["splits"]["train"]
@@ -139,8 +118,27 @@ def run_prepare(corpus: Path, work: Path, ranks: int, args: argparse.Namespace) 
         "rank_seconds": seconds,
         "n_examples": int(train["n_examples"]),
         "n_tokens": int(train["n_tokens"]),
-        "other_load_cores": other,
+        "other_load_cores": max(0.0, (cpu_busy_seconds() - busy0 - own) / wall),
         "checksums": [s["sha256"] for sp in manifest["splits"].values() for s in sp["shards"]],
+    }
+
+
+def figures(rs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Medians (and the fastest run) of one rank count's runs; None where none ran."""
+    if not rs:
+        return {key: None for key, *_ in FIGURES}
+    docs = [r["n_examples"] / r["compute_s"] for r in rs]
+    wall_docs = [r["n_examples"] / r["wall_s"] for r in rs]
+    return {
+        "docs_per_s": bench.median(docs),
+        "tokens_per_s": bench.median(r["n_tokens"] / r["compute_s"] for r in rs),
+        "wall_docs_per_s": bench.median(wall_docs),
+        "wall_tokens_per_s": bench.median(r["n_tokens"] / r["wall_s"] for r in rs),
+        "compute_s": bench.median(r["compute_s"] for r in rs),
+        "wall_s": bench.median(r["wall_s"] for r in rs),
+        "other_load_cores": bench.median(r["other_load_cores"] for r in rs),
+        "best_docs_per_s": max(docs),
+        "best_wall_docs_per_s": max(wall_docs),
     }
 
 
@@ -158,23 +156,12 @@ def read_on_the_fly(corpus: Path, tokenizer: Any, max_length: int) -> tuple[floa
     """Seconds, examples and tokens of json.loads + batched tokenization of the JSONL."""
     t0 = time.perf_counter()
     n_examples = n_tokens = 0
-    batch: list[str] = []
-
-    def flush() -> None:
-        nonlocal n_examples, n_tokens
-        for ids in tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]:
-            n_examples += 1
-            n_tokens += len(ids)
-        batch.clear()
-
     with corpus.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                batch.append(json.loads(line)["text"])
-                if len(batch) == READ_BATCH:
-                    flush()
-    if batch:
-        flush()
+        texts = (json.loads(line)["text"] for line in fh if line.strip())
+        while batch := list(islice(texts, READ_BATCH)):
+            for ids in tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]:
+                n_examples += 1
+                n_tokens += len(ids)
     return time.perf_counter() - t0, n_examples, n_tokens
 
 
@@ -182,57 +169,14 @@ def rnd(x: float | None, digits: int = 1) -> float | None:
     return None if x is None else round(x, digits)
 
 
-# (figure name, its label in the table, the ratio it is compared by)
-FIGURES = [
-    ("docs", "compute docs/s", "scaling"),
-    ("tokens", "compute tokens/s", "scaling"),
-    ("wall_docs", "end-to-end docs/s", "wall_scaling"),
-    ("wall_tokens", "end-to-end tokens/s", "wall_scaling"),
-    ("compute_s", "tokenize+write s (max)", None),
-    ("wall_s", "wall s", None),
-    ("other_load", "other load (cores)", None),
-    ("best_docs", "best compute docs/s", "best"),
-    ("best_wall_docs", "best end-to-end docs/s", "best_wall"),
-]
-
-
-def figures(rs: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Medians (and the fastest run) of one rank count's runs; None where none ran."""
-    if not rs:
-        return {name: None for name, _, _ in FIGURES}
-    return {
-        "docs": median(r["n_examples"] / r["compute_s"] for r in rs),
-        "tokens": median(r["n_tokens"] / r["compute_s"] for r in rs),
-        "wall_docs": median(r["n_examples"] / r["wall_s"] for r in rs),
-        "wall_tokens": median(r["n_tokens"] / r["wall_s"] for r in rs),
-        "compute_s": median(r["compute_s"] for r in rs),
-        "wall_s": median(r["wall_s"] for r in rs),
-        "other_load": median(r["other_load_cores"] for r in rs),
-        "best_docs": max(r["n_examples"] / r["compute_s"] for r in rs),
-        "best_wall_docs": max(r["n_examples"] / r["wall_s"] for r in rs),
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    own_out = args.out is None
-    out = Path(tempfile.mkdtemp(prefix="scilm-bench-prepare-")) if own_out else args.out
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return measure(args, out, nproc or 1)
-    finally:
-        if own_out:
-            shutil.rmtree(out, ignore_errors=True)
-
-
-def measure(args: argparse.Namespace, out: Path, nproc: int) -> int:
+def measure(args: Any, out: Path, nproc: int) -> None:
+    lines = [ln for ln in args.corpus.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    times = args.replicate or max(1, round(TARGET_DOCS / max(1, len(lines))))
     corpus = out / "corpus.jsonl"
-    times, n_docs = replicate_corpus(args.corpus, corpus, args.replicate)
-    mpirun = shutil.which("mpirun")
-    r = args.ranks
+    corpus.write_text(("\n".join(lines) + "\n") * times, encoding="utf-8")
+    mpirun, r = shutil.which("mpirun"), args.ranks
     print(
-        f"corpus: {args.corpus} x{times} = {n_docs} documents "
+        f"corpus: {args.corpus} x{times} = {times * len(lines)} documents "
         f"({corpus.stat().st_size / 2**20:.1f} MiB), examples_per_shard="
         f"{args.examples_per_shard}, model={args.model}, repeats={args.repeats}, "
         f"machine: {nproc} CPU(s)"
@@ -243,7 +187,6 @@ def measure(args: argparse.Namespace, out: Path, nproc: int) -> int:
         print("mpirun not found on PATH: skipping the multi-rank prepare runs")
     if nproc < r:
         print(f"note: {r} ranks on {nproc} CPU(s): scaling cannot reach the goal")
-
     if not args.no_warmup:
         run_prepare(corpus, out / "warmup", 1, args)
         shutil.rmtree(out / "warmup", ignore_errors=True)
@@ -260,17 +203,8 @@ def measure(args: argparse.Namespace, out: Path, nproc: int) -> int:
                 flush=True,
             )
     identical = runs[1][0]["checksums"] == runs[r][0]["checksums"] if mpirun else None
-
     one, many = figures(runs[1]), figures(runs.get(r, []))
-    ratios = {
-        ratio: many[key] / one[key] if many[key] else None
-        for key, ratio in (
-            ("docs", "scaling"),
-            ("wall_docs", "wall_scaling"),
-            ("best_docs", "best"),
-            ("best_wall_docs", "best_wall"),
-        )
-    }
+    ratios = {q: many[k] / one[k] if many[k] else None for q, k in RATIOS.items()}  # type: ignore
     scaling = ratios["scaling"]
     n_examples, n_tokens = runs[1][0]["n_examples"], runs[1][0]["n_tokens"]
 
@@ -281,96 +215,105 @@ def measure(args: argparse.Namespace, out: Path, nproc: int) -> int:
     shards = out / "prep-1r/shards"
     max_length = int(read_manifest(shards)["max_length"])
     tokenizer = load_tokenizer(args.model)
-    shard_t, fly_t = [], []
+    timed: dict[str, list[tuple[float, int, int]]] = {"shard_read": [], "onthefly": []}
     for _ in range(args.repeats):
-        s, s_ex, s_tok = read_shards(shards)
-        f, f_ex, f_tok = read_on_the_fly(corpus, tokenizer, max_length)
-        shard_t.append(s)
-        fly_t.append(f)
+        timed["shard_read"].append(read_shards(shards))
+        timed["onthefly"].append(read_on_the_fly(corpus, tokenizer, max_length))
+    (_, s_ex, s_tok), (_, f_ex, f_tok) = timed["shard_read"][-1], timed["onthefly"][-1]
     if (s_ex, s_tok) != (f_ex, f_tok):
         print(f"warning: shards hold {s_ex} examples / {s_tok} tokens, on the fly {f_ex} / {f_tok}")
-    shard_ex_s, fly_ex_s = s_ex / median(shard_t), f_ex / median(fly_t)
-    read_ratio = shard_ex_s / fly_ex_s
+    read = {  # examples/s and tokens/s, medians
+        name: [count / bench.median(t[0] for t in runs_) for count in runs_[-1][1:]]
+        for name, runs_ in timed.items()
+    }
+    read_ratio = read["shard_read"][0] / read["onthefly"][0]
 
-    print(
-        f"\nprepare, {n_examples} documents / {n_tokens} tokens, median of {args.repeats} "
-        f"(best: fastest run of each):"
-    )
-    print(f"  {'':24}{'1 rank':>14}{f'{r} ranks':>14}{f'{r}/1':>8}")
-    for key, label, ratio_name in FIGURES:
-        cells = [
-            f"{'-':>14}" if v is None else f"{v:14,.2f}" if v < 100 else f"{v:14,.0f}"
-            for v in (one[key], many[key])
-        ]
-        ratio = ratios.get(ratio_name or "")
-        print(f"  {label:24}{cells[0]}{cells[1]}{f'{ratio:7.2f}x' if ratio else ''}")
+    print(f"\nprepare, {n_examples} documents / {n_tokens} tokens, median of {args.repeats}:")
+    rows = {label: [one[k], many[k], ratios.get(q or "")] for k, label, _, q in FIGURES}
+    bench.table(["1 rank", f"{r} ranks", f"{r}/1"], rows, label=26)
     if scaling is not None:
         verdict = "met" if scaling >= SCALING_GOAL else "MISSED"
         print(
             f"  goal: {r} ranks >= {SCALING_GOAL}x 1 rank (compute): {scaling:.2f}x, {verdict}"
-            f" (fastest runs: {ratios['best']:.2f}x); shards identical 1 vs {r} ranks: {identical}"
+            f" (fastest runs: {ratios['scaling_best']:.2f}x); shards identical 1 vs {r} "
+            f"ranks: {identical}"
         )
-        if verdict == "MISSED" and many["other_load"] and many["other_load"] > 0.2:
+        if verdict == "MISSED" and many["other_load_cores"] and many["other_load_cores"] > 0.2:
             print(
-                f"  note: other processes used {many['other_load']:.2f} core(s) during the "
-                f"{r}-rank runs; on {nproc} CPU(s) that alone caps the scaling"
+                f"  note: other processes used {many['other_load_cores']:.2f} core(s) during "
+                f"the {r}-rank runs; on {nproc} CPU(s) that alone caps the scaling"
             )
     print(f"read, {s_ex} examples / {s_tok} tokens, median of {args.repeats}:")
-    print(
-        f"  ShardDataset ds[i]          {shard_ex_s:12,.0f} examples/s "
-        f"{s_tok / median(shard_t):14,.0f} tokens/s"
-    )
-    print(
-        f"  JSONL + tokenize (b={READ_BATCH})  {fly_ex_s:12,.0f} examples/s "
-        f"{f_tok / median(fly_t):14,.0f} tokens/s"
-    )
+    labels = {"shard_read": "ShardDataset ds[i]", "onthefly": f"JSONL + tokenize (b={READ_BATCH})"}
+    bench.table(["examples/s", "tokens/s"], {labels[k]: v for k, v in read.items()}, label=30)
     print(
         f"  goal: shards >= {READ_GOAL:.0f}x on the fly: {read_ratio:.1f}x, "
         f"{'met' if read_ratio >= READ_GOAL else 'MISSED'}"
     )
-
     per_rank = {
-        "docs_per_s": ("docs", 1),
-        "tokens_per_s": ("tokens", 1),
-        "wall_docs_per_s": ("wall_docs", 1),
-        "wall_tokens_per_s": ("wall_tokens", 1),
-        "compute_s": ("compute_s", 3),
-        "wall_s": ("wall_s", 3),
-        "other_load_cores": ("other_load", 2),
+        f"prepare_{tag}rank_{key}": rnd(values[key], digits)
+        for tag, values in (("1", one), (str(r), many))
+        for key, _, digits, _ in FIGURES
+        if digits is not None
     }
-    result = {
-        "benchmark": "prepare",
-        "corpus": str(args.corpus),
-        "replicate": times,
-        "model": args.model,
-        "repeats": args.repeats,
-        "examples_per_shard": args.examples_per_shard,
-        "thread_env": THREAD_ENV,
-        "ranks": r,
-        "prepare_n_examples": n_examples,
-        "prepare_n_tokens": n_tokens,
-        **{f"prepare_1rank_{k}": rnd(one[f], d) for k, (f, d) in per_rank.items()},
-        **{f"prepare_{r}rank_{k}": rnd(many[f], d) for k, (f, d) in per_rank.items()},
-        f"prepare_scaling_{r}v1": rnd(scaling, 3),
-        f"prepare_wall_scaling_{r}v1": rnd(ratios["wall_scaling"], 3),
-        "prepare_1rank_best_docs_per_s": rnd(one["best_docs"]),
-        f"prepare_{r}rank_best_docs_per_s": rnd(many["best_docs"]),
-        f"prepare_scaling_{r}v1_best": rnd(ratios["best"], 3),
-        f"prepare_wall_scaling_{r}v1_best": rnd(ratios["best_wall"], 3),
-        "prepare_scaling_goal": SCALING_GOAL,
-        "prepare_scaling_goal_met": None if scaling is None else scaling >= SCALING_GOAL,
-        f"prepare_shards_identical_1v{r}": identical,
-        "prepare_mpirun": mpirun is not None,
-        "shard_read_examples_per_s": rnd(shard_ex_s),
-        "shard_read_tokens_per_s": rnd(s_tok / median(shard_t)),
-        "onthefly_examples_per_s": rnd(fly_ex_s),
-        "onthefly_tokens_per_s": rnd(f_tok / median(fly_t)),
-        "read_ratio_vs_onthefly": rnd(read_ratio, 2),
-        "read_goal": READ_GOAL,
-        "read_goal_met": read_ratio >= READ_GOAL,
-        "machine": nproc,
-    }
-    print(json.dumps(result))
+    print(
+        json.dumps(
+            {
+                "benchmark": "prepare",
+                "corpus": str(args.corpus),
+                "replicate": times,
+                "model": args.model,
+                "repeats": args.repeats,
+                "examples_per_shard": args.examples_per_shard,
+                "thread_env": THREAD_ENV,
+                "ranks": r,
+                "prepare_n_examples": n_examples,
+                "prepare_n_tokens": n_tokens,
+                **per_rank,
+                f"prepare_scaling_{r}v1": rnd(scaling, 3),
+                f"prepare_wall_scaling_{r}v1": rnd(ratios["wall_scaling"], 3),
+                f"prepare_scaling_{r}v1_best": rnd(ratios["scaling_best"], 3),
+                f"prepare_wall_scaling_{r}v1_best": rnd(ratios["wall_scaling_best"], 3),
+                "prepare_scaling_goal": SCALING_GOAL,
+                "prepare_scaling_goal_met": None if scaling is None else scaling >= SCALING_GOAL,
+                f"prepare_shards_identical_1v{r}": identical,
+                "prepare_mpirun": mpirun is not None,
+                **{
+                    f"{name}_{unit}_per_s": rnd(value)
+                    for name, values in read.items()
+                    for unit, value in zip(("examples", "tokens"), values, strict=True)
+                },
+                "read_ratio_vs_onthefly": rnd(read_ratio, 2),
+                "read_goal": READ_GOAL,
+                "read_goal_met": read_ratio >= READ_GOAL,
+                "machine": nproc,
+            }
+        )
+    )
+
+
+def main() -> int:
+    p = bench.command_line(__doc__, examples_per_shard=2048, no_warmup=False, out=None)
+    p.add_argument("--corpus", type=Path, default=bench.SCICITE / "train.jsonl", help=CORPUS_HELP)
+    p.add_argument("--model", default="minilm", help="model.name_or_path of the tokenizer")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats")
+    p.add_argument("--replicate", type=int, help=f"corpus K times (default ~{TARGET_DOCS} docs)")
+    p.add_argument("--ranks", type=int, default=2, help="MPI ranks of the parallel run")
+    args = p.parse_args()
+    if args.corpus.is_dir():
+        args.corpus = args.corpus / "train.jsonl"
+    if not args.corpus.is_file():
+        p.error(f"--corpus: '{args.corpus}' is not a file")
+    if args.repeats < 1:
+        p.error("--repeats: must be >= 1")
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    out = args.out or Path(tempfile.mkdtemp(prefix="scilm-bench-prepare-"))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        measure(args, out, nproc or 1)
+    finally:
+        if args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
     return 0
 
 

@@ -15,52 +15,40 @@ Ends with one JSON line holding every figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from _common import REPO, SCICITE, SCILM, run_measured, show
+import _common as bench
 
 THREAD_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", type=Path, default=SCICITE / "train.jsonl")
+    p = bench.command_line(
+        __doc__, corpus=(Path, bench.SCICITE / "train.jsonl"), examples_per_shard=4096, out=None
+    )
     p.add_argument("--times", type=int, default=10, help="the larger corpus: this many copies")
     p.add_argument("--model", default="minilm", help="model.name_or_path of the tokenizer")
-    p.add_argument("--examples-per-shard", type=int, default=4096)
     p.add_argument("--pythonpath", type=Path, default=None, help="run this checkout's scilm_hpc")
-    p.add_argument("--out", type=Path, default=None, help="working directory (kept)")
     args = p.parse_args()
-    work = args.out or Path(tempfile.mkdtemp(prefix="scilm-prepare-memory-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = bench.work_dir(args.out, "prepare-memory")
     lines = [x for x in args.corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
     env = {**os.environ, **THREAD_ENV}
     if args.pythonpath is not None:
         env["PYTHONPATH"] = str(args.pythonpath.resolve())
-    figures: dict[str, float | int | str] = {"code": str(args.pythonpath or REPO)}
+    figures: dict[str, float | int | str] = {"code": str(args.pythonpath or bench.REPO)}
     for times in (1, args.times):
         corpus = work / f"corpus-x{times}.jsonl"
         corpus.write_text(("\n".join(lines) + "\n") * times, encoding="utf-8")
         run_dir = work / f"run-x{times}"
-        measured = run_measured(
-            [
-                *SCILM,
-                "prepare",
-                str(REPO / "jobs/prepare.yaml"),
-                "cluster=none",
-                f"data.train={corpus}",
-                f"run.dir={run_dir}",
-                "data.overwrite=true",
-                f"data.examples_per_shard={args.examples_per_shard}",
-                f"model.name_or_path={args.model}",
-            ],
-            work / f"prepare-x{times}.log",
-            env,
+        cmd = bench.prepare_command(
+            run_dir,
+            {"train": corpus},
+            f"data.examples_per_shard={args.examples_per_shard}",
+            f"model.name_or_path={args.model}",
         )
+        measured = bench.run_measured(cmd, work / f"prepare-x{times}.log", env)
         manifest = json.loads((run_dir / "shards/manifest.json").read_text(encoding="utf-8"))
         documents = manifest["splits"]["train"]["n_examples"]
         figures[f"x{times}_corpus_mb"] = round(corpus.stat().st_size / 2**20, 1)
@@ -72,8 +60,7 @@ def main() -> None:
         figures[f"x{times}_records_per_compute_s"] = round(documents / compute, 1)
     growth = figures[f"x{args.times}_peak_rss_mb"] - figures["x1_peak_rss_mb"]  # type: ignore[operator]
     figures["peak_rss_growth_mb"] = round(growth, 1)
-    show(figures)
-    print(json.dumps(figures))
+    bench.report(figures)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ import sys
 import time
 from typing import Any
 
-from _common import SCICITE
+import _common as bench
 
 
 def texts(count: int) -> list[str]:
-    path = SCICITE / "test.jsonl"
+    path = bench.SCICITE / "test.jsonl"
     if path.is_file():
         rows = [json.loads(line)["text"] for line in path.open(encoding="utf-8")]
         return rows[:count]

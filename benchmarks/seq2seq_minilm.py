@@ -32,35 +32,24 @@ stops if they differ.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import _common as bench
 import numpy as np
-from _common import (
-    REPO,
-    eval_metrics,
-    hf_train,
-    median,
-    prepare_shards,
-    run_scilm,
-    show,
-    step_rows,
-)
-from generate import SCITLDR, SEQ2SEQ
 
 PAIR = ["model.name_or_path=minilm", "model.decoder_name_or_path=minilm"]
 
 
 def rouge(model: Path, shards: Path, run_dir: Path, new_tokens: int) -> dict[str, float]:
     """ROUGE and generated length of ``model`` on the test split (one process)."""
-    metrics = eval_metrics(
+    metrics = bench.eval_metrics(
         model,
         shards,
         "test",
         run_dir,
-        *SEQ2SEQ,
+        *bench.SCITLDR_SEQ2SEQ,
         "eval.batch_size=16",
         f"eval.max_new_tokens={new_tokens}",
     )
@@ -77,7 +66,7 @@ def scilm_lrs(overrides: list[str], steps: int) -> list[float]:
     from scilm_hpc.config import load_and_validate
     from scilm_hpc.train.ds_config import deepspeed_config
 
-    job = load_and_validate(str(REPO / "jobs/finetune.yaml"), overrides, job="finetune")
+    job = load_and_validate(str(bench.REPO / "jobs/finetune.yaml"), overrides, job="finetune")
     config = deepspeed_config(job, steps, on_gpu=False)["scheduler"]
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=job.train.lr)
     scheduler = getattr(lr_schedules, config["type"])(optimizer, **config["params"])
@@ -110,7 +99,7 @@ def hf_run(args: argparse.Namespace, shards: Path, out: Path, lrs: list[float]) 
         ids, cut = item["input_ids"].astype(np.int64), int(item["source_length"])
         examples.append({"input_ids": ids[:cut].tolist(), "labels": ids[cut:].tolist()})
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_native_bf16())
-    trainer, run = hf_train(
+    trainer, timed = bench.hf_train(
         model,
         examples,
         DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
@@ -130,13 +119,13 @@ def hf_run(args: argparse.Namespace, shards: Path, out: Path, lrs: list[float]) 
     )
     trainer.save_model(str(out / "model"))
     tokenizer.save_pretrained(out / "model")
-    step_s = np.diff([run["begin"], *run["ends"]])
+    step_s = timed["step_s"]
     return {
-        "samples_per_s": args.micro_batch_size / median(step_s[args.skip :]),
+        "samples_per_s": args.micro_batch_size / bench.median(step_s[args.skip :]),
         "mean_loss": float(trainer.state.log_history[-1]["train_loss"]),
         "precision": "bf16" if bf16 else "fp32",
-        "threads": run["threads"],
-        "lrs": run["lrs"],
+        "threads": timed["threads"],
+        "lrs": timed["lrs"],
     }
 
 
@@ -155,14 +144,14 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="scilm-bench-s2s-"))
     files = {}
     for split, n in (("train", args.train_samples), ("test", args.test_samples)):
-        lines = (SCITLDR / f"{split}.jsonl").read_text().splitlines()[: n or None]
+        lines = (bench.SCITLDR / f"{split}.jsonl").read_text().splitlines()[: n or None]
         files[split] = root / f"{split}.jsonl"
         files[split].write_text("".join(x + "\n" for x in lines))
-    shards = prepare_shards(root, files, *SEQ2SEQ, *PAIR)
+    shards = bench.prepare_shards(root, files, *bench.SCITLDR_SEQ2SEQ, *PAIR)
     run_dir = root / "scilm"
     overrides = [
         "cluster=none",
-        *SEQ2SEQ,
+        *bench.SCITLDR_SEQ2SEQ,
         *PAIR,
         f"run.dir={run_dir}",
         f"data.shards={shards}",
@@ -177,13 +166,13 @@ def main() -> None:
         "train.eval_every=0",
     ]
     lrs = scilm_lrs(overrides, args.steps)
-    wall = run_scilm("finetune", str(REPO / "jobs/finetune.yaml"), *overrides)
-    steps = step_rows(run_dir)
+    wall = bench.run(bench.job_command("finetune", *overrides))
+    steps = bench.step_rows(run_dir)
     logged = [r["lr"] for r in steps]  # the lr of the step after each logged one
     if not np.allclose(logged[:-1], lrs[1:], rtol=1e-6, atol=0):
         raise SystemExit(f"scilm's schedule is not the one computed: {logged} vs {lrs}")
     ours = {
-        "samples_per_s": median(r["samples_per_s"] for r in steps[args.skip :]),
+        "samples_per_s": bench.median(r["samples_per_s"] for r in steps[args.skip :]),
         "mean_loss": float(np.mean([r["loss"] for r in steps])),
         "wall_s": wall,
     }
@@ -204,8 +193,7 @@ def main() -> None:
         "lr_per_step": [float(f"{lr:.6g}") for lr in lrs],  # both runs (checked)
         "loss_curve_scilm": [round(r["loss"], 4) for r in steps],
     }
-    show(figures)
-    print(json.dumps(figures))
+    bench.report(figures)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,19 @@ generated corpus, ``--repeats`` times, and prints medians and one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from _common import REPO, median, metrics_rows, prepare_shards, run_scilm, tiny_bert
+import _common as bench
 
 
-def wait(predicate, timeout: float = 300.0) -> float:
+def wait(predicate: Callable[[], bool], timeout: float = 300.0) -> float:
+    """Poll ``predicate`` until it holds; the monotonic time it did."""
     start = time.monotonic()
     while not predicate():
         if time.monotonic() - start > timeout:
@@ -30,34 +30,34 @@ def wait(predicate, timeout: float = 300.0) -> float:
     return time.monotonic()
 
 
-def one_run(root: Path, shards: Path, model: Path, index: int) -> dict[str, float]:
-    run = root / f"run{index}"
+def one_run(run_dir: Path, shards: Path, model: Path) -> dict[str, float]:
+    """Submit a 2-node fine-tune, signal it after 30 steps; its latencies (seconds)."""
     t0 = time.monotonic()
-    run_scilm(
-        "finetune",
-        str(REPO / "jobs/finetune.yaml"),
-        f"run.dir={run}",
-        f"data.shards={shards}",
-        f"model.name_or_path={model}",
-        "cluster=dev",
-        "cluster.nodes=2",
-        "train.max_steps=400",
-        "train.micro_batch_size=8",
-        "train.log_every=1",
-        "train.checkpoint_every=0",
+    bench.run(
+        bench.finetune_command(
+            run_dir,
+            shards,
+            f"model.name_or_path={model}",
+            "cluster=dev",
+            "cluster.nodes=2",
+            "train.max_steps=400",
+            "train.micro_batch_size=8",
+        )
     )
     submitted = time.monotonic()
-    first = wait(lambda: any("loss" in r for r in metrics_rows(run)))
-    wait(lambda: sum("loss" in r for r in metrics_rows(run)) >= 30)
-    job = json.loads((run / "jobs.json").read_text())[-1]["job_id"]
+
+    def losses(after: int = 0) -> int:
+        return sum("loss" in r and r.get("step", 0) > after for r in bench.metrics_rows(run_dir))
+
+    first = wait(lambda: losses() > 0)
+    wait(lambda: losses() >= 30)
+    job = json.loads((run_dir / "jobs.json").read_text())[-1]["job_id"]
     signalled = time.monotonic()
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    state = run / "state.json"
+    state = run_dir / "state.json"
     saved = wait(lambda: state.is_file() and json.loads(state.read_text())["state"] == "requeued")
     stop_step = json.loads(state.read_text())["step"]
-    resumed = wait(
-        lambda: any(r.get("step", 0) > stop_step and "loss" in r for r in metrics_rows(run))
-    )
+    resumed = wait(lambda: losses(after=stop_step) > 0)
     wait(lambda: json.loads(state.read_text())["state"] == "completed")
     return {
         "submit_s": submitted - t0,
@@ -68,39 +68,22 @@ def one_run(root: Path, shards: Path, model: Path, index: int) -> dict[str, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    subprocess.run([str(REPO / "slurm/dev-cluster"), "up"], check=True, capture_output=True)
-    conf = (
-        subprocess.run(
-            [str(REPO / "slurm/dev-cluster"), "env"], check=True, capture_output=True, text=True
-        )
-        .stdout.split("=", 1)[1]
-        .strip()
-    )
-    os.environ["SLURM_CONF"] = conf
-    root = Path(tempfile.mkdtemp(prefix="scilm-bench-slurm-"))
-    model = tiny_bert(root / "tiny")
+    args = bench.command_line(__doc__, repeats=3).parse_args()
+    cluster = str(bench.REPO / "slurm/dev-cluster")
+    subprocess.run([cluster, "up"], check=True, capture_output=True)
+    conf = subprocess.run([cluster, "env"], check=True, capture_output=True, text=True).stdout
+    os.environ["SLURM_CONF"] = conf.split("=", 1)[1].strip()
+    root = bench.work_dir(None, "slurm")
+    model = bench.tiny_bert(root / "tiny")
     from scilm_hpc.data.demo_corpus import write_demo_corpus
 
     corpus = write_demo_corpus(root / "corpus", train=400, dev=20, test=20)
-    shards = prepare_shards(root, {"train": corpus["train"]}, f"model.name_or_path={model}")
-    runs = [one_run(root, shards, model, i) for i in range(args.repeats)]
+    shards = bench.prepare_shards(root, {"train": corpus["train"]}, f"model.name_or_path={model}")
+    runs = [one_run(root / f"run{i}", shards, model) for i in range(args.repeats)]
     for i, r in enumerate(runs):
         print(f"run {i}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
-    medians = {k: median(r[k] for r in runs) for k in runs[0]}
-    print("medians: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
-    print(
-        json.dumps(
-            {
-                "benchmark": "slurm_turnaround",
-                "repeats": args.repeats,
-                "nodes": 2,
-                **{f"median_{k}": round(v, 2) for k, v in medians.items()},
-            }
-        )
-    )
+    medians = {f"median_{k}": round(bench.median(r[k] for r in runs), 2) for k in runs[0]}
+    bench.report({"benchmark": "slurm_turnaround", "repeats": args.repeats, "nodes": 2, **medians})
 
 
 if __name__ == "__main__":
