@@ -137,6 +137,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     trainer.save_model(str(args.out / "export"))
     tokenizer.save_pretrained(str(args.out / "export"))
     steps = run.pop("step_s")
+    run.pop("lrs")  # the schedule HF ran: not a figure here
     bench.worker_result(
         args.out,
         {

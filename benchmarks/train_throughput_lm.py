@@ -128,6 +128,7 @@ def hf_worker(args: Any) -> None:
         dataloader_pin_memory=gpu,
         remove_unused_columns=False,
     )
+    run.pop("lrs")  # the schedule HF ran: not a figure here
     run["precision"] = "bf16" if gpu else "fp32"
     run["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
     bench.worker_result(args.out, run)
