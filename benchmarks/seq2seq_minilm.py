@@ -83,8 +83,8 @@ def hf_run(args: argparse.Namespace, shards: Path, out: Path, lrs: list[float]) 
     from transformers import DataCollatorForSeq2Seq
 
     from scilm_hpc.data.dataset import ShardDataset
-    from scilm_hpc.launch.hardware import cpu_has_native_bf16
     from scilm_hpc.model_source import load_tokenizer, packaged_minilm_path
+    from scilm_hpc.runtime.hardware import cpu_has_native_bf16
     from scilm_hpc.schema import DataConfig
     from scilm_hpc.tasks.seq2seq import Seq2Seq
 

@@ -298,8 +298,8 @@ def main() -> None:
         return
     args.out = bench.work_dir(args.out, "tput")
 
-    from scilm_hpc.launch.hardware import cpu_has_native_bf16
     from scilm_hpc.model_source import resolve_model_path
+    from scilm_hpc.runtime.hardware import cpu_has_native_bf16
 
     native_bf16 = cpu_has_native_bf16()
     if args.precision == "auto":

@@ -3,7 +3,7 @@
 Exit status: 0 on success, 2 for any user mistake (bad config, bad corpus, bad
 shards, missing model), printed one line per problem; 3 when the filesystem
 refused a write (disk full, quota, permission, read-only), naming the path; 4
-when a local job's ranks were ended by their hang watchdog (``launch.watchdog``;
+when a local job's ranks were ended by their hang watchdog (``runtime.watchdog``;
 ``scilm resume`` continues); 1 for anything else.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 from scilm_hpc.config import load_and_validate, load_config, resolve, to_yaml, validate
 from scilm_hpc.errors import STORAGE_ERRNOS, ConfigError, StorageError, UserError, storage_error
-from scilm_hpc.launch.watchdog import HANG_EXIT_CODE, HangError
 from scilm_hpc.rundir import config_file, write_text_atomic
+from scilm_hpc.runtime.watchdog import HANG_EXIT_CODE, HangError
 from scilm_hpc.schema import JobConfig
 
 EXIT_USER_ERROR = 2
@@ -37,7 +37,7 @@ def _check_before_submit(job: JobConfig, problems: list[str] | None = None) -> N
     config on a used one, and missing or unfit inputs: every problem at once, after
     ``problems`` (the config's own)."""
     from scilm_hpc.jobs.presubmit import submission_problems
-    from scilm_hpc.launch.ownership import refuse_if_busy
+    from scilm_hpc.runtime.ownership import refuse_if_busy
 
     problems = list(problems or [])
     try:
@@ -107,7 +107,7 @@ def _print_sbatch(job: JobConfig, array: int = 0) -> None:
     if job.cluster.backend != "slurm":
         return
     from scilm_hpc.launch.executor import submitit_folder
-    from scilm_hpc.launch.slurm import sbatch_script
+    from scilm_hpc.launch.sbatch import sbatch_script
 
     print("# ---- sbatch script (not submitted) ----")
     print(sbatch_script(job, submitit_folder(job), array=array), end="")
@@ -189,7 +189,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``scilm status RUN_DIR``: job ids and states, step, last checkpoint, last metrics."""
-    from scilm_hpc.launch.status import run_status
+    from scilm_hpc.runtime.status import run_status
 
     print(json.dumps(run_status(Path(args.run_dir)), indent=1))
     return 0
@@ -197,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """``scilm cancel RUN_DIR``: cancel the run's Slurm jobs that are still queued or running."""
-    from scilm_hpc.launch.status import cancel_run
+    from scilm_hpc.runtime.status import cancel_run
 
     for line in cancel_run(Path(args.run_dir)):
         print(line)

@@ -25,8 +25,8 @@ from scilm_hpc import schema
 from scilm_hpc.compress.recipe import recipe_problems
 from scilm_hpc.data.ranges import corpus_files
 from scilm_hpc.errors import ConfigError, UserError
-from scilm_hpc.launch.slurm import unsafe_values
 from scilm_hpc.model_source import path_problem
+from scilm_hpc.runtime.slurm import unsafe_values
 from scilm_hpc.schema import JobConfig, check_at_least, check_choice
 from scilm_hpc.tasks import TASKS
 

@@ -18,6 +18,9 @@ drops the lock when its holder dies, so a stale lock needs no clean-up. (Lustre
 needs its ``flock`` mount option for this across nodes; NFSv4 maps flock to its
 own byte-range locks.)
 
+The checkpoint pointer (``checkpoints/latest`` and a checkpoint's ``scilm_state.json``)
+is read here, for ``scilm status`` as for the trainer; ``train.checkpoint`` writes it.
+
 This module is the bottom layer: it imports only the standard library and
 ``scilm_hpc.errors``.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -150,6 +154,44 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+# --- the checkpoint pointer -----------------------------------------------------------------
+
+#: ``RUN_DIR/checkpoints/latest`` names the newest complete ``step_N`` directory.
+LATEST = "latest"
+#: A checkpoint's own record (step, data position, best so far), written last but ``latest``.
+CHECKPOINT_STATE = "scilm_state.json"
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    """``RUN_DIR/checkpoints``."""
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint_name(run_dir: str | Path) -> str | None:
+    """The ``step_N`` that ``checkpoints/latest`` names, whether or not it exists (None if
+    the pointer is missing, unreadable or names no step directory)."""
+    path = checkpoint_root(run_dir) / LATEST
+    try:
+        tag = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return tag if STEP_DIR.fullmatch(tag) else None
+
+
+def latest_tag(run_dir: str | Path) -> str | None:
+    """The tag ``checkpoints/latest`` names if that checkpoint has its state, else None
+    (no verification: ``train.checkpoint.find_resume_tag`` decides where a run resumes)."""
+    tag = latest_checkpoint_name(run_dir)
+    return tag if tag and (checkpoint_root(run_dir) / tag / CHECKPOINT_STATE).is_file() else None
+
+
+def read_checkpoint_state(run_dir: str | Path, tag: str) -> dict[str, Any]:
+    """The ``scilm_state.json`` of checkpoint ``tag``."""
+    path = checkpoint_root(run_dir) / tag / CHECKPOINT_STATE
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 # --- the run lock ---------------------------------------------------------------------------

@@ -142,7 +142,7 @@ class TrainConfig:
     # default before); GPUs use DeepSpeed's fused Adam, CPU offload DeepSpeed's CPU Adam
     adamw: str = "auto"
     # auto: bf16 where the hardware multiplies it natively (a CUDA GPU with bf16, a CPU with
-    # AVX-512 BF16 or AMX), else fp32; resolved on each rank (launch.hardware)
+    # AVX-512 BF16 or AMX), else fp32; resolved on each rank (runtime.hardware)
     precision: str = "auto"
     seed: int = 42
     log_every: int = 10
@@ -173,7 +173,7 @@ class TrainConfig:
     # others 1.0) in the cross-entropy, e.g. {P: 9.0} for 10% positive residues
     class_weights: dict[str, float] = field(default_factory=dict)
     # a rank whose step has not advanced this long dumps its stacks and ends the job
-    # (launch.watchdog); 0 (auto): 20 x the median step time after warm-up, at least 120 s
+    # (runtime.watchdog); 0 (auto): 20 x the median step time after warm-up, at least 120 s
     hang_timeout_s: float = 0.0
     # warn (and record a `straggler` event) when one rank's work before the step's first
     # collective is persistently slower than the ranks' median by this factor (median
@@ -218,7 +218,7 @@ class ClusterConfig:
     tasks_per_node: int = 1
     gpus_per_node: int = 0
     # None (auto): Slurm allocates 1; local ranks share this machine's physical cores
-    # (launch.hardware.cpu_threads)
+    # (runtime.hardware.cpu_threads)
     cpus_per_task: int | None = None
     mem_gb: float | None = None
     time_min: int = 60

@@ -21,7 +21,7 @@ from scilm_hpc.compress.saving import save_compressed
 from scilm_hpc.compress.targets import prunable_linears
 from scilm_hpc.config import load_and_validate
 from scilm_hpc.errors import UserError
-from scilm_hpc.train.checkpoint import latest_tag
+from scilm_hpc.rundir import latest_tag
 
 from .conftest import REPO, scilm_run
 

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from scilm_hpc.launch import console
-from scilm_hpc.launch.console import CountProgress, count_line
 from scilm_hpc.launch.mpi import stream_output
+from scilm_hpc.runtime import console
+from scilm_hpc.runtime.console import CountProgress, count_line
 
 
 def test_count_line_with_and_without_a_total():

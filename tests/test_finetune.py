@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scilm_hpc.train.checkpoint import consolidated_weights, latest_tag, read_state
+from scilm_hpc.rundir import latest_tag, read_checkpoint_state
+from scilm_hpc.train.checkpoint import consolidated_weights
 
 from .conftest import REPO, scilm_run
 
@@ -91,7 +92,7 @@ def test_resume_after_kill_is_exact(tmp_path, shards, tiny_model_dir, settings):
     assert losses(tmp_path / "killed") == reference  # same loss sequence, bit for bit
     assert_same_weights(export_weights(tmp_path / "killed"), export_weights(tmp_path / "straight"))
     # the data position was restored, not restarted: the step-6 checkpoint is 6 steps in
-    state = read_state(tmp_path / "killed", "step_6")
+    state = read_checkpoint_state(tmp_path / "killed", "step_6")
     assert state["position"] == {"epoch": 0, "samples_in_epoch": 6 * 4 * 2 * 2}
 
 
@@ -180,7 +181,7 @@ def test_resume_on_another_world_size(tmp_path, shards, tiny_model_dir, first, s
     logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.err"))
     assert f"saved on {first} rank(s) on {second}" in logs
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
-    state = read_state(run, "step_6")
+    state = read_checkpoint_state(run, "step_6")
     assert state["world_size"] == second
     # 3 steps on `first` ranks, then 3 on `second`: no example replayed or skipped
     assert state["position"]["samples_in_epoch"] == 3 * 4 * first + 3 * 4 * second

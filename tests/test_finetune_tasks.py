@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks._common import TINY_LLAMA, random_llama
-from scilm_hpc.train.checkpoint import consolidated_weights, latest_tag
+from scilm_hpc.rundir import latest_tag
+from scilm_hpc.train.checkpoint import consolidated_weights
 from scilm_hpc.train.tensorboard import tensorboard_available
 
 from .conftest import REPO

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from benchmarks._common import TINY_LLAMA, random_llama
 from scilm_hpc.errors import UserError
+from scilm_hpc.rundir import latest_tag
 from scilm_hpc.schema import LoraConfig
-from scilm_hpc.train.checkpoint import latest_tag
 from scilm_hpc.train.lora import apply_lora, linear_module_names, write_lora_export
 
 from .conftest import REPO, scilm_run

@@ -21,7 +21,7 @@ from scilm_hpc.data import ranges
 from scilm_hpc.data.corpus import ReadOptions, SplitStreams, nth_member
 from scilm_hpc.errors import UserError
 from scilm_hpc.jobs.prepare import PrepareJob
-from scilm_hpc.launch.dist import FileCommunicator, SingleProcess
+from scilm_hpc.runtime.dist import FileCommunicator, SingleProcess
 
 from .conftest import REPO
 

@@ -199,7 +199,7 @@ def test_a_recorded_slurm_job_still_queued_or_running_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str, refused: bool
 ) -> None:
     # scontrol's answer is faked here; the dev-cluster tier runs the real one
-    from scilm_hpc.launch import ownership, slurm
+    from scilm_hpc.runtime import ownership, slurm
 
     slurm.record_job(tmp_path, "77", "finetune", "slurm")
     monkeypatch.setattr(slurm, "slurm_state", lambda job_id: {"state": state})

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scilm_hpc.launch.history import read_events
-from scilm_hpc.launch.status import FINISHED
+from scilm_hpc.runtime.history import read_events
+from scilm_hpc.runtime.status import FINISHED
 
 from .conftest import scilm_run
 from .test_finetune import FINETUNE, assert_same_weights, export_weights, losses

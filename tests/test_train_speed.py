@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from scilm_hpc.config import load_and_validate
-from scilm_hpc.launch.hardware import cpu_threads
+from scilm_hpc.runtime.hardware import cpu_threads
 from scilm_hpc.train.checkpoint import consolidated_weights
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 
@@ -111,7 +111,7 @@ def test_lone_rank_skips_the_gradient_allreduce(monkeypatch, tiny_model_dir):
     import torch.distributed as dist
     from transformers import AutoModelForSequenceClassification
 
-    from scilm_hpc.launch.env import free_port
+    from scilm_hpc.runtime.env import free_port
     from scilm_hpc.train.loop import Trainer
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():

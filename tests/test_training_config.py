@@ -14,8 +14,9 @@ import pytest
 
 from scilm_hpc.config import load_and_validate
 from scilm_hpc.errors import UserError
+from scilm_hpc.rundir import latest_tag, read_checkpoint_state
 from scilm_hpc.schema import JobConfig
-from scilm_hpc.train.checkpoint import STATE, _prune, latest_tag, read_state
+from scilm_hpc.train.checkpoint import STATE, _prune
 from scilm_hpc.train.ds_config import deepspeed_config
 
 from .conftest import REPO
@@ -147,13 +148,13 @@ def test_shipped_finetune_job_resolves_to_stage_0_on_one_rank():
     ],
 )
 def test_cpu_threads_auto(backend, cpus, ranks, cores, omp, expected):
-    from scilm_hpc.launch.hardware import threads_for
+    from scilm_hpc.runtime.hardware import threads_for
 
     assert threads_for(backend, cpus, ranks, cores, omp) == expected
 
 
 def test_shipped_finetune_job_uses_every_core(monkeypatch: pytest.MonkeyPatch):
-    from scilm_hpc.launch import hardware
+    from scilm_hpc.runtime import hardware
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(hardware, "usable_cores", lambda: 6)
@@ -175,7 +176,7 @@ def test_shipped_finetune_job_uses_every_core(monkeypatch: pytest.MonkeyPatch):
     ],
 )
 def test_precision_auto(requested, native, expected):
-    from scilm_hpc.launch.hardware import precision_for
+    from scilm_hpc.runtime.hardware import precision_for
 
     assert precision_for(requested, native) == expected
 
@@ -184,7 +185,7 @@ def test_precision_auto(requested, native, expected):
 def test_shipped_finetune_job_precision_follows_the_cpu(
     monkeypatch: pytest.MonkeyPatch, native: bool
 ):
-    from scilm_hpc.launch import hardware
+    from scilm_hpc.runtime import hardware
 
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
     shipped = job()
@@ -398,7 +399,7 @@ def test_latest_tag(tmp_path):
     assert latest_tag(tmp_path) is None  # no `latest` file
     (root / "latest").write_text("step_4\n")
     assert latest_tag(tmp_path) == "step_4"
-    assert read_state(tmp_path, "step_4") == {"step": 4}
+    assert read_checkpoint_state(tmp_path, "step_4") == {"step": 4}
     (root / "latest").write_text("step_8\n")  # a directory without scilm_state.json
     assert latest_tag(tmp_path) is None
     (root / "latest").write_text("step_12\n")  # no such directory
@@ -455,7 +456,7 @@ def test_best_checkpoint_survives_and_early_stopping(tmp_path, shards, tiny_mode
     assert [s for s, _ in dev] == list(range(2, last_step + 1, 2))
     latest = latest_tag(run)
     assert latest == f"step_{last_step}"
-    best = read_state(run, latest)["best"]
+    best = read_checkpoint_state(run, latest)["best"]
     best_step = int(best["tag"].split("_")[1])
     # the best is the minimum dev loss logged up to it (and none was lower after it)
     assert best["value"] == min(v for s, v in dev if s <= best_step) == dict(dev)[best_step]
@@ -466,4 +467,4 @@ def test_best_checkpoint_survives_and_early_stopping(tmp_path, shards, tiny_mode
     assert best["tag"] != latest
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert ckpts == sorted([best["tag"], latest])
-    assert read_state(run, best["tag"])["best"] == best
+    assert read_checkpoint_state(run, best["tag"])["best"] == best

@@ -1,5 +1,5 @@
-"""Hung ranks, the run's history and requeue failures (``launch.watchdog``,
-``launch.history``, ``launch.preemption.requeue``)."""
+"""Hung ranks, the run's history and requeue failures (``runtime.watchdog``,
+``runtime.history``, ``runtime.preemption.requeue``)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from scilm_hpc.launch.history import append_event, hang_summary, read_events
-from scilm_hpc.launch.preemption import requeue
-from scilm_hpc.launch.status import run_status, write_run_state
-from scilm_hpc.launch.watchdog import HANG_EXIT_CODE, Watchdog
 from scilm_hpc.rundir import read_jsonl
+from scilm_hpc.runtime.history import append_event, hang_summary, read_events
+from scilm_hpc.runtime.preemption import requeue
+from scilm_hpc.runtime.status import run_status, write_run_state
+from scilm_hpc.runtime.watchdog import HANG_EXIT_CODE, Watchdog
 
 from .conftest import REPO, scilm_run
 
@@ -100,7 +100,7 @@ def test_auto_limit_follows_the_measured_step_time(tmp_path: Path) -> None:
 WATCHED_RANK = """
 import sys, time
 from pathlib import Path
-from scilm_hpc.launch import watchdog
+from scilm_hpc.runtime import watchdog
 run, rank, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 dog = watchdog.Watchdog(run, rank, 2, hang_timeout_s=0.5, collective_timeout_s=60, max_requeues=0)
 watchdog.install(dog)
@@ -375,7 +375,7 @@ GLOO_RANK = """
 import os, sys, time
 from datetime import timedelta
 import torch, torch.distributed as dist
-from scilm_hpc.launch import watchdog
+from scilm_hpc.runtime import watchdog
 run, rank, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
@@ -440,8 +440,8 @@ def test_a_peer_failing_on_its_own_error_is_not_lost(tmp_path: Path) -> None:
 SILENT_PEER = """
 import sys, time
 from pathlib import Path
-from scilm_hpc.launch import watchdog
-from scilm_hpc.launch.history import write_heartbeat
+from scilm_hpc.runtime import watchdog
+from scilm_hpc.runtime.history import write_heartbeat
 run = Path(sys.argv[1])
 watchdog.PEER_SILENT_S, watchdog.HEARTBEAT_S = 1.0, 0.2  # 30 s and 5 s, scaled down
 dog = watchdog.Watchdog(run, 0, 2, hang_timeout_s=60, collective_timeout_s=60, max_requeues=0)

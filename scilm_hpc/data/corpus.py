@@ -31,7 +31,7 @@ from scilm_hpc.data import ranges
 from scilm_hpc.data.readers import FILE_START, Example, TargetFields, iter_corpus
 from scilm_hpc.data.residues import ResidueChecker
 from scilm_hpc.errors import UserError
-from scilm_hpc.launch.dist import Communicator
+from scilm_hpc.runtime.dist import Communicator
 
 T = TypeVar("T")
 

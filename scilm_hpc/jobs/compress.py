@@ -43,11 +43,11 @@ from scilm_hpc.errors import UserError
 from scilm_hpc.evaluate.generation import check_model_fits, generation_metrics
 from scilm_hpc.evaluate.inference import dataset_metrics
 from scilm_hpc.jobs.startup import rank_session
-from scilm_hpc.launch.preemption import StopFlag
-from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import load_tokenizer, resolve_model_path
 from scilm_hpc.models import build_model, load_for_eval, pad_token_id
 from scilm_hpc.rundir import read_json, replace_dir, write_json_atomic
+from scilm_hpc.runtime.preemption import StopFlag
+from scilm_hpc.runtime.status import write_run_state
 from scilm_hpc.schema import CompressStep, JobConfig
 from scilm_hpc.tasks import get_task
 from scilm_hpc.tasks.seq2seq import Seq2Seq

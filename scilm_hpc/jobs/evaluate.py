@@ -29,12 +29,11 @@ from scilm_hpc.evaluate.generation import check_model_fits, generate_predictions
 from scilm_hpc.evaluate.inference import predict, token_balanced_ranges
 from scilm_hpc.evaluate.metrics import metrics_from_results
 from scilm_hpc.evaluate.report import write_reports
-from scilm_hpc.launch.console import CountProgress
-from scilm_hpc.launch.dist import Communicator, communicator
-from scilm_hpc.launch.hardware import cpu_threads
-from scilm_hpc.launch.mpi import SUMMARY_ENV
-from scilm_hpc.launch.ownership import take_run_lock_over
 from scilm_hpc.models import load_for_eval, pad_token_id
+from scilm_hpc.runtime.console import SUMMARY_ENV, CountProgress
+from scilm_hpc.runtime.dist import Communicator, communicator
+from scilm_hpc.runtime.hardware import cpu_threads
+from scilm_hpc.runtime.ownership import take_run_lock_over
 from scilm_hpc.schema import JobConfig
 from scilm_hpc.tasks import get_task
 from scilm_hpc.tasks.seq2seq import Seq2Seq

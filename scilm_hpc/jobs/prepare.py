@@ -41,9 +41,9 @@ from scilm_hpc.data.shards import (
     write_shard,
 )
 from scilm_hpc.errors import UserError
-from scilm_hpc.launch.console import CountProgress
-from scilm_hpc.launch.dist import Communicator, communicator
 from scilm_hpc.model_source import load_tokenizer, tokenizer_fingerprint
+from scilm_hpc.runtime.console import CountProgress
+from scilm_hpc.runtime.dist import Communicator, communicator
 from scilm_hpc.schema import SPLITS, JobConfig
 from scilm_hpc.tasks import Task, get_task
 

@@ -5,7 +5,7 @@ JIT build, the process group — must stop the run at its first step, not kill i
 through submitit), then the rank's environment, the GPU or the CPU thread count,
 DeepSpeed and the process group (its collectives time out after
 ``cluster.collective_timeout_s``), the run directory's lock (one run per directory)
-and the rank's watchdog (``launch.watchdog``: heartbeat, hang detection, lost peers).
+and the rank's watchdog (``runtime.watchdog``: heartbeat, hang detection, lost peers).
 On the way out: a failed run is recorded in the run directory's state, the watchdog stopped, the
 lock released and the process group destroyed.
 """
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from scilm_hpc.launch.env import RankEnv, export_rank_env, rank_env
-from scilm_hpc.launch.hardware import cpu_threads, start_line, with_hardware_defaults
-from scilm_hpc.launch.ownership import take_run_lock
-from scilm_hpc.launch.preemption import StopFlag
-from scilm_hpc.launch.status import write_run_state
-from scilm_hpc.launch.watchdog import Watchdog, install
+from scilm_hpc.runtime.env import RankEnv, export_rank_env, rank_env
+from scilm_hpc.runtime.hardware import cpu_threads, start_line, with_hardware_defaults
+from scilm_hpc.runtime.ownership import take_run_lock
+from scilm_hpc.runtime.preemption import StopFlag
+from scilm_hpc.runtime.status import write_run_state
+from scilm_hpc.runtime.watchdog import Watchdog, install
 from scilm_hpc.schema import JobConfig
 
 

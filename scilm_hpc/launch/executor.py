@@ -24,7 +24,7 @@ from scilm_hpc.errors import (
     free_space_note,
     storage_error,
 )
-from scilm_hpc.launch.watchdog import hang_since
+from scilm_hpc.runtime.watchdog import hang_since
 from scilm_hpc.schema import JobConfig
 
 
@@ -47,7 +47,7 @@ class Guarded:
     raised (and reaches the submitter as the same error, not a remote traceback).
 
     It deliberately has no ``checkpoint`` method: preemption and time limits are
-    handled inside the job (``launch.preemption``: every rank stops at the same
+    handled inside the job (``runtime.preemption``: every rank stops at the same
     step, saves, and rank 0 requeues), not by submitit's rank-0-only hook.
     """
 
@@ -75,7 +75,7 @@ def submitit_folder(job: JobConfig) -> Path:
 def _results(submitted: Any, run_dir: Path | None = None, since: float = 0.0) -> Any:
     if run_dir is not None:
         submitted.wait()
-        # ranks ended by their watchdogs (launch.watchdog) leave no result: say why now
+        # ranks ended by their watchdogs (runtime.watchdog) leave no result: say why now
         # rather than after submitit's wait for a result file that will not come
         hang = None if submitted.paths.result_pickle.exists() else hang_since(run_dir, since)
         if hang is not None:
@@ -107,8 +107,8 @@ def follow(submitted: Any, poll_s: float = 2.0, grace_s: float = 30.0) -> None:
     Raises:
         RuntimeError: if Slurm says the job ended but no result appeared within ``grace_s``.
     """
-    from scilm_hpc.launch.slurm import slurm_state
-    from scilm_hpc.launch.status import FINISHED
+    from scilm_hpc.runtime.slurm import slurm_state
+    from scilm_hpc.runtime.status import FINISHED
 
     shown = 0
     ended_at: float | None = None
@@ -134,7 +134,7 @@ def submitit_executor(job: JobConfig) -> Any:
     """The submitit executor for ``cluster.backend`` ``local`` or ``slurm``."""
     import submitit
 
-    from scilm_hpc.launch.slurm import slurm_executor
+    from scilm_hpc.launch.sbatch import slurm_executor
 
     if job.cluster.backend == "local":
         executor = submitit.LocalExecutor(folder=str(submitit_folder(job)))
@@ -155,7 +155,7 @@ def run_job(job_callable: Callable[[], Any], job: JobConfig, wait: bool = False)
     Raises:
         UserError: if any rank raised one.
     """
-    from scilm_hpc.launch.slurm import record_job
+    from scilm_hpc.runtime.slurm import record_job
 
     backend = job.cluster.backend
     if backend == "none":
@@ -195,7 +195,7 @@ def run_jobs(
     Returns:
         Each member's result, or (Slurm without ``wait``) each member's job id and run dir.
     """
-    from scilm_hpc.launch.slurm import record_job
+    from scilm_hpc.runtime.slurm import record_job
 
     backend = parent.cluster.backend
     if backend == "none":

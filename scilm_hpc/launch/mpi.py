@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from scilm_hpc.errors import UserError
-from scilm_hpc.launch.console import quiet
+from scilm_hpc.runtime.console import SUMMARY_ENV, quiet
 from scilm_hpc.schema import JobConfig
-
-#: Set to 0 for the ranks: the caller reads ``eval.json``, rank 0 need not print it.
-SUMMARY_ENV = "SCILM_PRINT_SUMMARY"
 
 
 def mpirun_command(config_file: Path, ranks: int) -> list[str]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import time
@@ -52,7 +51,14 @@ from scilm_hpc.errors import (
     free_space_note,
     storage_error,
 )
-from scilm_hpc.rundir import write_text_atomic
+from scilm_hpc.rundir import CHECKPOINT_STATE as STATE
+from scilm_hpc.rundir import (
+    LATEST,
+    STEP_DIR,
+    checkpoint_root,
+    latest_checkpoint_name,
+    write_text_atomic,
+)
 from scilm_hpc.train.manifest import (
     MANIFEST,
     checkpoint_files,
@@ -61,32 +67,8 @@ from scilm_hpc.train.manifest import (
     write_manifest,
 )
 
-LATEST = "latest"
-STATE = "scilm_state.json"
-STEP_DIR = re.compile(r"step_(\d+)")
 # how torch.save's zip writer reports a write the filesystem refused (it loses the errno)
 TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "inline_container.cc")
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    """``RUN_DIR/checkpoints``."""
-    return Path(run_dir) / "checkpoints"
-
-
-def latest_tag(run_dir: str | Path) -> str | None:
-    """The tag ``checkpoints/latest`` names if that checkpoint has its state, else None
-    (no verification: ``find_resume_tag`` decides where a run resumes)."""
-    tag = _latest_name(run_dir)
-    return tag if tag and (checkpoint_root(run_dir) / tag / STATE).is_file() else None
-
-
-def _latest_name(run_dir: str | Path) -> str | None:
-    path = checkpoint_root(run_dir) / LATEST
-    try:
-        tag = path.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:
-        return None
-    return tag if STEP_DIR.fullmatch(tag) else None
 
 
 def step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -138,7 +120,7 @@ def find_resume_tag(
     found = step_dirs(run_dir)
     if not found:
         return None, []
-    latest = _latest_name(run_dir)
+    latest = latest_checkpoint_name(run_dir)
     notes, listing, ever_complete = [], [], latest is not None
     for _, path in found:
         complete = (path / MANIFEST).is_file() or (path / STATE).is_file()
@@ -197,7 +179,7 @@ def verify_run_checkpoints(run_dir: str | Path) -> list[tuple[str, str, str]]:
         elif not (path / MANIFEST).is_file():
             report.append((name, "unverified", "no manifest (saved before manifests)"))
         else:
-            latest = " (latest)" if _latest_name(root.parent) == path.name else ""
+            latest = " (latest)" if latest_checkpoint_name(root.parent) == path.name else ""
             files = len(json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"])
             report.append((name, "ok", f"{files} files match the manifest{latest}"))
     return report
@@ -226,11 +208,6 @@ def agree_on_resume_tag(run_dir: str | Path, rank: int) -> str | None:
     if kind == "refused":
         raise UserError(value)
     return value
-
-
-def read_state(run_dir: str | Path, tag: str) -> dict[str, Any]:
-    """The ``scilm_state.json`` of a checkpoint."""
-    return json.loads((checkpoint_root(run_dir) / tag / STATE).read_text(encoding="utf-8"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -370,7 +347,7 @@ def _on_every_rank(action: Callable[[], None], where: Path, device: Any) -> None
 def _check_space(run_dir: str | Path, tag: str) -> None:
     """Refuse to start a checkpoint that cannot fit: the last complete one's size
     (from its manifest) must be free on this rank's view of the filesystem."""
-    previous = _latest_name(run_dir)
+    previous = latest_checkpoint_name(run_dir)
     manifest = checkpoint_root(run_dir) / str(previous) / MANIFEST
     if previous is None or not manifest.is_file():
         return

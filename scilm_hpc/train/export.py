@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-from scilm_hpc.rundir import replace_dir
+from scilm_hpc.rundir import (
+    CHECKPOINT_STATE,
+    checkpoint_root,
+    latest_tag,
+    read_checkpoint_state,
+    replace_dir,
+)
 
 
 def gathered_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
@@ -82,10 +88,10 @@ def export_checkpoint(run_dir: str | Path, tag: str | None = None) -> Path:
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run_dir}: no config.yaml; not a finetune run directory")
     job = resolve(load_config(run / "config.yaml", [], "finetune"))
-    tag = tag or ckpt.latest_tag(run)
-    if tag is None or not (ckpt.checkpoint_root(run) / tag / ckpt.STATE).is_file():
+    tag = tag or latest_tag(run)
+    if tag is None or not (checkpoint_root(run) / tag / CHECKPOINT_STATE).is_file():
         raise UserError(f"{run_dir}: no complete checkpoint {tag or '(checkpoints/latest)'}")
-    state = ckpt.read_state(run, tag)
+    state = read_checkpoint_state(run, tag)
     weights = ckpt.consolidated_weights(run, tag, state["zero_stage"])
     train_set = ShardDataset(job.data.shards, "train")
     tokenizer = load_tokenizer(job.model.name_or_path, job.model.revision)

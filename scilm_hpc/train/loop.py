@@ -28,13 +28,14 @@ from scilm_hpc.data.sampler import ResumableBatches, SamplerPosition
 from scilm_hpc.errors import UserError
 from scilm_hpc.evaluate.generation import generation_metrics
 from scilm_hpc.evaluate.inference import evaluate_split
-from scilm_hpc.launch import watchdog
-from scilm_hpc.launch.hardware import cpu_has_native_bf16
-from scilm_hpc.launch.history import append_event
-from scilm_hpc.launch.preemption import StopFlag, requeue, restarts
-from scilm_hpc.launch.status import write_run_state
 from scilm_hpc.model_source import load_tokenizer
 from scilm_hpc.models import build_model, pad_token_id
+from scilm_hpc.rundir import checkpoint_root, read_checkpoint_state
+from scilm_hpc.runtime import watchdog
+from scilm_hpc.runtime.hardware import cpu_has_native_bf16
+from scilm_hpc.runtime.history import append_event
+from scilm_hpc.runtime.preemption import StopFlag, requeue, restarts
+from scilm_hpc.runtime.status import write_run_state
 from scilm_hpc.schema import JobConfig
 from scilm_hpc.tasks import get_task
 from scilm_hpc.tasks.base import class_weight_tensor
@@ -135,7 +136,7 @@ class Trainer:
         state: dict[str, Any] = {}
         weights = None
         if resume_tag is not None:
-            state = ckpt.read_state(self.run_dir, resume_tag)
+            state = read_checkpoint_state(self.run_dir, resume_tag)
             if state["world_size"] != self.world:
                 warnings.warn(
                     f"resuming {resume_tag} saved on {state['world_size']} rank(s) on "
@@ -162,7 +163,7 @@ class Trainer:
         if resume_tag is not None:
             if weights is None:
                 engine.load_checkpoint(
-                    str(ckpt.checkpoint_root(self.run_dir)),
+                    str(checkpoint_root(self.run_dir)),
                     tag=resume_tag,
                     load_optimizer_states=True,
                     load_lr_scheduler_states=True,

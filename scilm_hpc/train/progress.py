@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from scilm_hpc.launch.console import QUIET_ENV, clock, quiet
+from scilm_hpc.runtime.console import QUIET_ENV, clock, quiet
 
 __all__ = ["QUIET_ENV", "Progress", "clock", "eta_seconds", "progress_line", "quiet"]
 

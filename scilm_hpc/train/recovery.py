@@ -18,7 +18,7 @@ from torch import nn
 from scilm_hpc.compress.distill import hidden_state_loss
 from scilm_hpc.compress.prune import MaskedLinear, gradual_sparsity, unstructured_masks
 from scilm_hpc.compress.recover import distillation_loss, load_student, masked_student
-from scilm_hpc.launch.preemption import StopFlag
+from scilm_hpc.runtime.preemption import StopFlag
 from scilm_hpc.schema import CompressStep, JobConfig
 from scilm_hpc.train.loop import Trainer
 

@@ -6,7 +6,7 @@ time limit. Each training rank runs one ``Watchdog`` thread. The training loop
 reports its progress (``beat``: the step just finished; ``phase``: evaluating,
 saving, finishing; ``at_allreduce``: about to wait for the other ranks), which
 costs two attribute writes; the thread rewrites the rank's heartbeat file
-(``launch.history``) every ``HEARTBEAT_S`` seconds and checks the clock.
+(``runtime.history``) every ``HEARTBEAT_S`` seconds and checks the clock.
 
 When the step has not advanced for the limit, the rank
 
@@ -33,7 +33,7 @@ The training loop reaches the rank's watchdog through this module's functions
 (``beat``, ``phase``, ``at_allreduce``), which do nothing where none is installed.
 
 A lost rank (killed, OOM-killed, its node gone) ends the job the same way: the
-survivors' next collective fails, ``on_exception`` asks ``launch.lost`` whether a peer
+survivors' next collective fails, ``on_exception`` asks ``runtime.lost`` whether a peer
 vanished or failed on its own error, and for a vanished one the first survivor records
 a ``rank_lost`` event per lost rank (its host, last heartbeat, the step and phase the
 job was in), requeues under Slurm or says ``scilm resume`` locally, and every survivor
@@ -64,7 +64,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from scilm_hpc.launch.history import (
+from scilm_hpc.runtime.history import (
     append_event,
     fault_summary,
     heartbeats,
@@ -72,9 +72,9 @@ from scilm_hpc.launch.history import (
     read_events,
     write_heartbeat,
 )
-from scilm_hpc.launch.lost import OWN_FAILURE, PEER_ERROR, broken_collective, find_lost
-from scilm_hpc.launch.preemption import requeue
-from scilm_hpc.launch.status import write_run_state
+from scilm_hpc.runtime.lost import OWN_FAILURE, PEER_ERROR, broken_collective, find_lost
+from scilm_hpc.runtime.preemption import requeue
+from scilm_hpc.runtime.status import write_run_state
 
 #: Exit status of a rank ended by its watchdog (and of ``scilm`` for a hung local job).
 HANG_EXIT_CODE = 4
@@ -342,7 +342,7 @@ class Watchdog:
         return why
 
     def lose(self, lost: list[dict[str, Any]], cause: str) -> None:
-        """The ranks ``lost`` (their last heartbeats, ``launch.lost``) are gone: record
+        """The ranks ``lost`` (their last heartbeats, ``runtime.lost``) are gone: record
         them (first survivor), requeue (Slurm) and exit like a hang."""
         if not self._fired.acquire(blocking=False):
             return
@@ -391,7 +391,7 @@ class Watchdog:
         return True
 
     def mark(self, phase: str, **extra: Any) -> None:
-        """Enter ``phase`` and write the heartbeat now (``launch.lost``'s ``failed`` and
+        """Enter ``phase`` and write the heartbeat now (``runtime.lost``'s ``failed`` and
         ``peer-error``: what the other ranks read when their collective breaks)."""
         self._phase_at_error = self._phase_at_error or self.phase_name
         self.phase_name = phase
@@ -400,7 +400,7 @@ class Watchdog:
     def on_exception(self, exc: BaseException | None = None) -> None:
         """Called when the rank fails. If another rank was ended by its watchdog (its
         exit broke this rank's collective), end this one the same way; if a peer is
-        lost (``launch.lost``), record it and end like a hang; otherwise mark this rank
+        lost (``runtime.lost``), record it and end like a hang; otherwise mark this rank
         ``failed`` for the others to read, and return."""
         if self.peer_fired():
             self.fire(f"a collective failed after another rank {self._marker_cause()}")

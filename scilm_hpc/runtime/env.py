@@ -15,7 +15,7 @@ import socket
 import zlib
 from dataclasses import dataclass
 
-from scilm_hpc.launch.dist import submitit_rank
+from scilm_hpc.runtime.dist import submitit_rank
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ the same way, so the error alone does not say whether the job should requeue (th
 peer is gone: run again from the last checkpoint) or fail (the peer's own error
 would come back on every restart).
 
-The heartbeats (``launch.history``) tell them apart. A rank that fails on its own
+The heartbeats (``runtime.history``) tell them apart. A rank that fails on its own
 error marks its heartbeat ``failed`` *before* it leaves (its connections close only
 when it destroys the process group or exits); a rank whose collective broke marks
 ``peer-error``. The survivor then looks at every other rank of the same job attempt:
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scilm_hpc.launch.history import heartbeats
+from scilm_hpc.runtime.history import heartbeats
 
 #: Fragments of the errors torch.distributed raises when a peer's connection breaks
 #: (gloo over TCP; NCCL reports through ``DistBackendError``/``DistNetworkError``).

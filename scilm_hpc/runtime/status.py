@@ -3,8 +3,8 @@
 The run's own record (``RUN_DIR/state.json``, written by the job: running,
 requeued, completed, failed, stopped, with the reason) is combined with Slurm's
 view of each recorded job id (``scontrol``, which needs no accounting database)
-and with the run's history (``launch.history``: every start, resume, stop, requeue,
-hang and failure) and each rank's last heartbeat (``launch.watchdog``).
+and with the run's history (``runtime.history``: every start, resume, stop, requeue,
+hang and failure) and each rank's last heartbeat (``runtime.watchdog``).
 """
 
 from __future__ import annotations
@@ -15,15 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from scilm_hpc.errors import UserError
-from scilm_hpc.launch.history import (
+from scilm_hpc.rundir import (
+    latest_tag,
+    live_owner,
+    read_checkpoint_state,
+    read_json,
+    read_jsonl,
+    write_json_atomic,
+)
+from scilm_hpc.runtime.history import (
     append_event,
     fault_summary,
     heartbeats,
     history_rows,
     read_events,
 )
-from scilm_hpc.launch.slurm import recorded_jobs, slurm_state
-from scilm_hpc.rundir import live_owner, read_json, read_jsonl, write_json_atomic
+from scilm_hpc.runtime.slurm import recorded_jobs, slurm_state
 
 STATE_FILE = "state.json"
 FINISHED = {
@@ -62,8 +69,6 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     Raises:
         UserError: if ``run_dir`` is not a run directory.
     """
-    from scilm_hpc.train.checkpoint import latest_tag, read_state
-
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     state_path = run_dir / STATE_FILE
@@ -96,7 +101,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "jobs": jobs,
         "step": train["step"] if train else 0,
         "last_checkpoint": tag,
-        "checkpoint_step": read_state(run_dir, tag)["step"] if tag else None,
+        "checkpoint_step": read_checkpoint_state(run_dir, tag)["step"] if tag else None,
         "last_metrics": train,
         "last_eval": dev,
         "lock": live_owner(run_dir),  # who runs in the directory now (this host's view)

@@ -18,6 +18,8 @@ import sys
 import time
 
 QUIET_ENV = "SCILM_QUIET"
+#: Set to 0 for mpirun's ranks: the caller reads ``eval.json``, rank 0 need not print it.
+SUMMARY_ENV = "SCILM_PRINT_SUMMARY"
 
 
 def quiet() -> bool:

@@ -5,7 +5,7 @@ submitted (and before ``config.yaml`` is rewritten) ``refuse_if_busy`` refuses a
 directory whose lock is held now, or whose recorded Slurm finetune / compress /
 evaluate job is still queued or running (a PENDING job holds no lock yet). When
 the job runs, rank 0 takes ``RUN_DIR/.lock`` (``take_run_lock``; evaluate, whose ranks
-talk through a ``launch.dist`` communicator: ``take_run_lock_over``), so a second
+talk through a ``runtime.dist`` communicator: ``take_run_lock_over``), so a second
 job that got past the first check (submitted from another login node, or
 started by hand) is refused on its first rank before it writes anything.
 """
@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 
 from scilm_hpc.errors import UserError
-from scilm_hpc.launch.dist import Communicator
 from scilm_hpc.rundir import RunLock, describe_owner, live_owner
+from scilm_hpc.runtime.dist import Communicator
 
 LOCKED_JOBS = ("finetune", "compress", "evaluate")
 
@@ -28,8 +28,8 @@ def refuse_if_busy(run_dir: Path, command: str) -> None:
     Raises:
         UserError: naming the live lock holder or the queued / running Slurm job.
     """
-    from scilm_hpc.launch.slurm import recorded_jobs, slurm_state
-    from scilm_hpc.launch.status import FINISHED
+    from scilm_hpc.runtime.slurm import recorded_jobs, slurm_state
+    from scilm_hpc.runtime.status import FINISHED
 
     if command not in LOCKED_JOBS:
         return
@@ -77,7 +77,7 @@ def take_run_lock(run_dir: str | Path, command: str, rank: int) -> RunLock | Non
 
 
 def take_run_lock_over(run_dir: str | Path, command: str, comm: Communicator) -> RunLock | None:
-    """``take_run_lock`` for jobs whose ranks talk through a ``launch.dist`` communicator
+    """``take_run_lock`` for jobs whose ranks talk through a ``runtime.dist`` communicator
     (evaluate: MPI, file rendezvous, or one process) instead of torch.distributed.
 
     Raises:

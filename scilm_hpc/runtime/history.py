@@ -13,7 +13,7 @@ Each event carries the Slurm (or submitit local) job id and the restart count
 
 ``RUN_DIR/heartbeat/rank<N>.json`` holds where rank N was when it last reported
 (step, phase, time, host, pid), rewritten atomically every few seconds by the
-rank's watchdog (``launch.watchdog``).
+rank's watchdog (``runtime.watchdog``).
 """
 
 from __future__ import annotations

@@ -1,23 +1,23 @@
-"""Slurm through submitit: resources from ``cluster.*``, the exact sbatch script, job records.
+"""What a run knows about Slurm: its job records, their state, and the values safe to submit.
 
-``ClusterConfig`` maps onto ``submitit.SlurmExecutor.update_parameters``. Values that
-reach the sbatch script are checked in ``config.validate`` (``unsafe_values``), so a
-job name, partition or extra option cannot inject shell lines.
+``RUN_DIR/jobs.json`` lists every job submitted for a run (``record_job``);
+``slurm_state`` asks ``scontrol`` about one (no accounting database needed). Both serve
+``scilm status``, the run lock and the submitter's wait. Values that reach the sbatch
+script are checked in ``config.validate`` (``unsafe_values``), so a job name, partition
+or extra option cannot inject shell lines; the script itself is built in
+``launch.sbatch``.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from scilm_hpc.rundir import read_json, write_json_atomic
-from scilm_hpc.schema import ClusterConfig, JobConfig
+from scilm_hpc.schema import JobConfig
 
 #: Characters allowed in names and values that end up on ``#SBATCH`` lines.
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:+@%/=\[\]\-]+$")
@@ -60,76 +60,6 @@ def unsafe_values(job: JobConfig) -> list[str]:
                 f"cluster.setup[{i}]: {line!r} holds a line break; give one command per list item"
             )
     return problems
-
-
-def slurm_parameters(cluster: ClusterConfig, name: str) -> dict[str, Any]:
-    """``SlurmExecutor.update_parameters`` arguments for ``cluster``."""
-    params: dict[str, Any] = {
-        "job_name": name,
-        "nodes": cluster.nodes,
-        "ntasks_per_node": cluster.tasks_per_node,
-        "cpus_per_task": cluster.cpus_per_task or 1,
-        "time": cluster.time_min,
-        "signal_delay_s": cluster.signal_delay_s,
-        "setup": list(cluster.setup),
-    }
-    if cluster.gpus_per_node:
-        params["gpus_per_node"] = cluster.gpus_per_node
-    if cluster.mem_gb is not None:
-        params["mem"] = f"{int(cluster.mem_gb * 1024)}M"
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(cluster, key) is not None:
-            params[key] = getattr(cluster, key)
-    extra: dict[str, Any] = {}
-    for item in cluster.extra_sbatch:
-        key, _, value = item.lstrip("-").partition("=")
-        extra[key] = value or True  # a bare flag such as --exclusive
-    if extra:
-        params["additional_parameters"] = extra
-    return params
-
-
-def apply_slurm_conf(cluster: ClusterConfig) -> None:
-    """Point Slurm's client commands at ``cluster.slurm_conf`` (the dev cluster's config)."""
-    if cluster.slurm_conf:
-        os.environ["SLURM_CONF"] = cluster.slurm_conf
-
-
-def slurm_executor(job: JobConfig, folder: Path) -> Any:
-    """A configured ``submitit.SlurmExecutor`` writing under ``folder``."""
-    import submitit
-
-    apply_slurm_conf(job.cluster)
-    executor = submitit.SlurmExecutor(
-        folder=str(folder),
-        python=shlex.quote(sys.executable),
-    )
-    executor.update_parameters(**slurm_parameters(job.cluster, job.run.name))
-    if job.job == "evaluate":  # evaluation ranks talk through MPI (PMIx)
-        executor.update_parameters(srun_args=["--mpi=pmix"])
-    return executor
-
-
-def sbatch_script(job: JobConfig, folder: Path, array: int = 0) -> str:
-    """The exact sbatch script submitit would submit for ``job`` (as an array of ``array``).
-
-    submitit has no public call that returns the script without submitting it; this is
-    the one place that uses its private ``_make_submission_file_text``, and it fails
-    with a clear message (and the golden-file tests fail) if submitit changes it.
-    """
-    executor = slurm_executor(job, folder)
-    if array:
-        executor.parameters["map_count"] = array
-    make_text = getattr(executor, "_make_submission_file_text", None)
-    command = getattr(executor, "_submitit_command_str", None)
-    if make_text is None or command is None:
-        import submitit
-
-        raise RuntimeError(
-            f"submitit {submitit.__version__} no longer has the private calls --dry-run "
-            f"uses to print the sbatch script; pin submitit or update launch/slurm.py"
-        )
-    return str(make_text(command, "dry-run"))
 
 
 def record_job(run_dir: Path, job_id: str, kind: str, backend: str) -> None:
