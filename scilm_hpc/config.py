@@ -388,24 +388,25 @@ def validate(job: JobConfig, inputs: bool = True) -> list[str]:
             f"train.best_metric: got {t.best_metric!r}; needs a dev metric name such as "
             f"dev_loss or dev_macro_f1, and train.eval_every > 0"
         )
-    if t.dev_generate and job.task != "seq2seq":
-        p.append(f"train.dev_generate: dev generation is for task seq2seq; task is {job.task}")
     if t.early_stopping_patience and t.best_metric is None:
         p.append("train.early_stopping_patience: needs train.best_metric (e.g. dev_loss)")
     check_choice(p, "train.loss", t.loss, schema.TRAIN_LOSSES)
-    if t.loss == "huber" and job.task != "regression":
-        p.append(f"train.loss: huber is a regression loss; task is {job.task} (use auto)")
+    task = TASKS.get(job.task)  # None: an unknown task, which the `task` check reports
+    if t.dev_generate and task is not None and not task.generated_dev_metrics:
+        takers = " or ".join(name for name, other in TASKS.items() if other.generated_dev_metrics)
+        p.append(f"train.dev_generate: dev generation is for task {takers}; task is {job.task}")
+    if task is not None and t.loss in schema.TRAIN_LOSSES and t.loss not in task.losses:
+        takers = " or ".join(name for name, other in TASKS.items() if t.loss in other.losses)
+        p.append(f"train.loss: {t.loss} is a {takers} loss; task is {job.task} (use auto)")
     if t.huber_delta <= 0:
         p.append(f"train.huber_delta: got {t.huber_delta}; must be > 0")
     if t.peak_tflops is not None and not t.peak_tflops > 0:
         p.append(
             f"train.peak_tflops: got {t.peak_tflops}; must be > 0 (TFLOP/s of one rank), or null"
         )
-    if t.class_weights and job.task not in ("classification", "token_classification"):
-        p.append(
-            f"train.class_weights: weights classes of classification or "
-            f"token_classification; task is {job.task}"
-        )
+    if t.class_weights and task is not None and not task.class_weighted:
+        takers = " or ".join(name for name, other in TASKS.items() if other.class_weighted)
+        p.append(f"train.class_weights: weights classes of {takers}; task is {job.task}")
     for name, weight in t.class_weights.items():
         if weight <= 0:
             p.append(f"train.class_weights.{name}: got {weight}; must be > 0")

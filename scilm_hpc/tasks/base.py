@@ -109,6 +109,13 @@ class Task(ABC):
     main_metric: ClassVar[tuple[str, bool]]
     #: whether evaluation generates text (``evaluate.generation``) besides scoring
     generates: ClassVar[bool] = False
+    #: dev metrics that need generated text: ``train.best_metric`` naming one makes the
+    #: finetune job's dev evaluation generate
+    generated_dev_metrics: ClassVar[tuple[str, ...]] = ()
+    #: ``train.loss`` values this task trains with (``auto``: the model's own loss)
+    losses: ClassVar[tuple[str, ...]] = ("auto",)
+    #: whether ``train.class_weights`` applies (the loss is a cross-entropy over classes)
+    class_weighted: ClassVar[bool] = False
 
     def for_job(self, job: JobConfig) -> Task:
         """This task set up with a job's options (tasks without options: itself)."""

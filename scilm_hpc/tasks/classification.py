@@ -93,6 +93,7 @@ class Classification(Task):
     formats = ("jsonl", "csv", "fasta", "parquet")
     headline = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "loss")
     main_metric = ("macro_f1", True)
+    class_weighted = True
 
     def label_field(self, configured: str) -> str | None:
         return configured

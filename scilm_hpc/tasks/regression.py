@@ -123,6 +123,7 @@ class Regression(Task):
     outputs_values = True
     headline = ("spearman", "pearson", "mae", "rmse", "loss")
     main_metric = ("spearman", True)
+    losses = ("auto", "huber")
 
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float64)

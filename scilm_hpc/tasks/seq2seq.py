@@ -156,6 +156,7 @@ class Seq2Seq(Task):
     headline = ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_length", "loss")
     main_metric = ("rougeL", True)
     generates = True
+    generated_dev_metrics = DEV_ROUGE
 
     def __init__(self, data: DataConfig | None = None, kind: str = ENCODER_DECODER) -> None:
         self.data = data or DataConfig()

@@ -134,6 +134,7 @@ class TokenClassification(Task):
     label_kind = "tags"
     headline = ("precision", "recall", "f1", "token_accuracy", "loss")
     main_metric = ("f1", True)
+    class_weighted = True
 
     def label_field(self, configured: str) -> str | None:
         return configured  # JSONL: a list of tags; CoNLL ignores it (data.tag_column)

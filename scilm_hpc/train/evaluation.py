@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from scilm_hpc.schema import JobConfig
-from scilm_hpc.tasks.seq2seq import DEV_ROUGE
+from scilm_hpc.tasks import get_task
 
 LOWER_IS_BETTER = ("loss", "perplexity", "mae", "rmse")
 
@@ -21,11 +21,13 @@ def is_better(value: float | None, best: float | None, metric: str) -> bool:
 
 def dev_generation(job: JobConfig) -> int | None:
     """How many dev examples dev evaluation generates for (0: all), or None: it does not
-    generate. It does for seq2seq with ``train.dev_generate`` true, or left unset (auto)
-    and ``train.best_metric`` a ROUGE metric."""
-    if job.task != "seq2seq":
+    generate. It does for a task with metrics of generated text (seq2seq's ROUGE) when
+    ``train.dev_generate`` is true, or left unset (auto) and ``train.best_metric`` is one
+    of those metrics."""
+    generated = get_task(job.task).generated_dev_metrics
+    if not generated:
         return None
     generate = job.train.dev_generate
     if generate is None:
-        generate = job.train.best_metric in DEV_ROUGE
+        generate = job.train.best_metric in generated
     return job.train.dev_generate_examples if generate else None
