@@ -160,7 +160,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 #: ``RUN_DIR/checkpoints/latest`` names the newest complete ``step_N`` directory.
 LATEST = "latest"
-#: A checkpoint's own record (step, data position, best so far), written last but ``latest``.
+#: A checkpoint's own record (step, sampler position, best metric); its manifest follows it.
 CHECKPOINT_STATE = "scilm_state.json"
 STEP_DIR = re.compile(r"step_(\d+)")
 
