@@ -100,3 +100,20 @@ def test_quiet_copies_nothing_but_keeps_the_errors(tmp_path, monkeypatch):
     errors, _, code = stream_output([sys.executable, "-c", CHILD, str(flag)], {})
     assert code == 3 and errors == ["data.shards: no such folder"]
     assert watcher.getvalue() == ""
+
+
+def test_loading_a_model_logs_no_torchao_noise():
+    """transformers imports torchao when it loads a model; on a CPU build that import logs
+    CUDA libraries it could not load and pytree enum warnings. Not in scilm's processes."""
+    import subprocess
+
+    load = "import transformers.quantizers.auto"
+    plain = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
+    ours = subprocess.run(
+        [sys.executable, "-c", f"import scilm_hpc; {load}"], capture_output=True, text=True
+    )
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    noise = ("Failed to load", "_pytree")
+    if not any(word in plain.stderr for word in noise):
+        pytest.skip("this torch/torchao build logs nothing on import (nothing to silence)")
+    assert not any(word in ours.stderr for word in noise), ours.stderr[-2000:]
