@@ -13,8 +13,12 @@ quantized CPU kernels, fbgemm / oneDNN), ``torchao-int8-dynamic``
 (``Int8DynamicActivationInt8WeightConfig``), ``torchao-int8-weight``
 (``Int8WeightOnlyConfig``), ``torchao-int4-weight`` (``Int4WeightOnlyConfig``,
 group 64, if it runs on this CPU), ``scilm-int8-weight`` / ``scilm-int4-weight``
-(scilm's own weight-only layers). The prunable linear layers are quantised in every
-case (``compress.targets.prunable_linears``), as the compress job does.
+(scilm's own weight-only layers); ``ao-int8-dynamic-onednn`` (the native path with its
+weights packed under torch's ``onednn`` quantized engine instead of the default ``x86``),
+``torchao-int8-dynamic-compiled`` and ``fp32-compiled`` (``torch.compile``; the first
+call of each new shape compiles, outside the timed rounds). The prunable linear layers
+are quantised in every case (``compress.targets.prunable_linears``), as the compress job
+does.
 
     python benchmarks/quantize_latency.py [--threads 2] [--tokens 17] [--rounds 7]
 """
@@ -55,9 +59,37 @@ def variants() -> dict[str, Any]:
             m, prunable_linears(m), method, bits, group, False, backend="torchao"
         )
 
+    def under_engine(engine: str, make: Any) -> Any:
+        """``make`` with weights packed for another quantized engine (the packed layout
+        then chooses the kernels; the global setting is restored)."""
+
+        def run(model: Any) -> None:
+            import torch
+
+            before = torch.backends.quantized.engine
+            torch.backends.quantized.engine = engine
+            try:
+                make(model)
+            finally:
+                torch.backends.quantized.engine = before
+
+        return run
+
+    def compiled(make: Any) -> Any:
+        def run(model: Any) -> Any:
+            import torch
+
+            make(model)
+            return torch.compile(model)
+
+        return run
+
     return {
         "fp32": lambda m: None,
         "ao-int8-dynamic": ours("dynamic", 8, None),
+        "ao-int8-dynamic-onednn": under_engine("onednn", ours("dynamic", 8, None)),
+        "torchao-int8-dynamic-compiled": compiled(torchao("dynamic", 8, None)),
+        "fp32-compiled": compiled(lambda m: None),
         "torchao-int8-dynamic": torchao("dynamic", 8, None),
         "torchao-int8-weight": torchao("weight_only", 8, None),
         "torchao-int4-weight": torchao("weight_only", 4, 64),
@@ -109,7 +141,8 @@ def main() -> None:
             continue
         model = copy.deepcopy(dense)
         try:
-            make(model)
+            wrapped = make(model)  # compiled variants return a wrapper
+            model = model if wrapped is None else wrapped
             with torch.no_grad():
                 model(**tokenizer(["warm up"], return_tensors="pt"))
         except Exception as error:  # a recipe this CPU / build cannot run: say so, go on
@@ -130,6 +163,9 @@ def main() -> None:
         batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
         times: dict[str, list[float]] = {name: [] for name in models}
         cpu: dict[str, list[float]] = {name: [] for name in models}
+        with torch.no_grad():  # a compiled variant compiles each new shape once
+            for model in models.values():
+                model(**batch)
         for _ in range(args.rounds):
             for name, model in models.items():
                 times[name].append(latency_ms(model, batch, args.repeats, args.threads))
