@@ -19,7 +19,6 @@ did, without pickling torchao objects (safetensors holds plain tensors only).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -32,17 +31,12 @@ TORCHAO_REQUIRED = "0.18"
 
 
 def import_torchao() -> Any:
-    """``torchao``, imported without the log lines its import prints on a CPU build.
+    """``torchao`` (its import-time log lines are silenced for every scilm process in
+    ``scilm_hpc/__init__.py``: transformers imports it too, on every model load).
 
     Raises:
         UserError: if torchao is not installed.
     """
-    # torchao's kernel libraries built for CUDA fail to load on a CPU build and say so,
-    # and torch's pytree warns about torchao registering enums: noise for a user
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
     try:
         import torchao
     except ImportError as error:
@@ -50,9 +44,6 @@ def import_torchao() -> Any:
             f"compress: quantize.backend torchao needs the package torchao "
             f"(pip install 'torchao=={TORCHAO_REQUIRED}.*'): {error}"
         ) from error
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
     return torchao
 
 
