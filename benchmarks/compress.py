@@ -4,7 +4,8 @@ Each recipe is one ``scilm compress`` run on the SciCite test split. The dense
 model is measured in every run (same process, same batch, same threads), so every
 speedup and size ratio is against a reference measured in the same run: latency
 is the median of ``--repeats`` forward passes of one fixed batch of 32 test
-sentences. Recipes: int8-dynamic, int4-weight, prune50-recover (Wanda, and the
+sentences. Recipes: int8-dynamic and int4-weight (each on torch's kernels and on
+torchao, the `-torchao` rows), prune50-recover (Wanda, and the
 same with magnitude scores), structured30.
 
 Goals (issue 6): int8-dynamic >= 2x faster with <= 1 point macro-F1 lost;
@@ -30,7 +31,9 @@ import _common as bench
 
 RUNS = {
     "int8-dynamic": ["compress=int8-dynamic"],
+    "int8-dynamic-torchao": ["compress=int8-dynamic-torchao"],
     "int4-weight": ["compress=int4-weight"],
+    "int4-weight-torchao": ["compress=int4-weight", "compress.steps.0.backend=torchao"],
     "prune50-recover": ["compress=prune50-recover"],
     "prune50-recover-magnitude": ["compress=prune50-recover", "compress.steps.0.method=magnitude"],
     "structured30": ["compress=structured30"],

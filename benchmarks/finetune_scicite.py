@@ -9,9 +9,17 @@ after one epoch (from the project's issue tracker; benchmarks/train_throughput.p
 measures them in the same run).
 
     python benchmarks/finetune_scicite.py [--ranks 1] [--epochs 1] [--max-steps N]
+    python benchmarks/finetune_scicite.py --compare-defaults 60
+
+``--compare-defaults STEPS`` instead trains ``jobs/finetune.yaml`` as shipped (every
+core, ZeRO stage and precision auto) and with the defaults it had before issue 14 (one
+thread, ZeRO-2, fp32) for STEPS steps each on the same shards, interleaved twice, and
+prints the median samples/s of each and their ratio.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import _common as bench
 
@@ -22,15 +30,47 @@ HF_TRAINER_REFERENCE = {
 }
 
 
+OLD_DEFAULTS = ["cluster.cpus_per_task=1", "zero.stage=2", "train.precision=fp32"]
+
+
+def compare_defaults(out: Path, shards: Path, steps: int) -> None:
+    """Shipped defaults against the old ones (one thread, ZeRO-2, fp32), same shards."""
+    rates: dict[str, list[float]] = {"shipped": [], "old_defaults": []}
+    for round_ in range(2):
+        for name, overrides in (("shipped", []), ("old_defaults", OLD_DEFAULTS)):
+            run_dir = out / f"{name}-{round_}"
+            bench.run(
+                bench.finetune_command(run_dir, shards, f"train.max_steps={steps}", *overrides)
+            )
+            rows = bench.step_rows(run_dir)[5:]  # the first steps warm up
+            rates[name].append(bench.median(r["samples_per_s"] for r in rows))
+    shipped, old = (bench.median(rates[n]) for n in ("shipped", "old_defaults"))
+    bench.report(
+        {
+            "benchmark": "finetune_scicite_defaults",
+            "steps": steps,
+            "shipped_samples_per_s": shipped,
+            "old_defaults_samples_per_s": old,
+            "shipped_rounds": rates["shipped"],
+            "old_defaults_rounds": rates["old_defaults"],
+            "ratio_shipped_vs_old": shipped / old,
+        }
+    )
+
+
 def main() -> None:
     parser = bench.command_line(
         __doc__, epochs=1, max_steps=-1, micro_batch_size=16, lr=5e-5, precision="fp32", out=None
     )
     parser.add_argument("--ranks", type=int, default=1, help="local ranks")
     parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--compare-defaults", type=int, default=0, metavar="STEPS")
     args = parser.parse_args()
     out = bench.work_dir(args.out, "ft")
     shards = bench.prepare_shards(out, bench.scicite())
+    if args.compare_defaults:
+        compare_defaults(out, shards, args.compare_defaults)
+        return
     run_dir = out / "ft"
     wall = bench.run(
         bench.finetune_command(
