@@ -29,8 +29,9 @@ system-deps:
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh
 
+# the Slurm tier runs beside the others (it mostly waits on the scheduler): scripts/test-tiers.sh
 test: system-deps setup
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	PATH=$(abspath $(BIN)):$$PATH PY=$(BIN)/python bash scripts/test-tiers.sh $(PYTEST_ARGS)
 
 test-unit:
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -m "not integration and not slurm and not gpu" $(PYTEST_ARGS)
