@@ -603,3 +603,44 @@ def abstracts(split: str, count: int, out: Path) -> Path:
     text = [" ".join(json.loads(r)["abstract"].split()) for r in rows]
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------- seq2seq runs
+
+
+def seq2seq_rouge(
+    model: Path, shards: Path, run_dir: Path, new_tokens: int, batch_size: int = 16
+) -> dict[str, float]:
+    """ROUGE-1/2/L and mean generated length of ``model`` on the test split of SciTLDR
+    seq2seq ``shards`` (``scilm evaluate``, one process, greedy, multi-reference)."""
+    metrics = eval_metrics(
+        model,
+        shards,
+        "test",
+        run_dir,
+        *SCITLDR_SEQ2SEQ,
+        f"eval.batch_size={batch_size}",
+        f"eval.max_new_tokens={new_tokens}",
+    )
+    return {k: round(metrics[k], 2) for k in ("rouge1", "rouge2", "rougeL", "gen_length")}
+
+
+def scilm_lrs(overrides: list[str], steps: int) -> list[float]:
+    """The learning rate of each optimizer step of a ``scilm finetune`` with
+    ``overrides``: DeepSpeed's scheduler from scilm's DeepSpeed config, stepped after each
+    optimizer step as the engine does."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    from scilm_hpc.config import load_and_validate
+    from scilm_hpc.train.ds_config import deepspeed_config
+
+    job = load_and_validate(str(REPO / "jobs/finetune.yaml"), overrides, job="finetune")
+    config = deepspeed_config(job, steps, on_gpu=False)["scheduler"]
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=job.train.lr)
+    scheduler = getattr(lr_schedules, config["type"])(optimizer, **config["params"])
+    lrs = []
+    for _ in range(steps):
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
+        scheduler.step()
+    return lrs

@@ -42,41 +42,6 @@ import numpy as np
 PAIR = ["model.name_or_path=minilm", "model.decoder_name_or_path=minilm"]
 
 
-def rouge(model: Path, shards: Path, run_dir: Path, new_tokens: int) -> dict[str, float]:
-    """ROUGE and generated length of ``model`` on the test split (one process)."""
-    metrics = bench.eval_metrics(
-        model,
-        shards,
-        "test",
-        run_dir,
-        *bench.SCITLDR_SEQ2SEQ,
-        "eval.batch_size=16",
-        f"eval.max_new_tokens={new_tokens}",
-    )
-    return {k: round(metrics[k], 2) for k in ("rouge1", "rouge2", "rougeL", "gen_length")}
-
-
-def scilm_lrs(overrides: list[str], steps: int) -> list[float]:
-    """The learning rate of each optimizer step of a ``scilm finetune`` with
-    ``overrides``: DeepSpeed's scheduler from scilm's DeepSpeed config, stepped after each
-    optimizer step as the engine does."""
-    import torch
-    from deepspeed.runtime import lr_schedules
-
-    from scilm_hpc.config import load_and_validate
-    from scilm_hpc.train.ds_config import deepspeed_config
-
-    job = load_and_validate(str(bench.REPO / "jobs/finetune.yaml"), overrides, job="finetune")
-    config = deepspeed_config(job, steps, on_gpu=False)["scheduler"]
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=job.train.lr)
-    scheduler = getattr(lr_schedules, config["type"])(optimizer, **config["params"])
-    lrs = []
-    for _ in range(steps):
-        lrs.append(float(optimizer.param_groups[0]["lr"]))
-        scheduler.step()
-    return lrs
-
-
 def hf_run(args: argparse.Namespace, shards: Path, out: Path, lrs: list[float]) -> dict[str, Any]:
     """Seq2SeqTrainer on the shards' token ids; its model saved to ``out``."""
     import torch
@@ -165,7 +130,7 @@ def main() -> None:
         "train.checkpoint_every=0",
         "train.eval_every=0",
     ]
-    lrs = scilm_lrs(overrides, args.steps)
+    lrs = bench.scilm_lrs(overrides, args.steps)
     wall = bench.run(bench.job_command("finetune", *overrides))
     steps = bench.step_rows(run_dir)
     logged = [r["lr"] for r in steps]  # the lr of the step after each logged one
@@ -180,8 +145,12 @@ def main() -> None:
     hf_lrs = hf.pop("lrs")
     if not np.allclose(hf_lrs, lrs, rtol=1e-6, atol=0):
         raise SystemExit(f"HF did not follow scilm's schedule: {hf_lrs} vs {lrs}")
-    ours["rouge"] = rouge(run_dir / "export", shards, root / "eval-scilm", args.max_new_tokens)
-    hf["rouge"] = rouge(root / "hf" / "model", shards, root / "eval-hf", args.max_new_tokens)
+    ours["rouge"] = bench.seq2seq_rouge(
+        run_dir / "export", shards, root / "eval-scilm", args.max_new_tokens
+    )
+    hf["rouge"] = bench.seq2seq_rouge(
+        root / "hf" / "model", shards, root / "eval-hf", args.max_new_tokens
+    )
     figures = {
         "benchmark": "seq2seq_minilm",
         "steps": args.steps,
