@@ -151,7 +151,8 @@ def main() -> None:
         name: {k: v for k, v in split.items() if k != "shards"}
         for name, split in manifest["splits"].items()
     }
-    print(f"shards: {shards} {splits}", flush=True)
+    truncated = manifest.get("truncated", {})  # cut sources and targets, per split
+    print(f"shards: {shards} {splits}, truncated: {truncated}", flush=True)
 
     def rouge(model_path: Path, name: str) -> dict[str, float]:
         scores = bench.seq2seq_rouge(
@@ -224,6 +225,7 @@ def main() -> None:
         "micro_batch_size": args.micro_batch_size,
         "lr": args.lr,
         "shards": splits,
+        "truncated": truncated,
         "test_papers": args.test_samples,
         "max_new_tokens": args.max_new_tokens,
         "zero_shot": zero_shot,
