@@ -111,7 +111,17 @@ def hf_trainer(model_dir: Path, shards: Path, task: str, out: Path, args: Any) -
     }
 
 
-def run_task(name: str, model_dir: Path, out: Path, args: Any) -> dict[str, Any]:
+def import_antiberty(out: Path) -> Path:
+    """AntiBERTy as an HF directory under ``out`` (``scilm import-model``, once)."""
+    model_dir = out / "antiberty"
+    if not (model_dir / "model.safetensors").is_file():
+        bench.run([*bench.SCILM, "import-model", "antiberty", str(model_dir)])
+    return model_dir
+
+
+def scilm_finetune(name: str, model_dir: Path, out: Path, args: Any) -> tuple[Path, Path, float]:
+    """``scilm prepare`` and ``scilm finetune`` of task ``name`` (``args``' budget) under
+    ``out/NAME``: the run directory (its export in ``export/``), the shards, wall seconds."""
     spec = TASKS[name]
     task = f"task={spec['task']}"
     root = out / name
@@ -139,6 +149,13 @@ def run_task(name: str, model_dir: Path, out: Path, args: Any) -> dict[str, Any]
             "zero.stage=0",
         )
     )
+    return run_dir, shards, wall
+
+
+def run_task(name: str, model_dir: Path, out: Path, args: Any) -> dict[str, Any]:
+    spec = TASKS[name]
+    root = out / name
+    run_dir, shards, wall = scilm_finetune(name, model_dir, out, args)
     ours = {
         "samples_per_s_median": bench.median(r["samples_per_s"] for r in bench.step_rows(run_dir)),
         "wall_s": wall,
@@ -166,9 +183,7 @@ def main() -> None:
     parser.add_argument("--test-examples", type=int, default=0, help="0: the whole test split")
     args = parser.parse_args()
     out = bench.work_dir(args.out, "protein")
-    model_dir = out / "antiberty"
-    if not (model_dir / "model.safetensors").is_file():
-        bench.run([*bench.SCILM, "import-model", "antiberty", str(model_dir)])
+    model_dir = import_antiberty(out)
     figures: dict[str, Any] = {"benchmark": "protein", "max_steps": args.max_steps}
     figures["batch"] = args.batch
     for name in args.tasks:
