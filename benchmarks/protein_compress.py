@@ -32,12 +32,22 @@ matrix multiplies torch emulates them, so expect bf16 slower than fp32 there.
 
     python benchmarks/protein_compress.py [--max-steps 40] [--recover-steps 120]
         [--distill-steps 120] [--test-examples 0] [--repeats 20] [--threads 2]
+
+At the defaults this should take 15-20 minutes on 2 uncontended cores (estimated from a
+contended smoke run: a recovery step costs ~1.8 fine-tuning steps, a distillation step
+to 4 layers less; see the JSON line's ``s_per_step`` for the measured figures).
+
+``--export RUN/export --shards SHARDS`` (together) skip the fine-tuning and compress that
+paratope model instead (e.g. ``OUT/paratope/scilm`` of ``benchmarks/protein.py``); with
+the ``--out`` of an earlier run, ``scilm compress`` takes up each recipe's finished steps
+(same options) instead of redoing them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -151,7 +161,7 @@ def table_rows(reports: dict[str, dict[str, Any]], bf16: dict[str, Any]) -> dict
     distilled = step(student, "distill")
     rows = {
         "dense": row(int8["baseline"], int8["baseline"], 1.0, 0.0),
-        "bf16": row(bf16["bf16"], bf16["dense"], bf16["speedup"], 0.0),
+        "bf16": row(bf16["bf16"], bf16["dense"], bf16["bf16"]["speedup"], 0.0),
         "int8 dynamic": row(
             step(int8, "quantize"), int8["baseline"], step(int8, "quantize")["speedup"], 0.0
         ),
@@ -182,16 +192,22 @@ def main() -> None:
         test_examples=0,
         repeats=20,
         threads=2,
+        export=(Path, None),
+        shards=(Path, None),
         out=None,
     )
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     start = time.perf_counter()
     out = bench.work_dir(args.out, "protein-compress")
-    model_dir = protein.import_antiberty(out)
-    run_dir, shards, finetune_s = protein.scilm_finetune("paratope", model_dir, out, args)
-    export = run_dir / "export"
-    train_s_per_step = bench.median(r["step_s"] for r in bench.step_rows(run_dir))
+    if (args.export is None) != (args.shards is None):
+        sys.exit("give --export and --shards together (or neither)")
+    export, shards, finetune_s, train_s_per_step = args.export, args.shards, 0.0, 0.0
+    if export is None:
+        model_dir = protein.import_antiberty(out)
+        run_dir, shards, finetune_s = protein.scilm_finetune("paratope", model_dir, out, args)
+        export = run_dir / "export"
+        train_s_per_step = bench.median(r["step_s"] for r in bench.step_rows(run_dir))
     runs = {
         "int8-dynamic": ("int8-dynamic",),
         "prune50-recover": ("prune50-recover", f"compress.steps.1.steps={args.recover_steps}"),
