@@ -40,6 +40,9 @@ TABLE = "samples_per_s tokens_per_s peak_rss_mb model_gflops_per_s mfu dev_macro
 DEFAULTS = dict(epochs=1, micro_batch_size=16, lr=5e-5, seed=42)
 HIDDEN = {"worker": False, "hf": "", "shards": (Path, None), "max_length": MAX_LENGTH}
 HF_OPTIONS = ("epochs", "micro_batch_size", "lr", "seed", "precision")
+# warmup_steps < 1: a ratio of the training steps, as scilm's train.warmup_ratio
+HF_ARGS = dict(warmup_steps=0.1, lr_scheduler_type="linear", optim="adamw_torch_fused")
+HF_ARGS |= dict(use_cpu=True, dataloader_pin_memory=False)
 
 
 def model_shape(model_dir: str) -> ModelFlops:
@@ -93,31 +96,19 @@ def hf_worker(args: argparse.Namespace) -> None:
         per_device_train_batch_size=args.micro_batch_size,
         num_train_epochs=args.epochs,
         learning_rate=args.lr,
-        warmup_steps=0.1,  # a ratio of the training steps, as scilm's train.warmup_ratio
-        lr_scheduler_type="linear",
         seed=args.seed,
-        use_cpu=True,
-        dataloader_pin_memory=False,
-        optim="adamw_torch_fused",
+        **HF_ARGS,
         **(best if args.hf == "best" else {}),
     )
     trainer.save_model(str(args.out / "export"))
     tokenizer.save_pretrained(str(args.out / "export"))
-    steps = run.pop("step_s")
+    steps, export = run.pop("step_s"), str(args.out / "export")
     run.pop("lrs")  # the schedule HF ran: not a figure here
     precision = args.precision if args.hf == "best" else "fp32"
-    bench.worker_result(
-        args.out,
-        {
-            **run,
-            "steps": len(steps),
-            "train_s": float(np.sum(steps)),
-            "step_s_median": bench.median(steps),
-            "train_samples": len(examples) * args.epochs,
-            "precision": precision,
-            "export": str(args.out / "export"),
-        },
-    )
+    run |= {"steps": len(steps), "train_s": float(np.sum(steps))}
+    run |= {"step_s_median": bench.median(steps), "train_samples": len(examples) * args.epochs}
+    run |= {"precision": precision, "export": export}
+    bench.worker_result(args.out, run)
 
 
 def hf_run(kind: str, args: Any, shards: Path, shape: ModelFlops, max_length: int) -> dict:
