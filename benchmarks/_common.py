@@ -35,11 +35,9 @@ SCITLDR_SEQ2SEQ += ["data.max_target_length=32"]
 
 
 def _scilm_command() -> list[str]:
-    """The ``scilm`` console script of this interpreter's environment."""
+    """The ``scilm`` console script of this interpreter's environment (or on PATH)."""
     script = Path(sys.executable).with_name("scilm")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("scilm")
+    found = str(script) if script.is_file() else shutil.which("scilm")
     return [found] if found else [sys.executable, "-m", "scilm_hpc.cli"]
 
 
@@ -408,15 +406,9 @@ def hf_train(
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter())
 
+    quiet = dict(save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True)
     args = (hf.Seq2SeqTrainingArguments if seq2seq else hf.TrainingArguments)(
-        output_dir=str(output_dir),
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        **training,
+        output_dir=str(output_dir), weight_decay=0.01, max_grad_norm=1.0, **quiet, **training
     )
     base = hf.Seq2SeqTrainer if seq2seq else hf.Trainer
 

@@ -79,12 +79,9 @@ def run_prepare(corpus: Path, work: Path, ranks: int, args: Any) -> dict[str, An
     """One ``scilm prepare`` run; wall seconds, its manifest's figures and other load."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cmd = bench.prepare_command(
-        work,
-        {"train": corpus},
-        f"data.examples_per_shard={args.examples_per_shard}",
-        f"model.name_or_path={args.model}",
-    )
+    shard_size = f"data.examples_per_shard={args.examples_per_shard}"
+    model = f"model.name_or_path={args.model}"
+    cmd = bench.prepare_command(work, {"train": corpus}, shard_size, model)
     if ranks > 1:
         exports = [a for k in THREAD_ENV for a in ("-x", k)]
         cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks), *exports, *cmd]
@@ -252,17 +249,13 @@ def measure(args: Any, out: Path, nproc: int) -> None:
     for name, ratio in ratios.items():  # prepare_scaling_2v1, prepare_scaling_2v1_best, ...
         best = "_best" if name.endswith("_best") else ""
         result[f"prepare_{name.removesuffix('_best')}_{r}v1{best}"] = rnd(ratio, 3)
-    result["prepare_scaling_goal"] = SCALING_GOAL
-    result["prepare_scaling_goal_met"] = None if scaling is None else scaling >= SCALING_GOAL
-    result[f"prepare_shards_identical_1v{r}"] = identical
-    result["prepare_mpirun"] = mpirun is not None
-    for name, values in read.items():
-        for unit, value in zip(("examples", "tokens"), values, strict=True):
-            result[f"{name}_{unit}_per_s"] = rnd(value)
-    result["read_ratio_vs_onthefly"] = rnd(read_ratio, 2)
-    result["read_goal"] = READ_GOAL
-    result["read_goal_met"] = read_ratio >= READ_GOAL
-    result["machine"] = nproc
+    goal_met = None if scaling is None else scaling >= SCALING_GOAL
+    result |= {"prepare_scaling_goal": SCALING_GOAL, "prepare_scaling_goal_met": goal_met}
+    result |= {f"prepare_shards_identical_1v{r}": identical, "prepare_mpirun": mpirun is not None}
+    for name, (examples, tokens) in read.items():
+        result |= {f"{name}_examples_per_s": rnd(examples), f"{name}_tokens_per_s": rnd(tokens)}
+    result |= {"read_ratio_vs_onthefly": rnd(read_ratio, 2), "read_goal": READ_GOAL}
+    result |= {"read_goal_met": read_ratio >= READ_GOAL, "machine": nproc}
     print(json.dumps(result))
 
 

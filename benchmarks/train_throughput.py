@@ -1,22 +1,16 @@
 """Training throughput of ``scilm finetune`` against the HF Trainer at its best, with MFU.
 
-On each example set -- SciCite (``data.max_length=128``) and short texts (the same
-sentences cut to ``--short-length`` tokens) -- with the same token ids (``scilm
-prepare``'s shards), ``--epochs`` epochs of ``--samples`` examples, each in its own process:
-
-  hf_best     HF ``Trainer``: dynamic padding, ``group_by_length``, fused AdamW, bf16 only
-              where the CPU multiplies it natively (else fp32, as scilm's precision auto);
-  hf_dynamic  the same without length grouping (what most scripts run);
-  hf_padded   (``--history``, SciCite only) padded to max_length, fp32;
-  scilm       ``scilm finetune`` on one rank with the shipped defaults;
-  scilm_compiled (``--compile``) the same with ``train.compile=true``.
-
-Per run: samples/s and real tokens/s over the training loop, peak RSS, model FLOP/s and
-MFU against the ``torch.matmul`` peak measured here (best of before and after), dev
-macro-F1 (``scilm evaluate``), and scilm / hf_best and / hf_dynamic. Model FLOPs per
-example of n real tokens (``scilm_hpc.train.flops``, PaLM appendix B; what scilm logs):
-6 * N * n + 12 * L * d * n^2; padding is work, not model FLOPs. ``--zero-steps N`` adds
-ZeRO-2 against ZeRO-3 on 2 local ranks (1 thread each) on SciCite.
+On SciCite (``data.max_length=128``) and on short texts (the same sentences cut to
+``--short-length`` tokens), the same token ids (``scilm prepare``'s shards), each run in its
+own process: hf_best (HF ``Trainer``: dynamic padding, ``group_by_length``, fused AdamW,
+bf16 where the CPU multiplies it natively), hf_dynamic (without length grouping), hf_padded
+(``--history``, SciCite: padded to max_length, fp32), scilm (``scilm finetune`` on one rank,
+shipped defaults), scilm_compiled (``--compile``: ``train.compile=true``); ``--zero-steps``
+adds ZeRO-2 against ZeRO-3 on 2 one-thread ranks (SciCite). Per run: samples/s and real
+tokens/s of the training loop, peak RSS, model FLOP/s (``scilm_hpc.train.flops``, PaLM
+appendix B: 6*N*n + 12*L*d*n^2 per example of n real tokens) and MFU against the
+``torch.matmul`` peak (best of before and after), dev macro-F1 (``scilm evaluate``), and
+the ratios scilm / hf.
 
     python benchmarks/train_throughput.py [--samples 2000] [--sets scicite,short] [--history]
     quick check: --samples 256 (about 4 minutes on 2 cores); on a shared machine quote ratios

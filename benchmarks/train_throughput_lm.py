@@ -1,17 +1,14 @@
 """Causal-LM training throughput and MFU: ``scilm finetune`` against the HF Trainer.
 
 The GPU half of the throughput benchmark (issue 7): a Llama-shaped causal LM built from
-its config (random weights; MiniLM's tokenizer, vocabulary 30,522; written once under
-``--out``), trained for the same steps on the same token ids (SciCite training sentences
-joined into documents of about ``--seq-len`` tokens) by (a) the HF ``Trainer`` (bf16 on a
-GPU, fp32 on a CPU; batches collated as scilm collates them) and (c) ``scilm finetune
-task=causal_lm`` on one rank (``train.precision=bf16``, ``--zero-stage``).
-
+its config (random weights, MiniLM's tokenizer, made once under ``--out``) trained for the
+same steps on the same token ids (SciCite sentences joined into documents of about
+``--seq-len`` tokens) by (a) the HF ``Trainer`` (bf16 on a GPU, fp32 on a CPU; scilm's
+collation) and (c) ``scilm finetune task=causal_lm`` on one rank (bf16, ``--zero-stage``).
 Per trainer: median step time after ``--warmup`` steps, samples/s, tokens/s, peak RSS,
-peak GPU memory (``nvidia-smi``, whole device), model TFLOP/s (``scilm_hpc.train.flops``:
-6 * N + 12 * L * d * s per token, lm_head included; scilm's from its metrics.jsonl, HF's
-at the mean length) and MFU against the matrix-multiply peak measured here on the same
-device and against ``--nominal-tflops`` (989 for an H100 SXM's dense bf16).
+peak GPU memory (``nvidia-smi``, whole device), model TFLOP/s (``scilm_hpc.train.flops``)
+and MFU against the matmul peak measured here and against ``--nominal-tflops`` (989 for
+an H100 SXM's dense bf16).
 
     python benchmarks/train_throughput_lm.py                       # 1B on the GPU
     python benchmarks/train_throughput_lm.py --size tiny --steps 20 # CPU check (~3 min)
@@ -33,6 +30,7 @@ SIZES = {
 }
 DEFAULTS = dict(steps=60, micro_batch_size=8, seq_len=512, zero_stage=2, lr=1e-4, seed=42)
 HIDDEN = {"worker": False, "shards": (Path, None), "model_dir": (Path, None)}
+HF_OPTIONS = ("model_dir", "steps", "micro_batch_size", "lr", "seed")
 TABLE = "samples_per_s tokens_per_s model_tflops_per_s mfu peak_rss_mb gpu_peak_mb"
 
 
@@ -167,26 +165,16 @@ def main() -> None:
     from scilm_hpc.train.loop import cpu_has_native_bf16
 
     peak = {k: v / 1e3 for k, v in bench.matmul_peaks("cuda" if gpu else "cpu").items()}  # TFLOP/s
-    size = SIZES[args.size]
-    args.model_dir = bench.random_llama(
-        args.out / f"llama-{args.size}", size, max(args.seq_len, 128)
-    )
-    shards = bench.prepare_shards(
-        args.out,
-        {"train": write_corpus(args.out, args.model_dir, args.seq_len)},
-        "task=causal_lm",
-        "data.format=text",
-        f"model.name_or_path={args.model_dir}",
-        f"data.max_length={args.seq_len}",
-    )
+    shape, positions = SIZES[args.size], max(args.seq_len, 128)
+    args.model_dir = bench.random_llama(args.out / f"llama-{args.size}", shape, positions)
+    corpus = {"train": write_corpus(args.out, args.model_dir, args.seq_len)}
+    lm = ["task=causal_lm", "data.format=text", f"model.name_or_path={args.model_dir}"]
+    shards = bench.prepare_shards(args.out, corpus, *lm, f"data.max_length={args.seq_len}")
     # documents are cut at about seq_len tokens; the FLOPs use the mean real length
     args.seq_len = int(round(float(np.mean(ShardDataset(shards, "train").lengths()))))
     flops_token, params = model_flops_per_token(args.model_dir, args.seq_len)
-    options = {k: getattr(args, k) for k in ("steps", "micro_batch_size", "lr", "seed")}
-    env = device_env()
-    hf = bench.run_worker(
-        __file__, args.out / "hf", env, gpu=True, shards=shards, model_dir=args.model_dir, **options
-    )
+    options = {k: getattr(args, k) for k in HF_OPTIONS}
+    hf = bench.run_worker(__file__, args.out / "hf", device_env(), True, shards=shards, **options)
     # (a) on a CPU is fp32 (HF's CPU bf16 is an autocast like scilm's: compare the
     # default a tutorial gets); its MFU is against the fp32 peak. Its first step is
     # not timed either (steps from the end of the first).
