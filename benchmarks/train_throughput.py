@@ -47,19 +47,11 @@ def model_shape(model_dir: str) -> ModelFlops:
     return ModelFlops.of(model)
 
 
-def measured(run: dict[str, Any], lengths: np.ndarray, train_s: float, shape: ModelFlops) -> dict:
-    """``run`` with samples/s, real tokens/s and model GFLOP/s over ``train_s`` seconds."""
-    n = lengths.astype(np.float64)
-    flops = shape.step_flops(float(n.sum()), float((n**2).sum()), len(n))
-    return {
-        **run,
-        "train_samples": len(lengths),
-        "train_tokens": int(lengths.sum()),
-        "train_s": train_s,
-        "samples_per_s": len(lengths) / train_s,
-        "tokens_per_s": float(lengths.sum()) / train_s,
-        "model_gflops_per_s": flops / train_s / 1e9,
-    }
+def rates(samples: int, tokens: int, flops: float, train_s: float) -> dict[str, Any]:
+    """Samples/s, real tokens/s and model GFLOP/s over ``train_s`` seconds of training."""
+    per_s = {"samples_per_s": samples / train_s, "tokens_per_s": tokens / train_s}
+    totals = {"train_samples": samples, "train_tokens": tokens, "train_s": train_s}
+    return {**totals, **per_s, "model_gflops_per_s": flops / train_s / 1e9}
 
 
 def hf_worker(args: argparse.Namespace) -> None:
@@ -117,7 +109,9 @@ def hf_run(kind: str, args: Any, shards: Path, shape: ModelFlops, max_length: in
     lengths = np.tile(ShardDataset(shards, "train").lengths(), args.epochs)
     run["ranks"] = 1
     run["padded_tokens"] = len(lengths) * max_length if kind == "padded" else None
-    return measured(run, lengths, run["train_s"], shape)
+    n = lengths.astype(np.float64)
+    flops = shape.step_flops(float(n.sum()), float((n**2).sum()), len(n))
+    return {**run, **rates(len(lengths), int(lengths.sum()), flops, run["train_s"])}
 
 
 def scilm_finetune(name: str, out: Path, shards: Path, overrides: list[str]) -> dict[str, Any]:
@@ -140,13 +134,8 @@ def scilm_finetune(name: str, out: Path, shards: Path, overrides: list[str]) -> 
         "zero_stage": config["zero"]["stage"],
         "precision": config["train"]["precision"],
         "steps": len(steps),
-        "train_samples": samples,
-        "train_tokens": tokens,
-        "train_s": train_s,
-        "samples_per_s": samples / train_s,
+        **rates(samples, tokens, flops, train_s),
         "samples_per_s_step_median": bench.median(r["samples_per_s"] for r in steps),
-        "tokens_per_s": tokens / train_s,
-        "model_gflops_per_s": flops / train_s / 1e9,
         "data_s_per_step_median": float(np.median(data_s)),
         "data_fraction": float(data_s.sum() / train_s),
         "final_loss": steps[-1]["loss"],
