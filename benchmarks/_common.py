@@ -122,17 +122,14 @@ def job_command(job: str, *overrides: str) -> list[str]:
 
 def ranks_cluster(ranks: int) -> list[str]:
     """Cluster overrides: one process (``cluster=none``) or ``ranks`` local one-core ranks."""
-    if ranks == 1:
-        return ["cluster=none"]
-    return ["cluster=local", f"cluster.tasks_per_node={ranks}", "cluster.cpus_per_task=1"]
+    local = ["cluster=local", f"cluster.tasks_per_node={ranks}", "cluster.cpus_per_task=1"]
+    return ["cluster=none"] if ranks == 1 else local
 
 
 def prepare_command(out: Path, splits: dict[str, Path], *overrides: str) -> list[str]:
     """``scilm prepare`` of ``splits`` (name -> file), one process, shards in ``out/shards``."""
-    data = [f"data.{split}={path}" for split, path in splits.items()]
-    return job_command(
-        "prepare", "cluster=none", f"run.dir={out}", *data, "data.overwrite=true", *overrides
-    )
+    data = [f"run.dir={out}", *(f"data.{split}={path}" for split, path in splits.items())]
+    return job_command("prepare", "cluster=none", *data, "data.overwrite=true", *overrides)
 
 
 def prepare_shards(out: Path, splits: dict[str, Path], *overrides: str) -> Path:
@@ -390,21 +387,20 @@ def hf_train(
     import torch
     import transformers as hf
 
-    class StepClock(hf.TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.lrs: list[float] = []
+    times: list[float] = []  # the start of training, then the end of each step
+    lrs: list[float] = []
 
+    class StepClock(hf.TrainerCallback):
         def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.times = [time.perf_counter()]
+            times[:] = [time.perf_counter()]
 
         def on_step_begin(self, *_: Any, **kwargs: Any) -> None:
-            self.lrs.append(float(kwargs["optimizer"].param_groups[0]["lr"]))
+            lrs.append(float(kwargs["optimizer"].param_groups[0]["lr"]))
 
         def on_step_end(self, *_: Any, **__: Any) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
+            times.append(time.perf_counter())
 
     quiet = dict(save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True)
     args = (hf.Seq2SeqTrainingArguments if seq2seq else hf.TrainingArguments)(
@@ -422,16 +418,14 @@ def hf_train(
             )
             return self.lr_scheduler
 
-    clock = StepClock()
-    trainer = FollowingTrainer(
-        model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[clock]
-    )
+    data = {"train_dataset": examples, "data_collator": collator}
+    trainer = FollowingTrainer(model=model, args=args, callbacks=[StepClock()], **data)
     trainer.train()
     return trainer, {
         "threads": torch.get_num_threads(),
         "optimizer": str(getattr(args.optim, "value", args.optim)),
-        "step_s": [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)],
-        "lrs": clock.lrs,
+        "step_s": [b - a for a, b in zip(times, times[1:], strict=False)],
+        "lrs": lrs,
     }
 
 
