@@ -86,9 +86,10 @@ def hf_worker(args: argparse.Namespace) -> None:
         **HF_ARGS,
         **(best if args.hf == "best" else {}),
     )
-    trainer.save_model(str(args.out / "export"))
-    tokenizer.save_pretrained(str(args.out / "export"))
-    steps, export = run.pop("step_s"), str(args.out / "export")
+    export = str(args.out / "export")
+    trainer.save_model(export)
+    tokenizer.save_pretrained(export)
+    steps = run.pop("step_s")
     run.pop("lrs")  # the schedule HF ran: not a figure here
     precision = args.precision if args.hf == "best" else "fp32"
     run |= {"steps": len(steps), "train_s": float(np.sum(steps))}
