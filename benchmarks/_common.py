@@ -512,23 +512,14 @@ def abstracts(split: str, count: int, out: Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- seq2seq runs
-
-
+# -- seq2seq runs
 def seq2seq_rouge(
     model: Path, shards: Path, run_dir: Path, new_tokens: int, batch_size: int = 16
 ) -> dict[str, float]:
     """ROUGE-1/2/L and mean generated length of ``model`` on the test split of SciTLDR
     seq2seq ``shards`` (``scilm evaluate``, one process, greedy, multi-reference)."""
-    metrics = eval_metrics(
-        model,
-        shards,
-        "test",
-        run_dir,
-        *SCITLDR_SEQ2SEQ,
-        f"eval.batch_size={batch_size}",
-        f"eval.max_new_tokens={new_tokens}",
-    )
+    generation = [f"eval.batch_size={batch_size}", f"eval.max_new_tokens={new_tokens}"]
+    metrics = eval_metrics(model, shards, "test", run_dir, *SCITLDR_SEQ2SEQ, *generation)
     return {k: round(metrics[k], 2) for k in ("rouge1", "rouge2", "rougeL", "gen_length")}
 
 
