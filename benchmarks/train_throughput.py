@@ -1,39 +1,19 @@
 """Training throughput of ``scilm finetune`` against the HF Trainer at its best, with MFU.
 
-In one run, for each example set -- SciCite (``data.max_length=128``) and short texts
-(the same SciCite sentences cut to their first ``--short-length`` tokens) -- on the same
-training examples (the shards ``scilm prepare`` makes, so every trainer sees identical
-token ids), for ``--epochs`` epochs of ``--samples`` examples:
+On SciCite (``data.max_length=128``) and on short texts (the same sentences cut to
+``--short-length`` tokens), the same token ids (``scilm prepare``'s shards), each run in its
+own process: hf_best (HF ``Trainer``: dynamic padding, ``group_by_length``, fused AdamW,
+bf16 where the CPU multiplies it natively), hf_dynamic (without length grouping), hf_padded
+(``--history``, SciCite: padded to max_length, fp32), scilm (``scilm finetune`` on one rank,
+shipped defaults), scilm_compiled (``--compile``: ``train.compile=true``); ``--zero-steps``
+adds ZeRO-2 against ZeRO-3 on 2 one-thread ranks (SciCite). Per run: samples/s and real
+tokens/s of the training loop, peak RSS, model FLOP/s (``scilm_hpc.train.flops``, PaLM
+appendix B: 6*N*n + 12*L*d*n^2 per example of n real tokens) and MFU against the
+``torch.matmul`` peak (best of before and after), dev macro-F1 (``scilm evaluate``), and
+the ratios scilm / hf.
 
-  hf_best     HF ``transformers.Trainer`` at its best on this hardware: dynamic padding
-              (``DataCollatorWithPadding``), ``train_sampling_strategy="group_by_length"``,
-              torch's fused AdamW (``adamw_torch_fused``), bf16 only where the CPU
-              multiplies it natively (else fp32, like scilm's ``train.precision=auto``);
-  hf_dynamic  the same without length grouping (what most scripts run);
-  hf_padded   (``--history``, SciCite only) every example padded to max_length, fp32;
-  scilm       ``scilm finetune`` on one rank (``cluster=none``, every core, ZeRO stage 0,
-              the shipped defaults: length-bucketed batches, fused AdamW, precision auto);
-  scilm_compiled (``--compile``) the same with ``train.compile=true``.
-
-Each trainer runs in its own process with the same threads. Printed per run: samples/s
-and real (non-pad) tokens/s over the training loop (model loading, evaluation and
-saving excluded), peak RSS, model FLOP/s and MFU against the matrix-multiply peak this
-script measures for the run's precision (``torch.matmul``, best of before and after),
-dev macro-F1 (``scilm evaluate`` on the SciCite dev split for every exported model), and
-the ratios scilm / hf_best and scilm / hf_dynamic. ``--zero-steps N`` adds ZeRO-2 against
-ZeRO-3 on 2 local ranks (1 thread each) on SciCite.
-
-Model FLOPs per trained example of n real tokens: 6 * N * n + 12 * L * d * n^2, where N
-counts the weights of matrix multiplies (the pooler and classifier once per example), L
-the layers and d the hidden size (attention scores and values, forward + backward; PaLM
-appendix B): the library's count (``scilm_hpc.train.flops``), which scilm's runs log in
-metrics.jsonl and the HF runs get from the same function. Only real tokens count:
-padding is work, not model FLOPs.
-
-    python benchmarks/train_throughput.py [--samples 2000] [--epochs 1] [--sets scicite,short]
-        [--short-length 20] [--history] [--compile] [--zero-steps 0] [--out DIR]
-    quick check: --samples 256 (about 4 minutes on 2 cores)
-Machines are shared: run it on a quiet one (or under ``chrt -r 10``) and quote ratios.
+    python benchmarks/train_throughput.py [--samples 2000] [--sets scicite,short] [--history]
+    quick check: --samples 256 (about 4 minutes on 2 cores); on a shared machine quote ratios
 """
 
 from __future__ import annotations
@@ -51,140 +31,97 @@ from scilm_hpc.train.flops import ModelFlops
 MAX_LENGTH = 128
 CPU_ENV = {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
 TABLE = "samples_per_s tokens_per_s peak_rss_mb model_gflops_per_s mfu dev_macro_f1 data_fraction"
-
-
-# ---------------------------------------------------------------- model FLOPs
+DEFAULTS = dict(epochs=1, micro_batch_size=16, lr=5e-5, seed=42)
+HIDDEN = {"worker": False, "hf": "", "shards": (Path, None), "max_length": MAX_LENGTH}
+HF_OPTIONS = ("epochs", "micro_batch_size", "lr", "seed", "precision")
+# warmup_steps < 1: a ratio of the training steps, as scilm's train.warmup_ratio
+HF_ARGS = dict(warmup_steps=0.1, lr_scheduler_type="linear", optim="adamw_torch_fused")
+HF_ARGS |= dict(use_cpu=True, dataloader_pin_memory=False)
 
 
 def model_shape(model_dir: str) -> ModelFlops:
     """The classifier's FLOPs count (``scilm_hpc.train.flops``, what scilm logs)."""
     from transformers import AutoModelForSequenceClassification
 
-    return ModelFlops.of(
-        AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
-    )
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
+    return ModelFlops.of(model)
 
 
-def train_flops(lengths: np.ndarray, shape: ModelFlops) -> float:
-    """Model FLOPs of one training pass (forward + backward) over examples of ``lengths``."""
-    n = lengths.astype(np.float64)
-    return shape.step_flops(float(n.sum()), float((n**2).sum()), len(n))
-
-
-def measured(run: dict[str, Any], lengths: np.ndarray, train_s: float, shape: ModelFlops) -> dict:
-    """``run`` with samples/s, real tokens/s and model GFLOP/s over ``train_s`` seconds."""
-    return {
-        **run,
-        "train_samples": len(lengths),
-        "train_tokens": int(lengths.sum()),
-        "train_s": train_s,
-        "samples_per_s": len(lengths) / train_s,
-        "tokens_per_s": float(lengths.sum()) / train_s,
-        "model_gflops_per_s": train_flops(lengths, shape) / train_s / 1e9,
-    }
-
-
-# ---------------------------------------------------------------- HF Trainer
+def rates(samples: int, tokens: int, flops: float, train_s: float) -> dict[str, Any]:
+    """Samples/s, real tokens/s and model GFLOP/s over ``train_s`` seconds of training."""
+    per_s = {"samples_per_s": samples / train_s, "tokens_per_s": tokens / train_s}
+    totals = {"train_samples": samples, "train_tokens": tokens, "train_s": train_s}
+    return {**totals, **per_s, "model_gflops_per_s": flops / train_s / 1e9}
 
 
 def hf_worker(args: argparse.Namespace) -> None:
-    """One HF Trainer run (``--hf``: best, dynamic or padded) in this process, on the
-    train shards; leaves its result for ``run_worker``."""
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        set_seed,
-    )
+    """One HF Trainer run (``--hf``: best, dynamic or padded) on the train shards."""
+    import transformers as hf
 
     from scilm_hpc.model_source import resolve_model_path
 
     source = resolve_model_path("minilm")
     items, labels = bench.shard_examples(args.shards)
-    examples = []
-    for item in items:
-        ids = item["input_ids"].tolist()
-        examples.append(
-            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": item["labels"]}
-        )
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    collator = (
-        DataCollatorWithPadding(tokenizer, padding="max_length", max_length=args.max_length)
-        if args.hf == "padded"
-        else DataCollatorWithPadding(tokenizer)
+    examples = [
+        {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": item["labels"]}
+        for item in items
+        for ids in [item["input_ids"].tolist()]
+    ]
+    tokenizer = hf.AutoTokenizer.from_pretrained(source)
+    padded = {"padding": "max_length", "max_length": args.max_length} if args.hf == "padded" else {}
+    best = {"train_sampling_strategy": "group_by_length", "bf16": args.precision == "bf16"}
+    hf.set_seed(args.seed)
+    model = hf.AutoModelForSequenceClassification.from_pretrained(
+        source, **bench.label_kwargs(labels)
     )
-    best = {"train_sampling_strategy": "group_by_length"} if args.hf == "best" else {}
-    if args.hf == "best" and args.precision == "bf16":
-        best["bf16"] = True
-    set_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(source, **bench.label_kwargs(labels))
     trainer, run = bench.hf_train(
         model,
         examples,
-        collator,
+        hf.DataCollatorWithPadding(tokenizer, **padded),
         args.out / "trainer",
         per_device_train_batch_size=args.micro_batch_size,
         num_train_epochs=args.epochs,
         learning_rate=args.lr,
-        warmup_steps=0.1,  # a ratio of the training steps, as scilm's train.warmup_ratio
-        lr_scheduler_type="linear",
         seed=args.seed,
-        use_cpu=True,
-        dataloader_pin_memory=False,
-        optim="adamw_torch_fused",
-        **best,
+        **HF_ARGS,
+        **(best if args.hf == "best" else {}),
     )
-    trainer.save_model(str(args.out / "export"))
-    tokenizer.save_pretrained(str(args.out / "export"))
+    export = str(args.out / "export")
+    trainer.save_model(export)
+    tokenizer.save_pretrained(export)
     steps = run.pop("step_s")
     run.pop("lrs")  # the schedule HF ran: not a figure here
-    bench.worker_result(
-        args.out,
-        {
-            **run,
-            "steps": len(steps),
-            "train_s": float(np.sum(steps)),
-            "step_s_median": bench.median(steps),
-            "train_samples": len(examples) * args.epochs,
-            "precision": args.precision if args.hf == "best" else "fp32",
-            "export": str(args.out / "export"),
-        },
-    )
+    precision = args.precision if args.hf == "best" else "fp32"
+    run |= {"steps": len(steps), "train_s": float(np.sum(steps))}
+    run |= {"step_s_median": bench.median(steps), "train_samples": len(examples) * args.epochs}
+    run |= {"precision": precision, "export": export}
+    bench.worker_result(args.out, run)
 
 
-def hf_run(
-    kind: str, args: argparse.Namespace, shards: Path, shape: ModelFlops, max_length: int
-) -> dict:
+def hf_run(kind: str, args: Any, shards: Path, shape: ModelFlops, max_length: int) -> dict:
     """hf_best, hf_dynamic or hf_padded in a worker process."""
     from scilm_hpc.data.dataset import ShardDataset
 
+    options = {k: getattr(args, k) for k in HF_OPTIONS}
+    out = shards.parent / f"hf_{kind}"
     run = bench.run_worker(
-        __file__,
-        shards.parent / f"hf_{kind}",
-        CPU_ENV,
-        hf=kind,
-        shards=shards,
-        max_length=max_length,
-        **{k: getattr(args, k) for k in ("epochs", "micro_batch_size", "lr", "seed", "precision")},
+        __file__, out, CPU_ENV, hf=kind, shards=shards, max_length=max_length, **options
     )
     lengths = np.tile(ShardDataset(shards, "train").lengths(), args.epochs)
     run["ranks"] = 1
     run["padded_tokens"] = len(lengths) * max_length if kind == "padded" else None
-    return measured(run, lengths, run["train_s"], shape)
-
-
-# ---------------------------------------------------------------- scilm runs
+    n = lengths.astype(np.float64)
+    flops = shape.step_flops(float(n.sum()), float((n**2).sum()), len(n))
+    return {**run, **rates(len(lengths), int(lengths.sum()), flops, run["train_s"])}
 
 
 def scilm_finetune(name: str, out: Path, shards: Path, overrides: list[str]) -> dict[str, Any]:
-    """Run ``scilm finetune`` with ``overrides``; figures from its metrics.jsonl (one row
-    per step: that step's samples, tokens, seconds, model FLOPs per token and
-    data-loading seconds)."""
+    """``scilm finetune`` with ``overrides``; figures from its metrics.jsonl (a row a step)."""
     import yaml
 
     run_dir = out / name
     cmd = bench.finetune_command(run_dir, shards, *overrides)
-    proc = bench.run_measured(cmd, out / f"{name}.log", {**os.environ, **CPU_ENV})
+    proc = bench.run_measured(cmd, out / f"{name}.log", CPU_ENV)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     steps = bench.step_rows(run_dir)
     train_s = float(sum(r["step_s"] for r in steps))
@@ -198,25 +135,16 @@ def scilm_finetune(name: str, out: Path, shards: Path, overrides: list[str]) -> 
         "zero_stage": config["zero"]["stage"],
         "precision": config["train"]["precision"],
         "steps": len(steps),
-        "train_samples": samples,
-        "train_tokens": tokens,
-        "train_s": train_s,
-        "samples_per_s": samples / train_s,
+        **rates(samples, tokens, flops, train_s),
         "samples_per_s_step_median": bench.median(r["samples_per_s"] for r in steps),
-        "tokens_per_s": tokens / train_s,
-        "model_gflops_per_s": flops / train_s / 1e9,
         "data_s_per_step_median": float(np.median(data_s)),
         "data_fraction": float(data_s.sum() / train_s),
         "final_loss": steps[-1]["loss"],
     }
 
 
-# ---------------------------------------------------------------- main
-
-
 def prepare(out: Path, samples: int | None, seed: int, max_length: int) -> Path:
-    """SciCite shards cut at ``max_length`` tokens (train: ``samples`` examples, a
-    seeded random subset; dev whole)."""
+    """SciCite shards cut at ``max_length`` (train: a seeded subset of ``samples``; dev)."""
     splits = bench.scicite("train", "dev")
     if samples:
         lines = splits["train"].read_text(encoding="utf-8").splitlines()
@@ -227,66 +155,36 @@ def prepare(out: Path, samples: int | None, seed: int, max_length: int) -> Path:
     return bench.prepare_shards(out, splits, f"data.max_length={max_length}")
 
 
-def example_set(
-    name: str, max_length: int, args: argparse.Namespace, shape: ModelFlops
-) -> dict[str, dict[str, Any]]:
+def example_set(name: str, max_length: int, args: Any, shape: ModelFlops) -> dict[str, dict]:
     """Every trainer on one example set; results keyed ``SET/RUN``."""
     out = args.out / name
     shards = prepare(out, args.samples or None, args.seed, max_length)
     kinds = ["best", "dynamic"] + (["padded"] if args.history and name == "scicite" else [])
     runs = {f"{name}/hf_{kind}": hf_run(kind, args, shards, shape, max_length) for kind in kinds}
-    train = [
-        f"train.precision={args.precision}",
-        f"train.micro_batch_size={args.micro_batch_size}",
-        f"train.seed={args.seed}",
-    ]
-    scilm = [
-        "cluster=none",
-        f"zero.stage={args.zero_stage}",
-        *train,
-        f"train.epochs={args.epochs}",
-        f"train.lr={args.lr}",
-        "train.warmup_ratio=0.1",
-    ]
+    train = [f"train.{k}={getattr(args, k)}" for k in ("precision", "micro_batch_size", "seed")]
+    scilm = ["cluster=none", f"zero.stage={args.zero_stage}", *train, f"train.epochs={args.epochs}"]
+    scilm += [f"train.lr={args.lr}", "train.warmup_ratio=0.1"]
     runs[f"{name}/scilm"] = scilm_finetune("scilm", out, shards, scilm)
     if args.compile:  # the compile lands in the first step's time, which counts
-        runs[f"{name}/scilm_compiled"] = scilm_finetune(
-            "scilm_compiled", out, shards, [*scilm, "train.compile=true"]
-        )
+        compiled = [*scilm, "train.compile=true"]
+        runs[f"{name}/scilm_compiled"] = scilm_finetune("scilm_compiled", out, shards, compiled)
     for key, run in runs.items():
         dev = bench.eval_metrics(run.pop("export"), shards, "dev", out / f"dev_{key.split('/')[1]}")
         run["dev_macro_f1"] = 100.0 * dev["macro_f1"]
+    zero_steps = [f"train.max_steps={args.zero_steps}", *train]
     for stage in (2, 3) if args.zero_steps and name == "scicite" else ():
-        zero = [
-            *bench.ranks_cluster(2),
-            f"zero.stage={stage}",
-            f"train.max_steps={args.zero_steps}",
-        ]
-        runs[f"{name}/zero{stage}_2ranks"] = scilm_finetune(
-            f"zero{stage}", out, shards, [*zero, *train]
-        )
+        zero = [*bench.ranks_cluster(2), f"zero.stage={stage}", *zero_steps]
+        runs[f"{name}/zero{stage}_2ranks"] = scilm_finetune(f"zero{stage}", out, shards, zero)
     return runs
 
 
 def main() -> None:
-    parser = bench.command_line(
-        __doc__,
-        hidden={"worker": False, "hf": "", "shards": (Path, None), "max_length": MAX_LENGTH},
-        epochs=1,
-        micro_batch_size=16,
-        lr=5e-5,
-        seed=42,
-        out=None,
-    )
+    parser = bench.command_line(__doc__, hidden=HIDDEN, out=None, **DEFAULTS)
     parser.add_argument("--samples", type=int, default=2000, help="training examples (0: all)")
     parser.add_argument("--sets", default="scicite,short", help="scicite, short or both")
     parser.add_argument("--short-length", type=int, default=20, help="tokens of a short text")
-    parser.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="precision of scilm and hf_best; auto: bf16 where the CPU multiplies bf16 natively",
-    )
+    precisions = ["auto", "fp32", "bf16"]  # auto: bf16 where the CPU multiplies it natively
+    parser.add_argument("--precision", choices=precisions, default="auto", help="scilm, hf_best")
     parser.add_argument("--zero-stage", type=int, default=0, help="scilm's zero.stage")
     parser.add_argument("--zero-steps", type=int, default=0, help="steps of each ZeRO run")
     parser.add_argument("--history", action="store_true", help="add hf_padded (SciCite)")
@@ -294,8 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(CPU_ENV)
     if args.worker:
-        hf_worker(args)
-        return
+        return hf_worker(args)
     args.out = bench.work_dir(args.out, "tput")
 
     from scilm_hpc.model_source import resolve_model_path
@@ -327,22 +224,21 @@ def main() -> None:
         "flops_formula": "scilm_hpc.train.flops: 6*N*tokens + 12*layers*hidden*sum(len^2)",
     }
     for name in args.sets.split(","):
-        best, dynamic, scilm = (runs[f"{name}/{k}"] for k in ("hf_best", "hf_dynamic", "scilm"))
-        figures[f"{name}_ratio_vs_hf_best"] = scilm["samples_per_s"] / best["samples_per_s"]
-        figures[f"{name}_ratio_vs_hf_dynamic"] = scilm["samples_per_s"] / dynamic["samples_per_s"]
+        scilm = runs[f"{name}/scilm"]
+        for hf in ("hf_best", "hf_dynamic", "hf_padded"):
+            if f"{name}/{hf}" in runs:
+                ratio = scilm["samples_per_s"] / runs[f"{name}/{hf}"]["samples_per_s"]
+                figures[f"{name}_ratio_vs_{hf}"] = ratio
         figures[f"{name}_mfu_scilm"] = scilm["mfu"]
-        figures[f"{name}_dev_macro_f1_vs_hf_best"] = scilm["dev_macro_f1"] - best["dev_macro_f1"]
-        if f"{name}/hf_padded" in runs:
-            padded = runs[f"{name}/hf_padded"]
-            figures[f"{name}_ratio_vs_hf_padded"] = scilm["samples_per_s"] / padded["samples_per_s"]
+        best_f1 = runs[f"{name}/hf_best"]["dev_macro_f1"]
+        figures[f"{name}_dev_macro_f1_vs_hf_best"] = scilm["dev_macro_f1"] - best_f1
     if "scicite/zero2_2ranks" in runs:
         z2, z3 = runs["scicite/zero2_2ranks"], runs["scicite/zero3_2ranks"]
         figures["zero3_vs_zero2_samples_per_s"] = z3["samples_per_s"] / z2["samples_per_s"]
         figures["zero3_vs_zero2_peak_rss"] = z3["peak_rss_mb"] / z2["peak_rss_mb"]
     figures["runs"] = runs
-    bench.table(
-        list(runs), {key: [run.get(key) for run in runs.values()] for key in TABLE.split()}, 18, 20
-    )
+    rows = {k: [run.get(k) for run in runs.values()] for k in TABLE.split()}
+    bench.table(list(runs), rows, 18, 20)
     bench.report(figures, digits=3)
 
 

@@ -1,29 +1,14 @@
 """Causal-LM training throughput and MFU: ``scilm finetune`` against the HF Trainer.
 
-The GPU half of the throughput benchmark (issue 7): a Llama-shaped causal LM
-initialised from its config (random weights, no download), trained for the same
-steps on the same token ids by
-
-  (a) HF ``transformers.Trainer`` (bf16 on a GPU: ``bf16=True``, its default AdamW;
-      fp32 on CPU), batches collated exactly as scilm collates them;
-  (c) ``scilm finetune task=causal_lm`` on one rank: ``train.precision=bf16``
-      (DeepSpeed bf16 on a GPU, bf16 autocast on a CPU with native bf16) and
-      ``--zero-stage`` (default 2).
-
-Corpus: SciCite training sentences (``../shared/data/scicite``), consecutive sentences
-joined into documents of about ``--seq-len`` tokens, so every sequence is nearly full.
-Tokenizer: the packaged MiniLM's (vocabulary 30,522); the model dir is written once
-under ``--out`` and reused.
-
-Printed per trainer: median step time over the steps after ``--warmup`` (first steps
-compile kernels and grow allocators), samples/s, tokens/s, peak RSS, peak GPU memory
-(``nvidia-smi`` polled, whole device), model TFLOP/s and MFU against the bf16 (or
-fp32) matrix-multiply peak this script measures on the same device, and against
-``--nominal-tflops`` where given (989 for an H100 SXM's dense bf16). Model FLOPs:
-the library's count (``scilm_hpc.train.flops``: 6 * N + 12 * L * d * s per token, N the
-weights of matrix multiplies, lm_head included; PaLM appendix B); scilm's figures come
-from its metrics.jsonl, the HF Trainer's from the same count at the mean length. One
-JSON line at the end.
+The GPU half of the throughput benchmark (issue 7): a Llama-shaped causal LM built from
+its config (random weights, MiniLM's tokenizer, made once under ``--out``) trained for the
+same steps on the same token ids (SciCite sentences joined into documents of about
+``--seq-len`` tokens) by (a) the HF ``Trainer`` (bf16 on a GPU, fp32 on a CPU; scilm's
+collation) and (c) ``scilm finetune task=causal_lm`` on one rank (bf16, ``--zero-stage``).
+Per trainer: median step time after ``--warmup`` steps, samples/s, tokens/s, peak RSS,
+peak GPU memory (``nvidia-smi``, whole device), model TFLOP/s (``scilm_hpc.train.flops``)
+and MFU against the matmul peak measured here and against ``--nominal-tflops`` (989 for
+an H100 SXM's dense bf16).
 
     python benchmarks/train_throughput_lm.py                       # 1B on the GPU
     python benchmarks/train_throughput_lm.py --size tiny --steps 20 # CPU check (~3 min)
@@ -39,24 +24,14 @@ from typing import Any
 import _common as bench
 import numpy as np
 
-SIZES: dict[str, dict[str, int]] = {
-    # TinyLlama-1.1B's shape with MiniLM's vocabulary: 1.1B parameters
-    "1b": {
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 22,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 4,
-    },
-    # a CPU check of the whole path (about 3.9M parameters)
-    "tiny": {
-        "hidden_size": 64,
-        "intermediate_size": 176,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    },
+SIZES = {
+    "1b": bench.llama_shape(2048, 5632, 22, 32, 4),  # TinyLlama-1.1B's shape
+    "tiny": bench.llama_shape(64, 176, 2, 4, 2),  # a CPU check (about 3.9M parameters)
 }
+DEFAULTS = dict(steps=60, micro_batch_size=8, seq_len=512, zero_stage=2, lr=1e-4, seed=42)
+HIDDEN = {"worker": False, "shards": (Path, None), "model_dir": (Path, None)}
+HF_OPTIONS = ("model_dir", "steps", "micro_batch_size", "lr", "seed")
+TABLE = "samples_per_s tokens_per_s model_tflops_per_s mfu peak_rss_mb gpu_peak_mb"
 
 
 def on_gpu() -> bool:
@@ -92,9 +67,8 @@ def write_corpus(out: Path, model_dir: Path, seq_len: int) -> Path:
 
 
 def model_flops_per_token(model_dir: Path, seq_len: int) -> tuple[float, int]:
-    """(training FLOPs per token, weights in matrix multiplies) of the model in
-    ``model_dir`` for sequences of ``seq_len`` tokens: the library's count
-    (``scilm_hpc.train.flops``, what scilm logs in metrics.jsonl), shapes only."""
+    """Training FLOPs per token at ``seq_len`` tokens (the library's count, what scilm
+    logs) and the weights in matrix multiplies, of the model in ``model_dir``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -150,6 +124,7 @@ def summarize(step_s: list[float], args: Any) -> dict[str, Any]:
 def scilm_finetune(args: Any, shards: Path) -> dict[str, Any]:
     """(c): ``scilm finetune task=causal_lm`` on one rank."""
     run_dir = args.out / "scilm"
+    train = [f"train.{k}={getattr(args, k)}" for k in ("micro_batch_size", "lr", "seed")]
     cmd = bench.finetune_command(
         run_dir,
         shards,
@@ -160,76 +135,46 @@ def scilm_finetune(args: Any, shards: Path) -> dict[str, Any]:
         f"zero.stage={args.zero_stage}",
         "train.precision=bf16",
         f"train.max_steps={args.steps}",
-        f"train.micro_batch_size={args.micro_batch_size}",
-        f"train.lr={args.lr}",
-        f"train.seed={args.seed}",
+        *train,
     )
-    proc = bench.run_measured(cmd, args.out / "scilm.log", {**os.environ, **device_env()}, gpu=True)
+    proc = bench.run_measured(cmd, args.out / "scilm.log", device_env(), gpu=True)
     steps = bench.step_rows(run_dir)
+    timed = steps[args.warmup :] or steps
     return {
         **proc,
         "precision": "bf16",
         "zero_stage": args.zero_stage,
         "data_fraction_median": bench.median(r["data_fraction"] for r in steps),
-        # the model FLOP/s scilm logged, over the timed steps
-        "model_tflops_per_s": bench.median(
-            r["model_tflops"] for r in steps[args.warmup :] or steps
-        ),
+        "model_tflops_per_s": bench.median(r["model_tflops"] for r in timed),  # as scilm logged
         **summarize([r["step_s"] for r in steps], args),
     }
 
 
 def main() -> None:
-    parser = bench.command_line(
-        __doc__,
-        hidden={"worker": False, "shards": (Path, None), "model_dir": (Path, None)},
-        steps=60,
-        micro_batch_size=8,
-        seq_len=512,
-        zero_stage=2,
-        lr=1e-4,
-        seed=42,
-        out=None,
-    )
+    parser = bench.command_line(__doc__, hidden=HIDDEN, out=None, **DEFAULTS)
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--warmup", type=int, default=10, help="first steps not timed")
     parser.add_argument("--nominal-tflops", type=float, help="the device's datasheet peak")
     args = parser.parse_args()
     os.environ.update(device_env())
     if args.worker:
-        hf_worker(args)
-        return
+        return hf_worker(args)
     args.out = bench.work_dir(args.out, "lm")
     gpu = on_gpu()
+    from scilm_hpc.data.dataset import ShardDataset
     from scilm_hpc.train.loop import cpu_has_native_bf16
 
     peak = {k: v / 1e3 for k, v in bench.matmul_peaks("cuda" if gpu else "cpu").items()}  # TFLOP/s
-    args.model_dir = bench.random_llama(
-        args.out / f"llama-{args.size}", SIZES[args.size], max(args.seq_len, 128)
-    )
-    shards = bench.prepare_shards(
-        args.out,
-        {"train": write_corpus(args.out, args.model_dir, args.seq_len)},
-        "task=causal_lm",
-        "data.format=text",
-        f"model.name_or_path={args.model_dir}",
-        f"data.max_length={args.seq_len}",
-    )
-    from scilm_hpc.data.dataset import ShardDataset
-
+    shape, positions = SIZES[args.size], max(args.seq_len, 128)
+    args.model_dir = bench.random_llama(args.out / f"llama-{args.size}", shape, positions)
+    corpus = {"train": write_corpus(args.out, args.model_dir, args.seq_len)}
+    lm = ["task=causal_lm", "data.format=text", f"model.name_or_path={args.model_dir}"]
+    shards = bench.prepare_shards(args.out, corpus, *lm, f"data.max_length={args.seq_len}")
     # documents are cut at about seq_len tokens; the FLOPs use the mean real length
     args.seq_len = int(round(float(np.mean(ShardDataset(shards, "train").lengths()))))
     flops_token, params = model_flops_per_token(args.model_dir, args.seq_len)
-    options = ("steps", "micro_batch_size", "lr", "seed")
-    hf = bench.run_worker(
-        __file__,
-        args.out / "hf",
-        device_env(),
-        gpu=True,
-        shards=shards,
-        model_dir=args.model_dir,
-        **{k: getattr(args, k) for k in options},
-    )
+    options = {k: getattr(args, k) for k in HF_OPTIONS}
+    hf = bench.run_worker(__file__, args.out / "hf", device_env(), True, shards=shards, **options)
     # (a) on a CPU is fp32 (HF's CPU bf16 is an autocast like scilm's: compare the
     # default a tutorial gets); its MFU is against the fp32 peak. Its first step is
     # not timed either (steps from the end of the first).
@@ -254,15 +199,7 @@ def main() -> None:
         "ratio_vs_hf": runs["scilm"]["samples_per_s"] / runs["hf"]["samples_per_s"],
         "runs": runs,
     }
-    keys = (
-        "samples_per_s",
-        "tokens_per_s",
-        "model_tflops_per_s",
-        "mfu",
-        "peak_rss_mb",
-        "gpu_peak_mb",
-    )
-    bench.table(list(runs), {k: [run[k] for run in runs.values()] for k in keys})
+    bench.table(list(runs), {k: [run[k] for run in runs.values()] for k in TABLE.split()})
     print(f"scilm / hf: {figures['ratio_vs_hf']:.2f}x; bf16 matmul peak {peak['bf16']:.2f} TFLOP/s")
     print(json.dumps(figures))
 
