@@ -15,7 +15,14 @@ optimizer step's end to the next, data loading included as in scilm's figure).
 
 Goal (issue 17): metric not below the HF Trainer's, >= 1.5x its samples/s.
 
+``--precision bf16`` trains both in mixed precision (scilm ``train.precision=bf16``:
+bf16 autocast on CPU, fp32 weights; HF ``bf16=True``, the same on CPU), ``auto`` what
+scilm's auto resolves to on this machine (bf16 where it multiplies bf16 natively).
+``--scilm-only`` skips the HF Trainer: run it once per precision to compare scilm's
+seconds per step and loss (``s_per_step_median``, ``final_loss`` in the figures).
+
     python benchmarks/protein.py [--tasks gb1 paratope] [--max-steps 40] [--batch 16]
+        [--precision fp32|bf16|auto] [--scilm-only]
 """
 
 from __future__ import annotations
@@ -52,6 +59,13 @@ def test_metrics(model_dir: Path, shards: Path, task: str, examples: int) -> dic
     model = load_model(str(model_dir), task).eval()
     test = ShardDataset(shards, "test")
     return dataset_metrics(model, test, task, 0, 64, examples)
+
+
+def resolved_precision(args: Any) -> str:
+    """``--precision`` with ``auto`` resolved as scilm resolves it on this machine's CPU."""
+    from scilm_hpc.runtime.hardware import cpu_has_native_bf16, precision_for
+
+    return precision_for(getattr(args, "precision", "fp32"), cpu_has_native_bf16())
 
 
 def hf_trainer(model_dir: Path, shards: Path, task: str, out: Path, args: Any) -> dict[str, Any]:
@@ -100,6 +114,7 @@ def hf_trainer(model_dir: Path, shards: Path, task: str, out: Path, args: Any) -
         lr_scheduler_type="linear",
         seed=args.seed,
         use_cpu=True,
+        bf16=resolved_precision(args) == "bf16",
     )
     wall = time.perf_counter() - start
     trainer.save_model(str(out / "model"))
@@ -146,6 +161,7 @@ def scilm_finetune(name: str, model_dir: Path, out: Path, args: Any) -> tuple[Pa
             f"train.micro_batch_size={args.batch}",
             f"train.lr={args.lr}",
             f"train.seed={args.seed}",
+            f"train.precision={getattr(args, 'precision', 'fp32')}",
             "zero.stage=0",
         )
     )
@@ -156,14 +172,23 @@ def run_task(name: str, model_dir: Path, out: Path, args: Any) -> dict[str, Any]
     spec = TASKS[name]
     root = out / name
     run_dir, shards, wall = scilm_finetune(name, model_dir, out, args)
+    steps = bench.step_rows(run_dir)
     ours = {
-        "samples_per_s_median": bench.median(r["samples_per_s"] for r in bench.step_rows(run_dir)),
+        "samples_per_s_median": bench.median(r["samples_per_s"] for r in steps),
+        "s_per_step_median": bench.median(r["step_s"] for r in steps),
+        "final_loss": float(steps[-1]["loss"]),
         "wall_s": wall,
         **pick(test_metrics(run_dir / "export", shards, str(spec["task"]), args.test_examples)),
     }
+    keys = ["samples_per_s_median", "wall_s", *(f"test_{k}" for k in spec["metrics"])]
+    if args.scilm_only:
+        return {
+            "task": spec["task"],
+            "scilm": {k: ours[k] for k in ["s_per_step_median", "final_loss", *keys]},
+            "test_examples": int(ours["test_n_examples"]),
+        }
     hf = hf_trainer(model_dir, shards, str(spec["task"]), root / "hf", args)
     hf.update(pick(test_metrics(hf.pop("model"), shards, str(spec["task"]), args.test_examples)))
-    keys = ["samples_per_s_median", "wall_s", *(f"test_{k}" for k in spec["metrics"])]
     return {
         "task": spec["task"],
         "scilm": {k: ours[k] for k in keys},
@@ -181,11 +206,19 @@ def main() -> None:
     parser = bench.command_line(__doc__, max_steps=40, batch=16, lr=5e-5, seed=42, out=None)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--test-examples", type=int, default=0, help="0: the whole test split")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
+        help="training precision of both runs (default: %(default)s)",
+    )
+    parser.add_argument("--scilm-only", action="store_true", help="skip the HF Trainer run")
     args = parser.parse_args()
     out = bench.work_dir(args.out, "protein")
     model_dir = import_antiberty(out)
     figures: dict[str, Any] = {"benchmark": "protein", "max_steps": args.max_steps}
     figures["batch"] = args.batch
+    figures["precision"] = resolved_precision(args)
     for name in args.tasks:
         figures[name] = run_task(name, model_dir, out, args)
         print(f"{name}: {json.dumps(figures[name])}", flush=True)

@@ -146,28 +146,50 @@ def _finetune_and_evaluate(tmp_path: Path, esm: Path, task: str, shards: Path, *
     return run, rows, json.loads((evaluated / "eval.json").read_text())["metrics"], predictions
 
 
+@pytest.fixture(scope="module")
+def esm_regression(tmp_path_factory, esm_dir) -> dict:
+    """The tiny ESM prepared, fine-tuned (4 epochs, one process) and evaluated on
+    regression rows; shared by the end-to-end test and the compression recipes."""
+    root = tmp_path_factory.mktemp("esm-regression")
+
+    def write(name: str, rows: list[dict]) -> Path:
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return root / name
+
+    rows = (fitness_rows(48, 1), fitness_rows(16, 2), fitness_rows(16, 3))
+    shards = _prepare(root, esm_dir, "regression", rows, write)
+    run, log, metrics, predictions = _finetune_and_evaluate(
+        root, esm_dir, "regression", shards, "train.epochs=4"
+    )
+    return {
+        "rows": rows,
+        "shards": shards,
+        "export": run / "export",
+        "log": log,
+        "metrics": metrics,
+        "predictions": predictions,
+    }
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_esm_regression_prepare_finetune_evaluate(tmp_path, esm_dir, write_jsonl):
+def test_esm_regression_prepare_finetune_evaluate(esm_dir, esm_regression):
     from transformers import AutoModelForSequenceClassification
 
     from scilm_hpc.data.dataset import ShardDataset
 
-    rows = (fitness_rows(48, 1), fitness_rows(16, 2), fitness_rows(16, 3))
-    shards = _prepare(tmp_path, esm_dir, "regression", rows, write_jsonl)
+    rows, shards = esm_regression["rows"], esm_regression["shards"]
     first = ShardDataset(shards, "train")[0]["input_ids"].tolist()
     tokenizer = load_tokenizer(str(esm_dir))
     # one token a residue, no separator, between ESM's <cls> and <eos>
     assert tokenizer.convert_ids_to_tokens(first) == ["<cls>", *rows[0][0]["sequence"], "<eos>"]
-    run, log, metrics, predictions = _finetune_and_evaluate(
-        tmp_path, esm_dir, "regression", shards, "train.epochs=4"
-    )
+    log, metrics = esm_regression["log"], esm_regression["metrics"]
     losses = [r["loss"] for r in log if "loss" in r and "dev_loss" not in r]
     assert len(losses) == 24 and np.mean(losses[-6:]) < np.mean(losses[:6])
-    model = AutoModelForSequenceClassification.from_pretrained(run / "export")
+    model = AutoModelForSequenceClassification.from_pretrained(esm_regression["export"])
     assert type(model).__name__ == "EsmForSequenceClassification"
     assert model.config.problem_type == "regression"
-    gold = [p["gold"] for p in predictions]
+    gold = [p["gold"] for p in esm_regression["predictions"]]
     np.testing.assert_allclose(gold, [r["label"] for r in rows[2]], rtol=1e-5)  # units back
     assert metrics["n_examples"] == 16 and {"spearman", "pearson", "mae", "rmse"} <= set(metrics)
 
@@ -189,3 +211,82 @@ def test_esm_per_residue_labels_prepare_finetune_evaluate(tmp_path, esm_dir, wri
     assert [len(p["pred"]) for p in predictions] == [len(r["sequence"]) for r in rows[2]]
     assert {"pr_auc", "roc_auc", "mcc", "f1"} <= set(metrics)
     assert metrics["roc_auc"] > 0.6  # W / Y residues and their neighbours: learnable
+
+
+# the recipes test_regression.py's prune50-recover run leaves out, on the ESM regression
+# model: int4 weight-only (groups cut to the model's width), structured FFN and 2:4, with
+# recovery cut to 2 steps and calibration to 2 batches
+ESM_RECIPES = {
+    "int4-weight": ["compress.steps.0.group_size=32"],
+    "structured30": ["compress.steps.0.calibration_batches=2", "compress.steps.1.steps=2"],
+    "nm24-recover": ["compress.steps.0.calibration_batches=2", "compress.steps.1.steps=2"],
+}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("recipe", list(ESM_RECIPES))
+def test_each_recipe_compresses_the_esm_regression_model(tmp_path, esm_regression, recipe):
+    """The recipe applies (int4 layers, narrower FFNs, two zeros in every four inputs),
+    the report's baseline is the evaluate job's figure, and the compressed directory
+    evaluates to the report's last Spearman."""
+    import torch
+
+    from scilm_hpc.compress import load_compressed
+    from scilm_hpc.compress.quantize import QuantizedEmbedding, WeightOnlyLinear
+    from scilm_hpc.compress.targets import prunable_linears
+
+    shards = esm_regression["shards"]
+    done = scilm_run(
+        "compress",
+        str(REPO / "jobs/compress.yaml"),
+        "task=regression",
+        "cluster=none",
+        f"run.dir={tmp_path / 'compress'}",
+        f"model.name_or_path={esm_regression['export']}",
+        f"data.shards={shards}",
+        f"compress={recipe}",
+        *ESM_RECIPES[recipe],
+        "compress.eval_split=test",
+        "compress.latency_repeats=1",
+        "train.micro_batch_size=8",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "compress" / "compress_report.json").read_text())
+    baseline = report["baseline"]
+    assert baseline["metrics"]["spearman"] == pytest.approx(esm_regression["metrics"]["spearman"])
+    last = report["steps"][-1]
+    compressed = tmp_path / "compress" / "compressed"
+    model = load_compressed(compressed)
+    assert type(model).__name__ == "EsmForSequenceClassification"
+    linears = prunable_linears(model)
+    assert len(linears) == 12  # 2 blocks x (q, k, v, attention out, FFN in, FFN out)
+    if recipe == "int4-weight":
+        assert all(isinstance(m, WeightOnlyLinear) and m.bits == 4 for m in linears.values())
+        assert isinstance(model.get_input_embeddings(), QuantizedEmbedding)
+        assert last["size_ratio"] > 2.5, last
+    elif recipe == "structured30":
+        meta = json.loads((compressed / "scilm_compression.json").read_text())
+        print(meta)
+        for block in model.esm.encoder.layer:
+            assert block.intermediate.dense.out_features == 48  # 64 x 0.7, to a multiple of 8
+            assert block.output.dense.in_features == 48
+        assert last["params"] < baseline["params"]
+    else:
+        for name, linear in linears.items():
+            groups = linear.weight.detach().reshape(linear.out_features, -1, 4)
+            zeros = (groups == 0).sum(-1)
+            assert torch.all(zeros == 2), name
+    done = scilm_run(
+        "evaluate",
+        str(REPO / "jobs/evaluate.yaml"),
+        "task=regression",
+        "cluster=none",
+        f"model.name_or_path={compressed}",
+        f"run.dir={tmp_path / 'eval'}",
+        f"data.shards={shards}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]
+    assert after["spearman"] == pytest.approx(last["metrics"]["spearman"])
+    assert after["mae"] == pytest.approx(last["metrics"]["mae"], rel=1e-4)

@@ -70,12 +70,27 @@ def masked_student(model_dir: str | Path, task: str | Task, gradual: bool) -> nn
     return model
 
 
+def _module_names(tensors: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """``tensors`` under the model's own names: transformers' save_pretrained writes some
+    models' LayerNorm parameters under their legacy names (ESM: ``LayerNorm.gamma`` /
+    ``.beta``), which only its from_pretrained maps back."""
+    out = {}
+    for key, value in tensors.items():
+        for legacy, name in ((".gamma", ".weight"), (".beta", ".bias")):
+            if key not in expected and key.endswith(legacy):
+                if (renamed := key[: -len(legacy)] + name) in expected:
+                    key = renamed
+        out[key] = value
+    return out
+
+
 def recovered_model(
     model_dir: str | Path, export_dir: str | Path, task: str | Task, gradual: bool
 ) -> nn.Module:
     """The recovered student: the recovery export's weights, masks folded in."""
     model = masked_student(model_dir, task, gradual)
     tensors = load_file(str(Path(export_dir) / "model.safetensors"))
+    tensors = _module_names(tensors, set(model.state_dict()))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or [k for k in missing if "position_ids" not in k]:
         raise RuntimeError(f"recovery export does not fit: {missing[:3]} {unexpected[:3]}")
