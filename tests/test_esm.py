@@ -266,9 +266,9 @@ def test_each_recipe_compresses_the_esm_regression_model(tmp_path, esm_regressio
         assert isinstance(model.get_input_embeddings(), QuantizedEmbedding)
         assert last["size_ratio"] > 2.5, last
     elif recipe == "structured30":
-        meta = json.loads((compressed / "scilm_compression.json").read_text())
-        print(meta)
-        for block in model.esm.encoder.layer:
+        shapes = json.loads((compressed / "scilm_compression.json").read_text())["linear_shapes"]
+        for i, block in enumerate(model.esm.encoder.layer):  # the saved shapes, then the model
+            assert shapes[f"esm.encoder.layer.{i}.intermediate.dense"] == [48, 32]
             assert block.intermediate.dense.out_features == 48  # 64 x 0.7, to a multiple of 8
             assert block.output.dense.in_features == 48
         assert last["params"] < baseline["params"]
