@@ -542,3 +542,27 @@ def scilm_lrs(overrides: list[str], steps: int) -> list[float]:
         lrs.append(float(optimizer.param_groups[0]["lr"]))
         scheduler.step()
     return lrs
+
+
+def seq2seq_finetune_overrides(
+    run_dir: Path, shards: Path, model: list[str], args: Any
+) -> list[str]:
+    """``scilm finetune`` overrides of the seq2seq benchmarks: SciTLDR fields, the ``model``
+    overrides, ``args.steps`` steps of ``args.micro_batch_size`` at ``args.lr`` on the linear
+    schedule with ``args.warmup_ratio``, a metrics row every step, no checkpoint or dev pass."""
+    return [
+        "cluster=none",
+        *SCITLDR_SEQ2SEQ,
+        *model,
+        f"run.dir={run_dir}",
+        f"data.shards={shards}",
+        f"train.max_steps={args.steps}",
+        f"train.micro_batch_size={args.micro_batch_size}",
+        f"train.lr={args.lr}",
+        "train.schedule=linear",
+        f"train.warmup_ratio={args.warmup_ratio}",
+        f"train.precision={args.precision}",
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+    ]

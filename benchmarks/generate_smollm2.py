@@ -164,22 +164,7 @@ def main() -> None:
     zero_shot = rouge(model_dir, "zero-shot")
 
     run_dir = root / "scilm"
-    overrides = [
-        "cluster=none",
-        *bench.SCITLDR_SEQ2SEQ,
-        model,
-        f"run.dir={run_dir}",
-        f"data.shards={shards}",
-        f"train.max_steps={args.steps}",
-        f"train.micro_batch_size={args.micro_batch_size}",
-        f"train.lr={args.lr}",
-        "train.schedule=linear",
-        f"train.warmup_ratio={args.warmup_ratio}",
-        f"train.precision={args.precision}",
-        "train.log_every=1",
-        "train.checkpoint_every=0",
-        "train.eval_every=0",
-    ]
+    overrides = bench.seq2seq_finetune_overrides(run_dir, shards, [model], args)
     lrs = bench.scilm_lrs(overrides, args.steps)
     wall = bench.run(bench.job_command("finetune", *overrides), log=root / "scilm.log")
     steps = bench.step_rows(run_dir)
