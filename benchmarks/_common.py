@@ -566,3 +566,29 @@ def seq2seq_finetune_overrides(
         "train.checkpoint_every=0",
         "train.eval_every=0",
     ]
+
+
+def cpu_precision(requested: str) -> str:
+    """``requested`` (fp32, bf16 or auto) as scilm resolves it on this machine's CPU."""
+    from scilm_hpc.runtime.hardware import cpu_has_native_bf16, precision_for
+
+    return precision_for(requested, cpu_has_native_bf16())
+
+
+def hf_best_on_scilm_lrs(args: Any, lrs: list[float]) -> dict[str, Any]:
+    """``TrainingArguments`` of the HF trainer at its best for the seq2seq benchmarks:
+    ``args.steps`` steps of ``args.micro_batch_size``, scilm's per-step learning rates
+    ``lrs`` (as ``hf_train``'s ``lr_factors``), its precision, length grouping, fused AdamW."""
+    return {
+        "per_device_train_batch_size": args.micro_batch_size,
+        "max_steps": args.steps,
+        "learning_rate": args.lr,
+        "lr_factors": [lr / args.lr for lr in lrs],  # scilm's schedule, step for step
+        "seed": 42,
+        "bf16": cpu_precision(args.precision) == "bf16",
+        "use_cpu": True,
+        "train_sampling_strategy": "group_by_length",
+        "optim": "adamw_torch_fused",
+        "dataloader_pin_memory": False,
+        "remove_unused_columns": False,
+    }

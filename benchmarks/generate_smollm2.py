@@ -58,7 +58,6 @@ def hf_run(
 
     from scilm_hpc.data.dataset import ShardDataset
     from scilm_hpc.model_source import load_tokenizer
-    from scilm_hpc.runtime.hardware import cpu_has_native_bf16
 
     tokenizer = load_tokenizer(str(model_dir))
     side = tokenizer.padding_side
@@ -79,23 +78,12 @@ def hf_run(
         tokens.append(int(batch["attention_mask"].sum()))
         return batch
 
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_native_bf16())
     trainer, timed = bench.hf_train(
         model,
         examples,
         collate,
         out / "trainer",
-        per_device_train_batch_size=args.micro_batch_size,
-        max_steps=args.steps,
-        learning_rate=args.lr,
-        lr_factors=[lr / args.lr for lr in lrs],  # scilm's schedule, step for step
-        seed=42,
-        bf16=bf16,
-        use_cpu=True,
-        train_sampling_strategy="group_by_length",
-        optim="adamw_torch_fused",
-        dataloader_pin_memory=False,
-        remove_unused_columns=False,
+        **bench.hf_best_on_scilm_lrs(args, lrs),
     )
     mean_loss = float(trainer.state.log_history[-1]["train_loss"])
     trainer.save_model(str(out / "model"))
@@ -110,7 +98,7 @@ def hf_run(
         "tokens_per_s": bench.median(tokens[k] / step_s[k] for k in timed_steps),
         "s_per_step": bench.median(step_s[args.skip :]),
         "mean_loss": mean_loss,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": bench.cpu_precision(args.precision),
         "threads": timed["threads"],
         "optimizer": timed["optimizer"],
         "lrs": timed["lrs"],

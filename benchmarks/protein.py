@@ -61,13 +61,6 @@ def test_metrics(model_dir: Path, shards: Path, task: str, examples: int) -> dic
     return dataset_metrics(model, test, task, 0, 64, examples)
 
 
-def resolved_precision(args: Any) -> str:
-    """``--precision`` with ``auto`` resolved as scilm resolves it on this machine's CPU."""
-    from scilm_hpc.runtime.hardware import cpu_has_native_bf16, precision_for
-
-    return precision_for(getattr(args, "precision", "fp32"), cpu_has_native_bf16())
-
-
 def hf_trainer(model_dir: Path, shards: Path, task: str, out: Path, args: Any) -> dict[str, Any]:
     """Train with ``transformers.Trainer`` on the training shards' examples; its
     median per-step samples/s and the saved model's directory."""
@@ -114,7 +107,7 @@ def hf_trainer(model_dir: Path, shards: Path, task: str, out: Path, args: Any) -
         lr_scheduler_type="linear",
         seed=args.seed,
         use_cpu=True,
-        bf16=resolved_precision(args) == "bf16",
+        bf16=bench.cpu_precision(getattr(args, "precision", "fp32")) == "bf16",
     )
     wall = time.perf_counter() - start
     trainer.save_model(str(out / "model"))
@@ -218,7 +211,7 @@ def main() -> None:
     model_dir = import_antiberty(out)
     figures: dict[str, Any] = {"benchmark": "protein", "max_steps": args.max_steps}
     figures["batch"] = args.batch
-    figures["precision"] = resolved_precision(args)
+    figures["precision"] = bench.cpu_precision(getattr(args, "precision", "fp32"))
     for name in args.tasks:
         figures[name] = run_task(name, model_dir, out, args)
         print(f"{name}: {json.dumps(figures[name])}", flush=True)

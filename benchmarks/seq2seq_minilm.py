@@ -49,7 +49,6 @@ def hf_run(args: argparse.Namespace, shards: Path, out: Path, lrs: list[float]) 
 
     from scilm_hpc.data.dataset import ShardDataset
     from scilm_hpc.model_source import load_tokenizer, packaged_minilm_path
-    from scilm_hpc.runtime.hardware import cpu_has_native_bf16
     from scilm_hpc.schema import DataConfig
     from scilm_hpc.tasks.seq2seq import Seq2Seq
 
@@ -63,24 +62,13 @@ def hf_run(args: argparse.Namespace, shards: Path, out: Path, lrs: list[float]) 
         item = train[i]
         ids, cut = item["input_ids"].astype(np.int64), int(item["source_length"])
         examples.append({"input_ids": ids[:cut].tolist(), "labels": ids[cut:].tolist()})
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_native_bf16())
     trainer, timed = bench.hf_train(
         model,
         examples,
         DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
         out / "trainer",
         seq2seq=True,
-        per_device_train_batch_size=args.micro_batch_size,
-        max_steps=args.steps,
-        learning_rate=args.lr,
-        lr_factors=[lr / args.lr for lr in lrs],  # scilm's schedule, step for step
-        seed=42,
-        bf16=bf16,
-        use_cpu=True,
-        train_sampling_strategy="group_by_length",
-        optim="adamw_torch_fused",
-        dataloader_pin_memory=False,
-        remove_unused_columns=False,
+        **bench.hf_best_on_scilm_lrs(args, lrs),
     )
     trainer.save_model(str(out / "model"))
     tokenizer.save_pretrained(out / "model")
@@ -88,7 +76,7 @@ def hf_run(args: argparse.Namespace, shards: Path, out: Path, lrs: list[float]) 
     return {
         "samples_per_s": args.micro_batch_size / bench.median(step_s[args.skip :]),
         "mean_loss": float(trainer.state.log_history[-1]["train_loss"]),
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": bench.cpu_precision(args.precision),
         "threads": timed["threads"],
         "lrs": timed["lrs"],
     }
