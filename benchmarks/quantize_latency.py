@@ -16,7 +16,9 @@ group 64, if it runs on this CPU), ``scilm-int8-weight`` / ``scilm-int4-weight``
 (scilm's own weight-only layers); ``ao-int8-dynamic-onednn`` (the native path with its
 weights packed under torch's ``onednn`` quantized engine instead of the default ``x86``),
 ``torchao-int8-dynamic-compiled`` and ``fp32-compiled`` (``torch.compile``; the first
-call of each new shape compiles, outside the timed rounds). The prunable linear layers
+call of each new shape compiles, outside the timed rounds); ``pt2e-int8-static`` (the
+``int8-static`` recipe: torchao's PT2E static int8, calibrated on 256 other test
+sentences, compiled by inductor with dynamic shapes on first call). The prunable linear layers
 are quantised in every case (``compress.targets.prunable_linears``), as the compress job
 does.
 
@@ -84,8 +86,24 @@ def variants() -> dict[str, Any]:
 
         return run
 
+    def static(model: Any) -> Any:
+        from transformers import AutoTokenizer
+
+        from scilm_hpc.compress.static_quant import static_int8
+        from scilm_hpc.model_source import packaged_minilm_path
+
+        tokenizer = AutoTokenizer.from_pretrained(packaged_minilm_path())
+        rows = texts(456)[200:]  # calibration: sentences the timed batches do not use
+        batches = [
+            dict(tokenizer(rows[i : i + 32], truncation=True, padding=True, return_tensors="pt"))
+            for i in range(0, len(rows), 32)
+        ]
+        batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
+        return static_int8(model, prunable_linears(model), batches)
+
     return {
         "fp32": lambda m: None,
+        "pt2e-int8-static": static,
         "ao-int8-dynamic": ours("dynamic", 8, None),
         "ao-int8-dynamic-onednn": under_engine("onednn", ours("dynamic", 8, None)),
         "torchao-int8-dynamic-compiled": compiled(torchao("dynamic", 8, None)),
@@ -141,8 +159,8 @@ def main() -> None:
             continue
         model = copy.deepcopy(dense)
         try:
-            wrapped = make(model)  # compiled variants return a wrapper
-            model = model if wrapped is None else wrapped
+            wrapped = make(model)  # compiled and static variants return a new module
+            model = wrapped if isinstance(wrapped, torch.nn.Module) else model
             with torch.no_grad():
                 model(**tokenizer(["warm up"], return_tensors="pt"))
         except Exception as error:  # a recipe this CPU / build cannot run: say so, go on

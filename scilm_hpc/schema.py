@@ -251,7 +251,7 @@ PRUNE_METHODS = ("magnitude", "wanda")
 PRUNE_PATTERNS = ("unstructured", "nm", "ffn", "heads")
 PRUNE_SCOPES = ("layer", "global")
 PRUNE_SCHEDULES = ("oneshot", "gradual")
-QUANT_METHODS = ("dynamic", "weight_only")
+QUANT_METHODS = ("dynamic", "weight_only", "static")
 QUANT_BACKENDS = ("native", "torchao")
 
 
@@ -289,7 +289,10 @@ class CompressStep:
     (``alpha`` x KD loss at ``temperature`` + (1 - alpha) x task loss) with the
     ``train`` section's optimiser, masks fixed. ``quantize``: ``method`` dynamic
     (int8 activations and weights, CPU) | weight_only (``bits`` 8|4, per output
-    channel or per ``group_size`` inputs); ``embeddings`` also quantises the word
+    channel or per ``group_size`` inputs) | static (int8 weights and activations, the
+    activation ranges fixed on ``calibration_batches`` train batches; torchao's PT2E
+    flow, compiled by inductor on first use; backend torchao, scoring tasks only);
+    ``embeddings`` also quantises the word
     embeddings (weight-only, per row); ``backend`` native (torch's quantized CPU
     kernels for dynamic, scilm's packed layers for weight-only) | torchao (torchao's
     ``quantize_``; see docs/decisions.md for which is faster). ``distill`` (the first

@@ -382,6 +382,12 @@ def test_shipped_recipes_validate_as_compress_jobs(recipe):
             ],
             "torchao int8 weight-only is per output channel",
         ),
+        (
+            ["compress=int8-static", "compress.steps.0.backend=native"],
+            "static int8 runs on torchao's PT2E flow; set backend: torchao",
+        ),
+        (["compress=int8-static", "compress.steps.0.bits=4"], "static quantisation is int8"),
+        (["compress=int8-static", "task=seq2seq"], "static int8 is for scoring tasks"),
         (["compress=prune50-recover", "zero.stage=3"], "use zero.stage <= 2"),
         (["cluster.tasks_per_node=2"], "compress runs as one task"),
         (["compress.steps=[]"], "has no steps"),
@@ -440,20 +446,23 @@ def compress(
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_int8_job_report_and_evaluation_of_the_result(tmp_path, shards, export):
+@pytest.mark.parametrize("recipe", ["int8-dynamic", "int8-static"])
+def test_int8_job_report_and_evaluation_of_the_result(tmp_path, shards, export, recipe):
     run = tmp_path / "int8"
-    done = compress(run, shards, export, "compress=int8-dynamic")
+    done = compress(run, shards, export, f"compress={recipe}")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((run / "compress_report.json").read_text())
-    assert report["recipe"] == "int8-dynamic" and len(report["steps"]) == 1
+    assert report["recipe"] == recipe and len(report["steps"]) == 1
     step = report["steps"][0]
-    assert step["name"] == "int8-dynamic"
+    assert step["name"] == recipe and step["modules_changed"] == 12
     for key in ("params", "nonzero_params", "sparsity", "size_bytes", "latency_ms", "metrics"):
         assert key in step and key in report["baseline"]
-    assert step["size_bytes"] < report["baseline"]["size_bytes"]
+    if recipe == "int8-dynamic":  # the tiny BERT is mostly its float embeddings (3.9 MB):
+        # static's serialized graph (about 0.4 MB) outweighs what int8 saves on its matrices
+        assert step["size_bytes"] < report["baseline"]["size_bytes"]
     assert step["params"] == report["baseline"]["params"]  # logical weights, same count
     assert 0 < step["metrics"]["macro_f1"] <= 1 and step["metrics"]["n_examples"] == 30
-    assert (run / "compress_report.md").read_text().count("| int8-dynamic |") == 1
+    assert (run / "compress_report.md").read_text().count(f"| {recipe} |") == 1
     assert (run / "plots" / "compression_tradeoff.png").stat().st_size > 1000
     # the evaluate job reads the compressed directory (fresh process) and agrees with the report
     ev = scilm_run(
@@ -608,3 +617,52 @@ def test_a_deepspeed_checkpoint_is_refused_with_the_way_out(tmp_path, shards, ex
     )
     for name in b:
         assert torch.equal(a[name], b[name]), name
+
+
+# --- static int8 (torchao PT2E, compiled by inductor) --------------------------------------
+
+
+def test_static_int8_quantises_every_prunable_linear_and_reloads_exactly(tiny_model_dir, tmp_path):
+    """The tiny BERT statically quantised on calibration batches: every prunable linear
+    becomes an int8 matrix in the graph (the pooler and the classifier stay float), the
+    logits stay within 10% relative L2 of the float ones (a graph whose int8 layers
+    returned zeros is far off), and the saved graph reloads in a fresh process to the
+    same logits bit for bit. A graph written by another torch/torchao minor version is
+    refused on load."""
+    from transformers import AutoTokenizer
+
+    from scilm_hpc.compress.static_quant import StaticInt8Model, static_int8
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_bert(tiny_model_dir)
+    linears = prunable_linears(model)
+    calibration = [batch(n=4, length=10 + i) for i in range(3)]
+    static = static_int8(copy.deepcopy(model), linears, calibration)
+    assert isinstance(static, StaticInt8Model)
+    stats = weight_stats(static, weight_stats(model)["prunable_params"])
+    assert stats["prunable_params"] == weight_stats(model)["prunable_params"]
+    assert stats["params"] == weight_stats(model)["params"]
+    int8 = [t for t in static.program.state_dict.values() if t.dtype == torch.int8]
+    assert len(int8) == len(linears) == 12
+    dense, quantised = logits(model), logits(static)
+    assert ((quantised - dense).norm() / dense.norm()).item() < 0.1
+    assert not torch.equal(quantised, dense)
+    out = tmp_path / "static"
+    save_compressed(static, tokenizer, out, "classification", {"recipe": "int8-static"})
+    assert not (out / "model.safetensors").exists()
+    torch.save(batch(), tmp_path / "batch.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, out, tmp_path / "batch.pt", tmp_path / "static.pt"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "static.pt"), quantised)
+    meta = json.loads((out / "scilm_compression.json").read_text())
+    meta["static_int8"]["versions"]["torch"] = "1.13"
+    (out / "scilm_compression.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="cannot be read with"):
+        load_compressed(out)
+    with pytest.raises(UserError, match="for inference"):
+        static.train()

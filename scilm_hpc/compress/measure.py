@@ -24,6 +24,7 @@ from scilm_hpc.compress.quantize import (
     WeightOnlyLinear,
     dense_weight,
 )
+from scilm_hpc.compress.static_quant import StaticInt8Model
 from scilm_hpc.compress.targets import prunable_linears
 from scilm_hpc.compress.torchao_quant import is_torchao_linear
 from scilm_hpc.data.dataset import ShardDataset
@@ -51,6 +52,15 @@ def weight_stats(model: Any, dense_prunable: int | None = None) -> dict[str, Any
         model: the model.
         dense_prunable: prunable weights of the dense model (None: this model is it).
     """
+    if isinstance(model, StaticInt8Model):
+        counts = model.weight_stats()
+        reference = dense_prunable or counts["prunable_params"]
+        return {
+            "params": counts["params"],
+            "nonzero_params": counts["nonzero_params"],
+            "prunable_params": counts["prunable_params"],
+            "sparsity": 1.0 - counts["prunable_nonzero"] / reference,
+        }
     params = nonzero = 0
     seen: set[int] = set()
     for module in model.modules():

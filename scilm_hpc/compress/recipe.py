@@ -115,6 +115,8 @@ def recipe_problems(job: JobConfig, recipes: list[str]) -> list[str]:
                         f"{key}.group_size: torchao int8 weight-only is per output "
                         f"channel; remove it"
                     )
+            if step.method == "static":
+                p += _static_problems(job, step, key)
             if step.method == "dynamic":
                 if step.bits not in (None, 8):
                     p.append(f"{key}.bits: dynamic quantisation is int8; got {step.bits}")
@@ -124,6 +126,29 @@ def recipe_problems(job: JobConfig, recipes: list[str]) -> list[str]:
                 check_choice(p, f"{key}.bits", step.bits, (8, 4))
             if step.group_size is not None and step.group_size < 2:
                 p.append(f"{key}.group_size: got {step.group_size}; must be >= 2 (or unset)")
+    return p
+
+
+def _static_problems(job: JobConfig, step: CompressStep, key: str) -> list[str]:
+    """Checks of a static int8 step (``compress.static_quant``)."""
+    from scilm_hpc.tasks import get_task
+
+    p: list[str] = []
+    if step.backend != "torchao":
+        p.append(f"{key}.backend: static int8 runs on torchao's PT2E flow; set backend: torchao")
+    if step.bits not in (None, 8):
+        p.append(f"{key}.bits: static quantisation is int8; got {step.bits}")
+    if step.group_size is not None:
+        p.append(f"{key}.group_size: static int8 is per output channel; remove it")
+    if step.embeddings:
+        p.append(f"{key}.embeddings: static int8 keeps the embeddings in float; remove it")
+    check_at_least(p, f"{key}.calibration_batches", step.calibration_batches, 1)
+    if job.task in schema.TASKS and not get_task(job.task).static_int8:
+        p.append(
+            f"{key}.method: static int8 is for scoring tasks (classification, token "
+            f"classification, regression), not {job.task}; use int8-dynamic, or int4-weight "
+            f"for causal LMs"
+        )
     return p
 
 

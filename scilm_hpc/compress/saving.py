@@ -6,6 +6,8 @@ Layout (a HF directory plus one file)::
     model.safetensors                every tensor; quantised layers as integers + scales
     torchao_weights.pt               only with quantize.backend torchao: the weights of
                                      the torchao layers (tensor subclasses, torch.save)
+    model_int8_static.pt2            only with quantize.method static: the exported,
+                                     quantised graph (then no model.safetensors)
     scilm_compression.json           task, quantised modules, shrunk layers, recipe
 
 ``load_compressed(DIR)`` builds the architecture from ``config.json``, shrinks the
@@ -37,8 +39,16 @@ from scilm_hpc.compress.quantize import (
     WeightOnlyLinear,
     dynamic_from_int8,
 )
+from scilm_hpc.compress.static_quant import (
+    PROGRAM_FILE,
+    StaticInt8Model,
+    load_program,
+    save_program,
+    versions,
+)
 from scilm_hpc.compress.torchao_quant import import_torchao, is_torchao_linear
 from scilm_hpc.errors import UserError
+from scilm_hpc.rundir import replace_dir
 
 META = "scilm_compression.json"
 WEIGHTS = "model.safetensors"
@@ -136,6 +146,15 @@ def save_compressed(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    if isinstance(model, StaticInt8Model):
+        save_program(model, tmp / PROGRAM_FILE)
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        static = {"inputs": model.input_names, "versions": versions()}
+        meta = {"format": FORMAT_VERSION, "task": task, "static_int8": static, **info}
+        (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        replace_dir(tmp, out)
+        return
     tensors, torchao, meta = _tensors_and_meta(model)
     heads = {
         name: int(m.num_attention_heads)
@@ -151,15 +170,18 @@ def save_compressed(
     tokenizer.save_pretrained(tmp)
     meta = {"format": FORMAT_VERSION, "task": task, **meta, "attention_heads": heads, **info}
     (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
 
 
 def weights_size(path: str | Path) -> int:
     """Bytes of the weight files of a model directory (safetensors or .bin)."""
     root = Path(path)
-    files = [*root.glob("*.safetensors"), *root.glob("*.bin"), *root.glob(TORCHAO_WEIGHTS)]
+    files = [
+        *root.glob("*.safetensors"),
+        *root.glob("*.bin"),
+        *root.glob(TORCHAO_WEIGHTS),
+        *root.glob(PROGRAM_FILE),
+    ]
     return sum(f.stat().st_size for f in files)
 
 
@@ -192,6 +214,9 @@ def load_compressed(path: str | Path) -> nn.Module:
             f"'{path}': {META} format {meta.get('format')}; this scilm reads {FORMAT_VERSION}"
         )
     config = AutoConfig.from_pretrained(root)
+    if "static_int8" in meta:
+        static = meta["static_int8"]
+        return load_program(root / PROGRAM_FILE, config, static["inputs"], static["versions"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_task(meta["task"]).class_for_config(config).from_config(config)

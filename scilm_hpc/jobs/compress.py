@@ -32,6 +32,7 @@ from scilm_hpc.compress.quantize import quantize_model
 from scilm_hpc.compress.recover import load_student, recovered_model, recovery_job
 from scilm_hpc.compress.report import with_ratios, write_report
 from scilm_hpc.compress.saving import load_compressed, save_compressed, weights_size
+from scilm_hpc.compress.static_quant import static_int8
 from scilm_hpc.compress.structured import prune_structured
 from scilm_hpc.compress.targets import (
     PRUNABLE_DESCRIPTION,
@@ -76,6 +77,8 @@ def step_name(step: CompressStep) -> str:
     backend = "-torchao" if step.backend == "torchao" else ""
     if step.method == "dynamic":
         return f"int8-dynamic{backend}"
+    if step.method == "static":
+        return "int8-static"
     group = f"-g{step.group_size}" if step.group_size else ""
     return f"int{step.bits}-weight{group}{'-emb' if step.embeddings else ''}{backend}"
 
@@ -223,6 +226,9 @@ class _Compression:
                 gradual = None
             elif step.kind == "prune":
                 changed = self._prune(model, step)
+            elif step.method == "static":
+                changed = list(prunable_linears(model))
+                model = static_int8(model, prunable_linears(model), self._calibration(step))
             else:
                 changed = quantize_model(
                     model,
@@ -250,6 +256,18 @@ class _Compression:
             entries.append(entry)
             model_dir = step_dir
         return self._finish(baseline, entries, model_dir)
+
+    def _calibration(self, step: CompressStep) -> list[dict[str, torch.Tensor]]:
+        """``step.calibration_batches`` seeded batches of the train split, as forward inputs."""
+        batches = calibration_batches(
+            ShardDataset(self.job.data.shards, "train"),
+            self.job.task,
+            self.pad_id,
+            step.calibration_batches,
+            self.job.train.micro_batch_size,
+            self.job.train.seed,
+        )
+        return [self.task.forward_inputs(b) for b in batches]
 
     def _prune(self, model: Any, step: CompressStep) -> list[str]:
         linears = prunable_linears(model)

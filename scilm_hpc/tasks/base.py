@@ -116,6 +116,9 @@ class Task(ABC):
     losses: ClassVar[tuple[str, ...]] = ("auto",)
     #: whether ``train.class_weights`` applies (the loss is a cross-entropy over classes)
     class_weighted: ClassVar[bool] = False
+    #: whether static int8 (``quantize.method: static``) applies: an encoder scored by
+    #: its logits, whose activations suit per-tensor ranges fixed in advance
+    static_int8: ClassVar[bool] = True
 
     def for_job(self, job: JobConfig) -> Task:
         """This task set up with a job's options (tasks without options: itself)."""

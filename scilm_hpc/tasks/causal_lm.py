@@ -59,6 +59,7 @@ class CausalLM(Task):
 
     name = "causal_lm"
     auto_class_name = "AutoModelForCausalLM"
+    static_int8 = False
     formats = ("text", "jsonl", "csv", "fasta", "parquet")
     has_label_map = False
     headline = ("loss", "perplexity")

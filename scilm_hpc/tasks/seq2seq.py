@@ -151,6 +151,7 @@ class Seq2Seq(Task):
 
     name = "seq2seq"
     auto_class_name = "AutoModelForSeq2SeqLM"
+    static_int8 = False
     formats = ("jsonl", "csv", "parquet")
     has_label_map = False
     headline = ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_length", "loss")
