@@ -120,7 +120,9 @@ class StaticInt8Model(nn.Module):
         import torch._inductor.config as inductor_config
 
         # freezing: weights become constants, so inductor prepacks the int8 weights
-        with inductor_config.patch(freezing=True), torch.no_grad():
+        with inductor_config.patch(freezing=True), torch.no_grad(), warnings.catch_warnings():
+            # inductor's int8 lowering copies its zero points with torch.tensor(tensor)
+            warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
             if self._compiled is None:
                 self._compiled = torch.compile(self.graph, dynamic=True)
             return StaticOutput(self._compiled(**inputs))
