@@ -187,7 +187,9 @@ def lm_model_and_shards(tmp_path_factory: pytest.TempPathFactory):
     return root / "model", root / "shards"
 
 
-def lora_finetune(run_dir: Path, model: Path, shards: Path, stage: int, fault: str | None = None):
+def lora_finetune(
+    run_dir: Path, model: Path, shards: Path, stage: int, fault: str | None = None, *extra: str
+):
     return scilm_run(
         "finetune",
         FINETUNE,
@@ -207,6 +209,7 @@ def lora_finetune(run_dir: Path, model: Path, shards: Path, stage: int, fault: s
         "train.lr=1e-2",
         "train.log_every=1",
         "train.seed=7",
+        *extra,
         fault=fault,
     )
 
@@ -218,15 +221,21 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("stage", [2, 3])
-def test_lora_run_resumes_bit_exactly_and_exports_merged(tmp_path, lm_model_and_shards, stage):
+@pytest.mark.parametrize(
+    ("stage", "offload"), [(2, False), (3, False), (2, True)], ids=["zero2", "zero3", "offload"]
+)
+def test_lora_run_resumes_bit_exactly_and_exports_merged(
+    tmp_path, lm_model_and_shards, stage, offload
+):
+    """With ``offload``, DeepSpeed's CPU Adam (its step counter realigned on resume)."""
     from transformers import AutoModelForCausalLM
 
     model, shards = lm_model_and_shards
-    straight = lora_finetune(tmp_path / "straight", model, shards, stage)
+    extra = [f"zero.offload_optimizer={str(offload).lower()}"]
+    straight = lora_finetune(tmp_path / "straight", model, shards, stage, None, *extra)
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = lora_finetune(
-        tmp_path / "killed", model, shards, stage, fault="kill_after_checkpoint:2"
+        tmp_path / "killed", model, shards, stage, "kill_after_checkpoint:2", *extra
     )
     assert killed.returncode != 0 and latest_tag(tmp_path / "killed") == "step_2"
     resumed = scilm_run("resume", str(tmp_path / "killed"))

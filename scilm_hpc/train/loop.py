@@ -41,6 +41,7 @@ from scilm_hpc.tasks import get_task
 from scilm_hpc.tasks.base import class_weight_tensor
 from scilm_hpc.tasks.seq2seq import Seq2Seq
 from scilm_hpc.train import checkpoint as ckpt
+from scilm_hpc.train.cpu_adam import realign_after_resume
 from scilm_hpc.train.ds_config import cpu_autocast, deepspeed_config
 from scilm_hpc.train.evaluation import dev_generation, is_better
 from scilm_hpc.train.export import export_model
@@ -168,6 +169,7 @@ class Trainer:
                     load_optimizer_states=True,
                     load_lr_scheduler_states=True,
                 )
+                realign_after_resume(engine)  # CPU offload: DeepSpeed's CPU Adam step counter
             else:
                 engine.lr_scheduler.load_state_dict(state["scheduler"])
                 engine.global_steps = state["step"]
