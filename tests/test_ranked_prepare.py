@@ -7,6 +7,7 @@ Ranks run as threads that talk through the file communicator, as local processes
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import threading
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from scilm_hpc.config import load_and_validate
-from scilm_hpc.data import ranges
+from scilm_hpc.data import ranges, sources
 from scilm_hpc.data.corpus import ReadOptions, SplitStreams, nth_member
 from scilm_hpc.errors import UserError
 from scilm_hpc.jobs.prepare import PrepareJob
@@ -272,3 +273,47 @@ def test_nth_member_is_the_index_of_the_nth_record_of_a_split():
         for n in (0, 1, 17, len(where) - 1, len(where)):
             expected = int(where[n]) if n < len(where) else 1000
             assert nth_member(member, code, n, chunk=64) == expected
+
+
+def test_the_ranks_share_the_hashing_of_the_source_files(tmp_path, monkeypatch):
+    """Three ranks hash disjoint shares of the files (a large file in blocks), none
+    reads them all, and every rank records what one rank records: a small file's
+    SHA-256, a large one's per-block SHA-256s."""
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    files = []
+    for k, size in enumerate([2500, 300, 0, 1000, 700]):
+        files.append(tmp_path / f"part-{k}.txt")
+        files[-1].write_bytes(random.Random(k).randbytes(size))
+    read: dict[int, list[tuple[str, int, int]]] = {}
+    hash_block = sources.hash_block
+
+    def recording(path: Path, start: int, length: int) -> str:
+        read.setdefault(threading.get_ident(), []).append((path.name, start, length))
+        return hash_block(path, start, length)
+
+    monkeypatch.setattr(sources, "hash_block", recording)
+    one = sources.file_records(files, SingleProcess())
+    assert len(read) == 1 and sum(n for *_, n in read.popitem()[1]) == 4500
+    results: dict[int, list[dict[str, Any]]] = {}
+
+    def rank(r: int) -> None:
+        results[r] = sources.file_records(files, FileCommunicator(tmp_path / ".rdv", r, 3, 60))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == {0: one, 1: one, 2: one}
+    shares = list(read.values())
+    assert len(shares) == 3 and all(sum(n for *_, n in s) < 4500 for s in shares)
+    blocks = sorted(b for s in shares for b in s)
+    assert len(blocks) == len(set(blocks)) == 7  # 3 blocks, then one per file (one empty)
+    data = files[0].read_bytes()
+    assert one[0]["sha256_blocks"] == {
+        "block_bytes": 1000,
+        "digests": [hashlib.sha256(data[i : i + 1000]).hexdigest() for i in (0, 1000, 2000)],
+    }
+    assert one[0]["bytes"] == 2500 and "sha256" not in one[0]
+    assert one[3]["sha256"] == hashlib.sha256(files[3].read_bytes()).hexdigest()
+    assert one[2]["sha256"] == hashlib.sha256(b"").hexdigest()

@@ -34,12 +34,12 @@ from scilm_hpc.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
     ShardInfo,
-    file_sha256,
     shard_entry,
     shard_name,
     write_manifest,
     write_shard,
 )
+from scilm_hpc.data.sources import corpus_sources
 from scilm_hpc.errors import UserError
 from scilm_hpc.model_source import load_tokenizer, tokenizer_fingerprint
 from scilm_hpc.runtime.console import CountProgress
@@ -223,6 +223,8 @@ class PrepareJob:
         residues = corpus.checker() if corpus.checker is not None else None
         if residues is not None:
             residues.check_tokenisation(next(corpus.examples("train")))
+        given = {s: getattr(job.data, s) for s in SPLITS if getattr(job.data, s) is not None}
+        sources = corpus_sources(given, comm)  # each rank hashes its share of the files
         plan = plan_shards(split_counts, job.data.examples_per_shard)
         mine = assign_shards(plan, comm.rank, comm.world_size)
         labels: list[str] = []
@@ -280,7 +282,7 @@ class PrepareJob:
                             truncated[split][key] += count
                 rank_seconds = [e for _, _, e, _ in gathered]
                 manifest = self._manifest(
-                    plan, infos, counts, labels, tokenizer, comm, rank_seconds
+                    plan, infos, counts, labels, tokenizer, sources, comm, rank_seconds
                 )
                 manifest["task_state"] = task_state
                 if residues is not None:
@@ -359,11 +361,13 @@ class PrepareJob:
         counts: dict[int, dict[str, int]],
         labels: list[str],
         tokenizer: Any,
+        sources: dict[str, Any],
         comm: Communicator,
         rank_seconds: list[float],
     ) -> dict[str, Any]:
-        """The manifest; ``rank_seconds``: each rank's tokenize+write seconds, kept in its
-        ``prepare`` section for the prepare benchmark."""
+        """The manifest; ``sources``: the corpus files' records (``data.sources``);
+        ``rank_seconds``: each rank's tokenize+write seconds, kept in its ``prepare``
+        section for the prepare benchmark."""
         job = self.job
         splits: dict[str, Any] = {}
         for index, (split, _, _, _) in enumerate(plan):
@@ -375,24 +379,6 @@ class PrepareJob:
             # the task's token counts (causal LM: tokens in, kept, truncated)
             for key, value in counts[index].items():
                 entry[key] = entry.get(key, 0) + value
-        sources: dict[str, Any] = {}
-        for split in SPLITS:
-            given = getattr(job.data, split)
-            if given is None:
-                continue
-            if Path(given).is_file():
-                sources[split] = {
-                    "path": str(Path(given).resolve()),
-                    "sha256": file_sha256(Path(given)),
-                }
-            else:  # a directory or pattern: each of its files
-                sources[split] = {
-                    "path": given,
-                    "files": [
-                        {"path": str(f.resolve()), "sha256": file_sha256(f)}
-                        for f in corpus_files(given, f"data.{split}")
-                    ],
-                }
         return {
             "format_version": FORMAT_VERSION,
             "scilm_version": __version__,
