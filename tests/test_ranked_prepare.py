@@ -317,3 +317,125 @@ def test_the_ranks_share_the_hashing_of_the_source_files(tmp_path, monkeypatch):
     assert one[0]["bytes"] == 2500 and "sha256" not in one[0]
     assert one[3]["sha256"] == hashlib.sha256(files[3].read_bytes()).hexdigest()
     assert one[2]["sha256"] == hashlib.sha256(b"").hexdigest()
+
+
+def _conll(n: int, seed: int = 0) -> bytes:
+    """``n`` sentences: tab- or space-separated, ``-DOCSTART-`` lines, runs of blank lines."""
+    rng = random.Random(seed)
+    out = ["\n"]
+    for i in range(n):
+        if i % 9 == 0:
+            out.append("-DOCSTART- O\n" + "\n" * rng.randint(0, 2))
+        sep = "\t" if i % 4 else " "
+        for _ in range(rng.randint(1, 6)):
+            out.append(f"{rng.choice(WORDS[:40])}{sep}{rng.choice(['O', 'B-x', 'I-x'])}\n")
+        out.append("\n" * rng.randint(1, 3))
+    return "".join(out).encode()
+
+
+def _fasta(n: int, seed: int = 0) -> bytes:
+    """``n`` records: sequences over several lines, comments and blank lines between."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        out.append(f">p{i} kind={'xyz'[i * 3 // n]}\n")
+        for _ in range(rng.randint(1, 3)):
+            out.append("".join(rng.choices("ACDEFGHIKLMNPQRSTVWY", k=rng.randint(1, 12))) + "\n")
+        out.append(rng.choice(["", "\n", "; a comment\n"]))
+    return "".join(out).encode()
+
+
+@pytest.mark.parametrize("fmt", ["conll", "fasta"])
+def test_every_cut_of_a_conll_or_fasta_file_counts_each_record_once(tmp_path, fmt):
+    """Two byte ranges cut at every byte: the counts add up to the records (a sentence
+    belongs to the range its break line starts in, a FASTA record to its header's), the
+    marks start the reader at those records, and each range's span parses to its own."""
+    data = _conll(8, seed=3) if fmt == "conll" else _fasta(8, seed=3)
+    path = tmp_path / f"c.{fmt}"
+    path.write_bytes(data)
+    options = ReadOptions(fmt=fmt, label_field="kind" if fmt == "fasta" else None)
+    truth = list(options.read(path))
+    assert len(truth) == 8
+    for cut in range(len(data) + 1):
+        pieces = [ranges.Piece(0, 0, cut), ranges.Piece(0, cut, len(data))]
+        counts = [ranges.count_records(path, fmt, p) for p in pieces]
+        assert sum(c.records for c in counts) == 8, cut
+        [index] = ranges.index_files([path], pieces, counts)
+        for record, offset, line in index.marks:
+            assert next(options.read(path, (offset, line))) == truth[record], (cut, record)
+        first = 0
+        for count, before in zip(counts, ranges.lines_before(pieces, counts), strict=True):
+            if count.span is not None:
+                offset, line, stop = count.span
+                parsed = list(options.read(path, (offset, before + line + 1), stop))
+                assert parsed == truth[first : first + count.records], cut
+            first += count.records
+
+
+@pytest.mark.timeout(240)
+def test_one_conll_file_on_three_ranks_gives_the_shards_of_one(tmp_path, tiny_model_dir):
+    """A single CoNLL file cut into byte ranges (marks every 8 sentences): three ranks
+    write the files and manifest of one."""
+    corpus = tmp_path / "train.conll"
+    corpus.write_bytes(_conll(150, seed=7))
+    common = [
+        f"data.train={corpus}",
+        "data.format=conll",
+        "task=token_classification",
+        f"model.name_or_path={tiny_model_dir}",
+        "data.examples_per_shard=20",
+        "data.split.dev_ratio=0.1",
+    ]
+    old, ranges.MARK_EVERY = ranges.MARK_EVERY, 8
+    try:
+        one = _prepare(tmp_path, "conll-one", 1, *common)
+        three = _prepare(tmp_path, "conll-three", 3, *common)
+    finally:
+        ranges.MARK_EVERY = old
+    assert one["manifest"]["splits"]["train"]["n_examples"] == 135
+    assert len(ranges.plan_pieces([corpus], "conll", 3)) == 3  # counted as byte ranges
+    _same(one, three, 3)
+
+
+@pytest.mark.timeout(240)
+def test_one_fasta_file_on_two_ranks_gives_the_shards_of_one(tmp_path, tiny_protein_bert):
+    """A single FASTA file cut into byte ranges: two ranks write the files, labels and
+    manifest of one."""
+    corpus = tmp_path / "train.fasta"
+    corpus.write_bytes(_fasta(120, seed=8))
+    common = [
+        f"data.train={corpus}",
+        "data.format=fasta",
+        "data.label_field=kind",
+        "data.residue_separator=' '",
+        f"model.name_or_path={tiny_protein_bert}",
+        "data.examples_per_shard=25",
+    ]
+    one = _prepare(tmp_path, "fasta-one", 1, *common)
+    assert one["manifest"]["labels"] == ["x", "y", "z"]
+    assert len(ranges.plan_pieces([corpus], "fasta", 2)) == 2  # counted as byte ranges
+    _same(one, _prepare(tmp_path, "fasta-two", 2, *common), 2)
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_conll_line_in_one_rank_s_range_stops_every_rank(tmp_path, tiny_model_dir):
+    """A CoNLL line without a tag in the second half of the file, which rank 1 parses:
+    both ranks fail naming it by its line from the start of the file."""
+    lines = _conll(60, seed=9).decode().splitlines(keepends=True)
+    bad = next(i for i in range(len(lines) * 3 // 4, len(lines)) if "\t" in lines[i])
+    lines[bad] = lines[bad].split("\t")[0] + "\n"
+    corpus = tmp_path / "train.conll"
+    corpus.write_text("".join(lines))
+    errors = _run_ranks(
+        tmp_path,
+        "bad-conll",
+        2,
+        f"data.train={corpus}",
+        "data.format=conll",
+        "task=token_classification",
+        f"model.name_or_path={tiny_model_dir}",
+    )
+    assert len(errors) == 2
+    for error in errors:
+        assert isinstance(error, UserError)
+        assert f"{corpus}:{bad + 1}: expected at least 2 columns" in str(error)

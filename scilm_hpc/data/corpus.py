@@ -21,6 +21,7 @@ import random
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,8 +51,11 @@ class ReadOptions:
     targets: TargetFields | None = None
     fasta_labels: str | None = None
 
-    def read(self, path: Path, start: tuple[int, int] = FILE_START) -> Iterator[Example]:
-        """The examples of ``path``, lazily, from ``start`` (byte offset, line number)."""
+    def read(
+        self, path: Path, start: tuple[int, int] = FILE_START, stop: int | None = None
+    ) -> Iterator[Example]:
+        """The examples of ``path``, lazily, from ``start`` (byte offset, line number)
+        to ``stop`` (a byte offset; CoNLL and FASTA only)."""
         return iter_corpus(
             path,
             self.fmt,
@@ -64,6 +68,7 @@ class ReadOptions:
             targets=self.targets,
             fasta_labels=self.fasta_labels,
             start=start,
+            stop=stop,
         )
 
 
@@ -204,6 +209,8 @@ class SplitStreams:
 
             for part_whole in on_every_rank(comm, recount_mine):
                 whole.update(part_whole)
+        if fmt in ranges.RECORD_FORMATS:
+            on_every_rank(comm, partial(self._parse_spans, flat, pieces, counts, mine))
         indexes = ranges.index_files(flat, pieces, counts, whole.get)
         empty = [ix.path for ix in indexes if ix.records == 0]
         if empty:
@@ -223,11 +230,44 @@ class SplitStreams:
         return counts_by_split
 
     def _count_piece(self, path: Path, piece: ranges.Piece) -> ranges.PieceCount:
-        """A piece's count: lines counted (JSONL, text, CSV), or records read (others)."""
-        if self.options.fmt in ranges.LINE_FORMATS:
-            return ranges.count_piece(path, self.options.fmt, piece, self.options.csv_delimiter)
+        """A piece's count: lines counted (JSONL, text, CSV), records found by their
+        lines (CoNLL, FASTA), or records read (a gzip file, Parquet)."""
+        fmt = self.options.fmt
+        if ranges.seekable(path, fmt) and fmt in ranges.LINE_FORMATS:
+            return ranges.count_piece(path, fmt, piece, self.options.csv_delimiter)
+        if ranges.seekable(path, fmt):
+            return ranges.count_records(path, fmt, piece)
         assert piece.end is None
         return ranges.PieceCount(records=sum(1 for _ in self.options.read(path)))
+
+    def _parse_spans(
+        self,
+        files: list[Path],
+        pieces: list[ranges.Piece],
+        counts: list[ranges.PieceCount],
+        mine: list[int],
+    ) -> None:
+        """Parse this rank's CoNLL or FASTA pieces with the reader, which raises the
+        problems it finds (naming lines from the start of the file), and check that it
+        finds the records counted.
+
+        Raises:
+            UserError: for a problem in a record, or a count the reader does not confirm.
+        """
+        lines_before = ranges.lines_before(pieces, counts)
+        for i in mine:
+            span, path = counts[i].span, files[pieces[i].file]
+            if span is None:
+                continue
+            offset, line, stop = span
+            found = sum(
+                1 for _ in self.options.read(path, (offset, lines_before[i] + line + 1), stop)
+            )
+            if found != counts[i].records:
+                raise UserError(
+                    f"{path}: {counts[i].records} records start between bytes {offset} and "
+                    f"{stop}, the {self.options.fmt} reader found {found} there"
+                )
 
     def _records(self, source: str, first: int) -> Iterator[Example]:
         """The records of ``source``'s files from record ``first`` (counted over its

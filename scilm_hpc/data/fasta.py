@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from scilm_hpc.data.readers import Example, _decode_lines, _Problems, parse_values
+from scilm_hpc.data.readers import FILE_START, Example, _decode_lines, _Problems, parse_values
 from scilm_hpc.errors import UserError
 
 #: the column of a side label table (``data.fasta_labels``) holding the record id
@@ -84,8 +84,11 @@ def iter_fasta(
     label_field: str | None,
     label_kind: str = "name",
     labels: dict[str, str] | None = None,
+    start: tuple[int, int] = FILE_START,
+    stop: int | None = None,
 ) -> Iterator[Example]:
-    """Records of a FASTA file as examples (``text`` = the sequence), read lazily.
+    """Records of a FASTA file as examples (``text`` = the sequence), read lazily (from
+    ``start`` to ``stop``: byte offsets of line starts, as ``readers._decode_lines``).
 
     Args:
         path: the FASTA file.
@@ -144,7 +147,7 @@ def iter_fasta(
         else:
             examples.append(Example(source=source, text=sequence, label=raw))
 
-    for number, line in _decode_lines(path, problems):
+    for number, line in _decode_lines(path, problems, start=start, stop=stop):
         if line.startswith(">"):
             flush()
             yield from examples

@@ -3,15 +3,25 @@ an index to start reading at any record without reading what comes before it.
 
 A split's input is one file, a directory (its files, sorted by name) or a glob
 pattern. The count runs over *pieces* spread over the ranks: an uncompressed JSONL,
-plain-text or CSV file is cut into one byte range per rank, each range starting at
-the first line that starts inside it (so a line that straddles a boundary is counted,
-and later read, exactly once); a gzip file (``.gz``: cannot seek), a CoNLL or FASTA
-file (records span lines) is one piece, counted whole by one rank. Counting a line
-piece needs no parsing: a record is a line that is not blank (JSONL, text) or, for
-CSV, a line past the header with any value that is not blank; measured, this reads
-about 150 times faster than the readers parse (docs/decisions.md). A CSV line with an
-odd number of quotes may open a quoted newline: such a file is counted again whole,
-by the real reader, and read from its start.
+plain-text, CSV, CoNLL or FASTA file is cut into one byte range per rank, each range
+starting at the first line that starts inside it (so a line that straddles a boundary
+is counted, and later read, exactly once); a gzip file (``.gz``: cannot seek) is one
+piece, counted whole by one rank. Counting a line piece needs no parsing: a record is
+a line that is not blank (JSONL, text) or, for CSV, a line past the header with any
+value that is not blank; measured, this reads about 150 times faster than the readers
+parse (docs/decisions.md). A CSV line with an odd number of quotes may open a quoted
+newline: such a file is counted again whole, by the real reader, and read from its
+start.
+
+A FASTA record starts at a ``>`` line and belongs to the range that line starts in. A
+CoNLL sentence starts at a line that is not a break (``readers.conll_break``: blank or
+``-DOCSTART-``) after a break or at the file's start, and belongs to the range its
+*anchor* starts in: the break line just before it (the file's start for a first
+sentence). A range's count therefore reads on past its end, up to the next record it
+does not own (a sentence or a record's sequence across the cut), but counts the lines
+that start inside it only. Its ``span`` (first own record to the next not its own) is
+what the reader then parses (``corpus``), since a record counted here may still hold a
+problem only the reader finds.
 
 While counting, every ``MARK_EVERY``-th record of a line piece (and its first) is
 marked with its byte offset and line number. After the ranks exchange their counts
@@ -27,11 +37,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scilm_hpc.data.readers import FILE_START, is_gzip, iter_raw_lines, open_binary
+from scilm_hpc.data.readers import (
+    FILE_START,
+    conll_break,
+    is_gzip,
+    iter_raw_lines,
+    open_binary,
+)
 from scilm_hpc.errors import UserError
 
 MARK_EVERY = 1024
 LINE_FORMATS = ("jsonl", "text", "csv")
+RECORD_FORMATS = ("conll", "fasta")
 _PRINTABLE = bytes(range(0x21, 0x7F))
 _BOM = b"\xef\xbb\xbf"
 
@@ -60,8 +77,9 @@ def corpus_files(given: str, key: str) -> list[Path]:
 
 
 def seekable(path: Path, fmt: str) -> bool:
-    """Whether ``path`` can be cut into byte ranges: uncompressed, one record a line."""
-    return fmt in LINE_FORMATS and not is_gzip(path)
+    """Whether ``path`` can be cut into byte ranges: uncompressed, records found by
+    their lines (one a line, or CoNLL sentences, FASTA records)."""
+    return fmt in LINE_FORMATS + RECORD_FORMATS and not is_gzip(path)
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,9 @@ class PieceCount:
     lines: int = 0
     marks: list[tuple[int, int, int]] = field(default_factory=list)
     odd_quotes: bool = False
+    # CoNLL, FASTA: (first own record's byte offset, its line in the piece, byte offset
+    # of the next record not its own or of the file's end); None: no record
+    span: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -147,6 +168,55 @@ def _is_record(line: bytes, fmt: str, delimiter: bytes) -> bool:
     return bool(stripped.decode("utf-8", errors="replace").strip())
 
 
+def _line_start(path: Path, offset: int) -> int:
+    """The first line start at or after ``offset``."""
+    if offset:
+        with open_binary(path) as handle:
+            handle.seek(offset - 1)
+            if handle.read(1) != b"\n":
+                offset += len(handle.readline())
+    return offset
+
+
+def count_records(path: Path, fmt: str, piece: Piece) -> PieceCount:
+    """Count the CoNLL sentences or FASTA records a piece owns (module docstring)
+    without parsing them, marking every ``MARK_EVERY``-th and the first.
+
+    Raises:
+        UserError: when the file cannot be read.
+    """
+    count = PieceCount()
+    end = piece.end if piece.end is not None else float("inf")
+    offset = _line_start(path, piece.start)
+    anchor = 0 if offset == 0 else None  # CoNLL: where the last break line started
+    first: tuple[int, int] | None = None
+    for raw in iter_raw_lines(path, offset):
+        line = raw.removeprefix(_BOM) if offset == 0 else raw
+        if fmt == "fasta":
+            starts, owner = line.startswith(b">"), offset
+        else:
+            text = line.rstrip(b"\n").decode("utf-8", errors="replace").rstrip("\r")
+            starts, owner = False, anchor
+            if conll_break(text):
+                anchor = offset
+            elif anchor is not None:
+                starts, anchor = True, None
+        if starts:
+            if owner is None or owner >= end:
+                break
+            if count.records % MARK_EVERY == 0:
+                count.marks.append((count.records, offset, count.lines))
+            if first is None:
+                first = (offset, count.lines)
+            count.records += 1
+        if offset < end:
+            count.lines += 1
+        offset += len(raw)
+    if first is not None:
+        count.span = (*first, offset)
+    return count
+
+
 def count_piece(path: Path, fmt: str, piece: Piece, csv_delimiter: str = ",") -> PieceCount:
     """Count the records of a line-format piece (JSONL, text, CSV; a gzip file whole)
     without parsing them, marking every ``MARK_EVERY``-th and the first.
@@ -156,12 +226,7 @@ def count_piece(path: Path, fmt: str, piece: Piece, csv_delimiter: str = ",") ->
     """
     count = PieceCount()
     delimiter = csv_delimiter.encode()
-    offset = piece.start
-    if offset:  # start at the first line that starts at or after ``start``
-        with open_binary(path) as handle:
-            handle.seek(offset - 1)
-            if handle.read(1) != b"\n":
-                offset += len(handle.readline())
+    offset = _line_start(path, piece.start)  # the first line that starts in the piece
     header = fmt == "csv" and offset == 0
     marking = not is_gzip(path)  # a gzip file is read from its start only
     for raw in iter_raw_lines(path, offset):
@@ -179,6 +244,16 @@ def count_piece(path: Path, fmt: str, piece: Piece, csv_delimiter: str = ",") ->
         count.lines += 1
         offset += len(raw)
     return count
+
+
+def lines_before(pieces: list[Piece], counts: list[PieceCount]) -> list[int]:
+    """Per piece, the lines of its file that start before it (in the earlier pieces)."""
+    before = [0] * len(pieces)
+    lines: dict[int, int] = {}
+    for i in sorted(range(len(pieces)), key=lambda i: (pieces[i].file, pieces[i].start)):
+        before[i] = lines.get(pieces[i].file, 0)
+        lines[pieces[i].file] = before[i] + counts[i].lines
+    return before
 
 
 def index_files(

@@ -35,6 +35,8 @@ MAX_REPORTED = 10
 LABEL_KINDS = ("name", "values", "tags")
 #: where reading starts: (byte offset of a line start, that line's number); gzip: (0, 1)
 FILE_START = (0, 1)
+# the formats a reader can start at any record of (an uncompressed file)
+SEEKABLE_FORMATS = ("jsonl", "csv", "text", "conll", "fasta")
 
 
 @dataclass(frozen=True)
@@ -128,16 +130,21 @@ def _decode_lines(
     problems: _Problems,
     for_csv: bool = False,
     start: tuple[int, int] = FILE_START,
+    stop: int | None = None,
 ) -> Iterator[tuple[int, str]]:
     """(line number, text) pairs read lazily, and an empty line after a final newline;
     an undecodable line is reported with its byte column and skipped. ``for_csv``: the
     undecodable line is yielded too, with replacement characters, and no final empty
     line, so that a CSV parser counts lines as in the file. ``start``: the byte offset
-    of a line start and its line number (reading part of a file)."""
+    of a line start and its line number (reading part of a file); ``stop``: the byte
+    offset of the line start to stop before (None: the end of the file)."""
     offset, first = start
     number = first - 1
     ended_with_newline = True  # an empty file reads as one empty line, as split() did
     for number, raw in enumerate(iter_raw_lines(path, offset), start=first):
+        if stop is not None and offset >= stop:
+            return
+        offset += len(raw)
         if number == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Excel)
         ended_with_newline = raw.endswith(b"\n")
@@ -428,13 +435,30 @@ def iter_csv(
     problems.raise_if_any()
 
 
-def iter_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> Iterator[Example]:
+def conll_columns(line: str) -> list[str]:
+    """A CoNLL line's columns: split at tabs where it has one, else at whitespace."""
+    return line.split("\t") if "\t" in line else line.split()
+
+
+def conll_break(line: str) -> bool:
+    """Whether a CoNLL line ends a sentence: blank, or a ``-DOCSTART-`` line."""
+    return not line.strip() or conll_columns(line)[0].startswith("-DOCSTART-")
+
+
+def iter_conll(
+    path: Path,
+    token_column: int = 0,
+    tag_column: int = -1,
+    start: tuple[int, int] = FILE_START,
+    stop: int | None = None,
+) -> Iterator[Example]:
     """CoNLL: one token a line in tab- (or space-) separated columns, blank line between
-    sentences, ``-DOCSTART-`` lines ignored."""
+    sentences, ``-DOCSTART-`` lines ignored (from ``start`` to ``stop``, as
+    ``_decode_lines``)."""
     problems = _Problems(path)
     words: list[str] = []
     tags: list[str] = []
-    start = 0
+    first_line = 0  # of the sentence being read
     columns_seen: int | None = None
     need = (
         max(
@@ -445,19 +469,16 @@ def iter_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> Itera
     )
 
     def flush() -> list[Example]:
-        done = [Example(source=f"{path}:{start}", words=tuple(words), tags=tuple(tags))]
+        done = [Example(source=f"{path}:{first_line}", words=tuple(words), tags=tuple(tags))]
         words.clear()
         tags.clear()
         return done if done[0].words else []
 
-    for number, line in _decode_lines(path, problems):
-        if not line.strip():
+    for number, line in _decode_lines(path, problems, start=start, stop=stop):
+        if conll_break(line):
             yield from flush()
             continue
-        cols = line.split("\t") if "\t" in line else line.split()
-        if cols[0].startswith("-DOCSTART-"):
-            yield from flush()
-            continue
+        cols = conll_columns(line)
         if len(cols) < max(need, 2):
             problems.add(
                 number,
@@ -475,7 +496,7 @@ def iter_conll(path: Path, token_column: int = 0, tag_column: int = -1) -> Itera
             problems.add(number, "empty token or tag column")
             continue
         if not words:
-            start = number
+            first_line = number
         words.append(word)
         tags.append(tag)
     yield from flush()
@@ -514,14 +535,16 @@ def iter_corpus(
     targets: TargetFields | None = None,
     fasta_labels: str | None = None,
     start: tuple[int, int] = FILE_START,
+    stop: int | None = None,
 ) -> Iterator[Example]:
     """The examples of one corpus file of format ``fmt`` (``jsonl``, ``csv``, ``conll``,
     ``fasta``, ``text``, ``parquet``), read lazily; ``label_kind`` (``LABEL_KINDS``) says
     what the label field holds, ``targets`` (JSONL, CSV, Parquet) reads a seq2seq target
     and its references, ``fasta_labels`` (FASTA) is a CSV of labels by record id. A name
-    ending in ``.gz`` is read through gzip. ``start`` (JSONL, CSV, text; not gzip): the
-    byte offset of a record's first line and that line's number, to read from there on
-    (``data.ranges`` finds them).
+    ending in ``.gz`` is read through gzip. ``start`` (JSONL, CSV, text, CoNLL, FASTA;
+    not gzip): the byte offset of a record's first line and that line's number, to read
+    from there on (``data.ranges`` finds them); ``stop`` (CoNLL, FASTA): the byte offset
+    of a line start to stop reading before.
 
     Raises:
         UserError: naming the file and line of every problem found (up to ten; raised
@@ -532,8 +555,10 @@ def iter_corpus(
     if not path.is_file():
         raise UserError(f"{path}: corpus file does not exist")
     examples: Iterator[Example]
-    if start != FILE_START and (fmt not in ("jsonl", "csv", "text") or is_gzip(path)):
+    if start != FILE_START and (fmt not in SEEKABLE_FORMATS or is_gzip(path)):
         raise ValueError(f"{path}: {fmt} is read from its start only")
+    if stop is not None and fmt not in ("conll", "fasta"):
+        raise ValueError(f"{path}: {fmt} is read to its end")
     if fmt == "jsonl":
         examples = iter_jsonl(path, text_field, label_field, label_kind, targets, start)
     elif fmt == "csv":
@@ -541,14 +566,14 @@ def iter_corpus(
             path, text_field, label_field, csv_delimiter, label_kind, targets, start
         )
     elif fmt == "conll":
-        examples = iter_conll(path, token_column, tag_column)
+        examples = iter_conll(path, token_column, tag_column, start, stop)
     elif fmt == "fasta":
         from scilm_hpc.data.fasta import iter_fasta, read_label_table
 
         table = None
         if fasta_labels is not None and label_field is not None:
             table = read_label_table(fasta_labels, label_field, csv_delimiter)
-        examples = iter_fasta(path, label_field, label_kind, table)
+        examples = iter_fasta(path, label_field, label_kind, table, start, stop)
     elif fmt == "text":
         examples = iter_text(path, start)
     elif fmt == "parquet":
@@ -563,5 +588,5 @@ def iter_corpus(
     for example in examples:
         empty = False
         yield example
-    if empty and start == FILE_START:
+    if empty and start == FILE_START and stop is None:
         raise UserError(f"{path}: the corpus is empty (no {fmt} example in it)")
