@@ -222,12 +222,14 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(
-    ("stage", "offload"), [(2, False), (3, False), (2, True)], ids=["zero2", "zero3", "offload"]
+    ("stage", "offload"), [(2, True), (3, False)], ids=["zero2-offload", "zero3"]
 )
 def test_lora_run_resumes_bit_exactly_and_exports_merged(
     tmp_path, lm_model_and_shards, stage, offload
 ):
-    """With ``offload``, DeepSpeed's CPU Adam (its step counter realigned on resume)."""
+    """ZeRO-2 with the optimizer offloaded to DeepSpeed's CPU Adam (its step counter
+    realigned on resume; without offload ZeRO-2 runs torch's AdamW as ZeRO-3 does here),
+    ZeRO-3 without."""
     from transformers import AutoModelForCausalLM
 
     model, shards = lm_model_and_shards

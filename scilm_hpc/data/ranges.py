@@ -190,6 +190,7 @@ def count_records(path: Path, fmt: str, piece: Piece) -> PieceCount:
     offset = _line_start(path, piece.start)
     anchor = 0 if offset == 0 else None  # CoNLL: where the last break line started
     first: tuple[int, int] | None = None
+    owner: int | None  # where the record starting on this line is anchored
     for raw in iter_raw_lines(path, offset):
         line = raw.removeprefix(_BOM) if offset == 0 else raw
         if fmt == "fasta":
