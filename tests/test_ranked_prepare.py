@@ -439,3 +439,28 @@ def test_a_bad_conll_line_in_one_rank_s_range_stops_every_rank(tmp_path, tiny_mo
     for error in errors:
         assert isinstance(error, UserError)
         assert f"{corpus}:{bad + 1}: expected at least 2 columns" in str(error)
+
+
+def test_a_sequence_before_the_first_fasta_header_is_refused_on_two_ranks(tmp_path):
+    """What precedes the first record is parsed too (by the rank of the file's first
+    range): both ranks fail naming the line."""
+    path = tmp_path / "bad.fasta"
+    path.write_bytes(b"ACDE\n" + _fasta(20, seed=10))
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        streams = SplitStreams(
+            {"train": [path]}, ReadOptions(fmt="fasta", label_field="kind"), {}, 0
+        )
+        try:
+            streams.count(FileCommunicator(tmp_path / ".rdv", r, 2, 60))
+        except UserError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(errors) == 2
+    assert all(f"{path}:1: sequence line before the first '>' header" in str(e) for e in errors)

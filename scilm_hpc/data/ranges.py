@@ -102,7 +102,8 @@ class PieceCount:
     marks: list[tuple[int, int, int]] = field(default_factory=list)
     odd_quotes: bool = False
     # CoNLL, FASTA: (first own record's byte offset, its line in the piece, byte offset
-    # of the next record not its own or of the file's end); None: no record
+    # of the next record not its own or of the file's end), from the file's start for its
+    # first range (lines before a first record are the reader's to judge); None: nothing to parse
     span: tuple[int, int, int] | None = None
 
 
@@ -213,6 +214,8 @@ def count_records(path: Path, fmt: str, piece: Piece) -> PieceCount:
         if offset < end:
             count.lines += 1
         offset += len(raw)
+    if piece.start == 0 and end > 0:  # the file's first range parses what precedes a record
+        first = (0, 0)
     if first is not None:
         count.span = (*first, offset)
     return count
