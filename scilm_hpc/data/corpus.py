@@ -230,10 +230,10 @@ class SplitStreams:
         return counts_by_split
 
     def _count_piece(self, path: Path, piece: ranges.Piece) -> ranges.PieceCount:
-        """A piece's count: lines counted (JSONL, text, CSV), records found by their
-        lines (CoNLL, FASTA), or records read (a gzip file, Parquet)."""
+        """A piece's count: lines counted (JSONL, text, CSV, gzip or not), records found
+        by their lines (CoNLL, FASTA), or records read (gzip CoNLL or FASTA, Parquet)."""
         fmt = self.options.fmt
-        if ranges.seekable(path, fmt) and fmt in ranges.LINE_FORMATS:
+        if fmt in ranges.LINE_FORMATS:
             return ranges.count_piece(path, fmt, piece, self.options.csv_delimiter)
         if ranges.seekable(path, fmt):
             return ranges.count_records(path, fmt, piece)
