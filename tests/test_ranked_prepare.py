@@ -320,7 +320,8 @@ def test_the_ranks_share_the_hashing_of_the_source_files(tmp_path, monkeypatch):
 
 
 def _conll(n: int, seed: int = 0) -> bytes:
-    """``n`` sentences: tab- or space-separated, ``-DOCSTART-`` lines, runs of blank lines."""
+    """``n`` sentences: tab- or space-separated, ``-DOCSTART-`` lines (and a token that
+    looks like one), break lines blank, doubled, of whitespace (tab, no-break space), CRLF."""
     rng = random.Random(seed)
     out = ["\n"]
     for i in range(n):
@@ -328,8 +329,10 @@ def _conll(n: int, seed: int = 0) -> bytes:
             out.append("-DOCSTART- O\n" + "\n" * rng.randint(0, 2))
         sep = "\t" if i % 4 else " "
         for _ in range(rng.randint(1, 6)):
-            out.append(f"{rng.choice(WORDS[:40])}{sep}{rng.choice(['O', 'B-x', 'I-x'])}\n")
-        out.append("\n" * rng.randint(1, 3))
+            out.append(f"{rng.choice(WORDS)}{sep}{rng.choice(['O', 'B-x', 'I-x'])}\n")
+        if i % 5 == 1:  # a tagged "-DOCSTART-" token after a space: no break (tab columns)
+            out.append(" -DOCSTART-\tO\n")
+        out.append(rng.choice(["\n", "\n\n", " \t\n", "\u00a0\n", "\r\n"]))
     return "".join(out).encode()
 
 

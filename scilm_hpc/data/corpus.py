@@ -231,11 +231,12 @@ class SplitStreams:
 
     def _count_piece(self, path: Path, piece: ranges.Piece) -> ranges.PieceCount:
         """A piece's count: lines counted (JSONL, text, CSV, gzip or not), records found
-        by their lines (CoNLL, FASTA), or records read (gzip CoNLL or FASTA, Parquet)."""
+        by their lines (a byte range of a CoNLL or FASTA file), or records read (a whole
+        CoNLL or FASTA file, on one rank or gzip; Parquet)."""
         fmt = self.options.fmt
         if fmt in ranges.LINE_FORMATS:
             return ranges.count_piece(path, fmt, piece, self.options.csv_delimiter)
-        if ranges.seekable(path, fmt):
+        if piece.end is not None:
             return ranges.count_records(path, fmt, piece)
         assert piece.end is None
         return ranges.PieceCount(records=sum(1 for _ in self.options.read(path)))

@@ -33,7 +33,11 @@ from __future__ import annotations
 
 import csv
 import glob
-from collections.abc import Callable
+import heapq
+import mmap
+import os
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,45 +183,110 @@ def _line_start(path: Path, offset: int) -> int:
     return offset
 
 
+def _is_conll_break(line: bytes) -> bool:
+    """``readers.conll_break`` of a raw line, decoding only lines it cannot decide on
+    bytes: one that starts with a printable ASCII character after ASCII whitespace and
+    holds no ``-DOCSTART-`` is no break."""
+    stripped = line.strip()
+    if stripped and 0x21 <= stripped[0] <= 0x7E and b"-DOCSTART-" not in stripped:
+        return False
+    return conll_break(line.decode("utf-8", errors="replace").rstrip("\r\n"))
+
+
+# the newline before a CoNLL line that may be a break (blank, or no printable ASCII
+# character at all); any other line holds a character ``str.strip`` keeps
+_NO_ASCII_LINE_AFTER = re.compile(rb"\n(?=[^\x21-\x7e\n]*\n)")
+_DOCSTART = b"-DOCSTART-"
+
+
+def _line_at(data: mmap.mmap, start: int) -> bytes:
+    """The line starting at ``start`` (no newline; a byte order mark at 0 removed)."""
+    end = data.find(b"\n", start)
+    line = data[start : end if end >= 0 else len(data)]
+    return line.removeprefix(_BOM) if start == 0 else line
+
+
+def _record_starts(data: mmap.mmap, fmt: str, offset: int) -> Iterator[tuple[int, int]]:
+    """(anchor, first byte) of each record starting at or after the line start ``offset``
+    (FASTA: both the ``>`` line; CoNLL: the break line before the sentence, or 0)."""
+    size = len(data)
+    if fmt == "fasta":
+        if offset == 0 and _line_at(data, 0).startswith(b">"):
+            yield 0, 0
+        at = data.find(b"\n>", max(offset - 1, 0))
+        while at >= 0:
+            yield at + 1, at + 1
+            at = data.find(b"\n>", at + 1)
+        return
+    maybe = heapq.merge(  # line starts of lines that may be breaks, in order
+        (m.start() + 1 for m in _NO_ASCII_LINE_AFTER.finditer(data, max(offset - 1, 0))),
+        _docstart_lines(data, offset),
+    )
+    if offset == 0:
+        maybe = heapq.merge([0], maybe)
+    last = -1
+    for anchor in maybe:
+        if anchor == last or anchor >= size:
+            continue
+        last = anchor
+        line, after = _line_at(data, anchor), data.find(b"\n", anchor) + 1
+        if not _is_conll_break(line):
+            if anchor == 0:  # a first sentence on the file's first line
+                yield 0, 0
+        elif 0 < after < size and not _is_conll_break(_line_at(data, after)):
+            yield anchor, after
+
+
+def _docstart_lines(data: mmap.mmap, offset: int) -> Iterator[int]:
+    """The starts of the lines at or after ``offset`` that hold ``-DOCSTART-``."""
+    at = data.find(_DOCSTART, offset)
+    while at >= 0:
+        yield data.rfind(b"\n", 0, at) + 1
+        at = data.find(_DOCSTART, at + 1)
+
+
+def _newlines(data: mmap.mmap, start: int, end: int) -> int:
+    """The newlines in bytes ``start`` to ``end``, counted 64 MiB at a time."""
+    step = 64 << 20
+    return sum(data[at : min(at + step, end)].count(b"\n") for at in range(start, end, step))
+
+
 def count_records(path: Path, fmt: str, piece: Piece) -> PieceCount:
     """Count the CoNLL sentences or FASTA records a piece owns (module docstring)
-    without parsing them, marking every ``MARK_EVERY``-th and the first.
+    without parsing them, marking every ``MARK_EVERY``-th and the first; the file is
+    mapped, and only candidate lines are looked at in Python.
 
     Raises:
         UserError: when the file cannot be read.
     """
     count = PieceCount()
-    end = piece.end if piece.end is not None else float("inf")
     offset = _line_start(path, piece.start)
-    anchor = 0 if offset == 0 else None  # CoNLL: where the last break line started
-    first: tuple[int, int] | None = None
-    owner: int | None  # where the record starting on this line is anchored
-    for raw in iter_raw_lines(path, offset):
-        line = raw.removeprefix(_BOM) if offset == 0 else raw
-        if fmt == "fasta":
-            starts, owner = line.startswith(b">"), offset
-        else:
-            text = line.rstrip(b"\n").decode("utf-8", errors="replace").rstrip("\r")
-            starts, owner = False, anchor
-            if conll_break(text):
-                anchor = offset
-            elif anchor is not None:
-                starts, anchor = True, None
-        if starts:
-            if owner is None or owner >= end:
-                break
-            if count.records % MARK_EVERY == 0:
-                count.marks.append((count.records, offset, count.lines))
-            if first is None:
-                first = (offset, count.lines)
-            count.records += 1
-        if offset < end:
-            count.lines += 1
-        offset += len(raw)
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return count
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            end = min(piece.end if piece.end is not None else size, size)
+            if offset < end:  # the lines that start in the piece
+                count.lines = 1 + _newlines(data, offset, end - 1)
+            stop, seen, lines = size, offset, 0
+            for anchor, first in _record_starts(data, fmt, offset):
+                if anchor >= end:
+                    stop = first
+                    break
+                if count.records % MARK_EVERY == 0:
+                    lines += _newlines(data, seen, first)
+                    seen = first
+                    count.marks.append((count.records, first, lines))
+                count.records += 1
     if piece.start == 0 and end > 0:  # the file's first range parses what precedes a record
-        first = (0, 0)
-    if first is not None:
-        count.span = (*first, offset)
+        count.span = (0, 0, stop)
+    elif count.marks:
+        count.span = (count.marks[0][1], count.marks[0][2], stop)
     return count
 
 
