@@ -17,11 +17,15 @@ A FASTA record starts at a ``>`` line and belongs to the range that line starts 
 CoNLL sentence starts at a line that is not a break (``readers.conll_break``: blank or
 ``-DOCSTART-``) after a break or at the file's start, and belongs to the range its
 *anchor* starts in: the break line just before it (the file's start for a first
-sentence). A range's count therefore reads on past its end, up to the next record it
-does not own (a sentence or a record's sequence across the cut), but counts the lines
-that start inside it only. Its ``span`` (first own record to the next not its own) is
-what the reader then parses (``corpus``), since a record counted here may still hold a
-problem only the reader finds.
+sentence). A range's count therefore looks past its end, up to the next record it does
+not own (a sentence or a record's sequence across the cut), but counts the lines that
+start inside it only. It runs over the mapped file: FASTA headers by ``bytes.find``,
+CoNLL breaks among the candidates one regular expression finds (lines without a
+printable ASCII character, ``-DOCSTART-`` lines), each checked with the reader's own
+test. Its ``span`` (first own record, or the file's start, to the next record not its
+own) is what the reader then parses (``corpus``), since a record counted here may still
+hold a problem only the reader finds. A file counted whole (one rank) is counted by
+its reader.
 
 While counting, every ``MARK_EVERY``-th record of a line piece (and its first) is
 marked with its byte offset and line number. After the ranks exchange their counts
