@@ -5,14 +5,17 @@ The model is MiniLM -> MiniLM warm-started as an encoder-decoder (``--model`` ta
 export instead). An untrained pair rarely emits EOS, so every example generates
 ``--max-new-tokens`` tokens: the work per example is fixed, which is what a throughput
 comparison wants. Examples/s counts generation (and the teacher-forced loss pass) only,
-max over ranks; the HF loop generates the same batches (file order, greedy) without a
-loss pass.
+slowest rank; each rank's inference seconds and each run's wall seconds (start-up,
+loading and mpirun included) are listed too. The HF loop generates batches of the same
+size (file order, greedy) without a loss pass; ``1rank_2threads_no_loss`` is scilm's
+rank doing the same work (``eval.target_loss=false``).
 
     python benchmarks/generate.py [--samples 64] [--repeats 1] [--model DIR]
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -59,6 +62,12 @@ def hf_generate_rate(model_dir: Path, texts: list[str], batch_size: int, new: in
     return len(texts) / (time.perf_counter() - start)
 
 
+def scilm_rate(run_dir: Path, overrides: list[str]) -> float:
+    """Examples/s of one ``scilm evaluate`` in this process's cores (``cluster=none``)."""
+    bench.run(bench.job_command("evaluate", *overrides, f"run.dir={run_dir}", "cluster=none"))
+    return json.loads((run_dir / "eval.json").read_text())["examples_per_s"]
+
+
 def main() -> None:
     parser = bench.command_line(
         __doc__, repeats=1, batch_size=16, max_new_tokens=32, model=(Path, None)
@@ -79,16 +88,25 @@ def main() -> None:
         f"eval.batch_size={args.batch_size}",
         f"eval.max_new_tokens={args.max_new_tokens}",
     ]
-    rates, _ = bench.eval_scaling(
+    no_loss = itertools.count()
+    rates, walls = bench.eval_scaling(
         root,
         args.repeats,
         overrides,
         {
             "hf_generate_loop": lambda: hf_generate_rate(
                 model, texts, args.batch_size, args.max_new_tokens
-            )
+            ),
+            "1rank_2threads_no_loss": lambda: scilm_rate(
+                root / f"no-loss-{next(no_loss)}", [*overrides, "eval.target_loss=false"]
+            ),
         },
     )
+    last = args.repeats - 1  # each variant's inference seconds per rank, last repeat
+    rank_seconds = {
+        name: json.loads((root / f"{name}-{last}" / "eval.json").read_text())["rank_seconds"]
+        for name in walls
+    }
     figures = {
         "benchmark": "generate",
         "n_examples": len(texts),
@@ -97,6 +115,10 @@ def main() -> None:
         **{f"{k}_examples_per_s": round(v, 2) for k, v in rates.items()},
         **bench.rank_scaling(rates),
         "ratio_1rank_vs_hf_generate_loop": rates["1rank_2threads"] / rates["hf_generate_loop"],
+        "ratio_1rank_no_loss_vs_hf_generate_loop": rates["1rank_2threads_no_loss"]
+        / rates["hf_generate_loop"],
+        **{f"{k}_wall_s": round(v, 1) for k, v in walls.items()},
+        **{f"{k}_rank_s": v for k, v in rank_seconds.items()},
         "machine_cores": os.cpu_count(),
     }
     bench.report(figures, width=40)

@@ -357,6 +357,9 @@ class EvalConfig:
     length_penalty: float = 1.0
     do_sample: bool = False
     seed: int = 0
+    # seq2seq: also the teacher-forced loss of the reference targets (a second decoder
+    # pass per batch); false: generated text and ROUGE only, no loss or perplexity
+    target_loss: bool = True
 
 
 @dataclass

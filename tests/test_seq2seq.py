@@ -448,6 +448,8 @@ def test_generation_metrics_identical_for_1_2_and_3_ranks(tmp_path, tiny_llama_d
     reports, rows = {}, {}
     for ranks in (1, 2, 3):
         cluster = ["cluster=none"] if ranks == 1 else [f"cluster.tasks_per_node={ranks}"]
+        if ranks == 3:  # the same generations without the loss pass
+            cluster.append("eval.target_loss=false")
         out = tmp_path / f"eval{ranks}"
         done = scilm_run(
             "evaluate",
@@ -464,13 +466,20 @@ def test_generation_metrics_identical_for_1_2_and_3_ranks(tmp_path, tiny_llama_d
         reports[ranks] = json.loads((out / "eval.json").read_text())
         rows[ranks] = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
         assert reports[ranks]["ranks"] == ranks and reports[ranks]["n_examples"] == 23
+        assert len(reports[ranks]["rank_seconds"]) == ranks
     strip = [{k: r[k] for k in ("id", "source", "generated", "references")} for r in rows[1]]
     for ranks in (2, 3):
         assert [{k: r[k] for k in strip[0]} for r in rows[ranks]] == strip
         a, b = dict(reports[1]["metrics"]), dict(reports[ranks]["metrics"])
-        assert a.pop("loss") == pytest.approx(b.pop("loss"), rel=1e-6)
-        assert a.pop("perplexity") == pytest.approx(b.pop("perplexity"), rel=1e-6)
+        loss, perplexity = a.pop("loss"), a.pop("perplexity")
+        if ranks == 2:
+            assert b.pop("loss") == pytest.approx(loss, rel=1e-6)
+            assert b.pop("perplexity") == pytest.approx(perplexity, rel=1e-6)
         assert a == b
+    assert all(r["count"] == 0 for r in rows[3]) and all(r["count"] > 0 for r in rows[1])
+    table = (tmp_path / "eval3" / "eval.md").read_text().splitlines()
+    row = next(x for x in table if x.startswith(f"| `{tiny_llama_dir}`"))
+    assert row.split(" | ")[-2] == "-"  # the loss column, without a loss pass
     assert len({r["generated"] for r in strip}) > 1  # generations depend on the prompt
     assert strip[0]["references"][0] == TARGETS[200 % len(SOURCES)]
     # ROUGE straight from predictions.jsonl with rouge-score
@@ -678,9 +687,14 @@ def test_any_seq2seq_lm_directory_with_beam_search_over_ranks(tmp_path, tiny_t5_
     """A T5 directory: prepared as encoder-decoder, its loss is its own, and beam search
     over two ranks' batch ranges gives what one rank gives."""
     from scilm_hpc.data.dataset import ShardDataset
-    from scilm_hpc.evaluate.generation import check_model_fits, generate_predictions
+    from scilm_hpc.evaluate.generation import (
+        check_model_fits,
+        generate_predictions,
+        generation_batches,
+    )
     from scilm_hpc.models import load_for_eval
     from scilm_hpc.schema import EvalConfig
+    from scilm_hpc.tasks.seq2seq import eos_token_id
 
     shards = prepare_corpus(tmp_path, tiny_t5_dir)
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -699,7 +713,31 @@ def test_any_seq2seq_lm_directory_with_beam_search_over_ranks(tmp_path, tiny_t5_
         ).loss
     assert ours.item() == pytest.approx(own.item(), rel=1e-5)
     options = EvalConfig(batch_size=3, max_new_tokens=5, num_beams=2)
+    encoder_calls: list[int] = []
+    hook = model.get_encoder().register_forward_hook(lambda *_: encoder_calls.append(1))
     one = generate_predictions(model, tokenizer, test, task, 0, options, 0, 1)
+    hook.remove()
+    # one encoder pass per batch feeds both the loss pass and beam search, and gives
+    # what the model's own forward and generate give, each encoding on its own
+    batches = generation_batches(test, 3)
+    assert len(encoder_calls) == len(batches)
+    results = dict(one)
+    eos = eos_token_id(tokenizer)
+    for chunk in batches:
+        items = [test[int(i)] for i in chunk]
+        batch = task.collate(items, 0)
+        with torch.no_grad():
+            scores = task.example_results(model(**task.forward_inputs(batch)).logits, batch)
+            out = model.generate(
+                **task.generation_inputs(items, 0), max_new_tokens=5, num_beams=2
+            ).tolist()
+        for index, score, sequence in zip(chunk, scores, out, strict=True):
+            tokens = sequence[1:]  # after the decoder start
+            tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
+            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            loss, count, prediction, _ = results[int(index)]
+            assert (loss, count) == score[:2]
+            assert (prediction["generated"], prediction["gen_tokens"]) == (text, len(tokens))
     two = [
         item
         for rank in (0, 1)
@@ -713,6 +751,32 @@ def test_any_seq2seq_lm_directory_with_beam_search_over_ranks(tmp_path, tiny_t5_
     test.manifest = llama_like
     with pytest.raises(UserError, match="prepared for a decoder-only model"):
         check_model_fits(model, test, "t5")
+
+
+def test_generation_batches_are_shared_by_cost_not_by_contiguous_ranges():
+    """Four length-sorted batches on two ranks: two each (the longest with the shortest),
+    where contiguous token-balanced ranges gave the first rank three of them."""
+    from scilm_hpc.evaluate.generation import DECODE_WEIGHT, batch_costs, rank_batches
+    from scilm_hpc.evaluate.inference import token_balanced_ranges
+
+    lengths = np.repeat([200, 230, 260, 288], 16)  # padded width of each batch of 16
+    batches = [np.arange(16 * b, 16 * (b + 1)) for b in range(4)]
+    costs = batch_costs(batches, lengths, 32, 1)
+    assert costs.tolist() == [16 * (w + 32 * DECODE_WEIGHT) for w in (200, 230, 260, 288)]
+    assert batch_costs(batches, lengths, 32, 2)[0] == 16 * (200 + 64 * DECODE_WEIGHT)
+    assert rank_batches(costs, 2) == [[0, 3], [1, 2]]
+    tokens = np.asarray([int(lengths[b].sum()) for b in batches])
+    assert [len(r) for r in token_balanced_ranges(tokens, 2)] == [3, 1]  # the old split
+    assert rank_batches(costs, 3) == [[3], [2], [0, 1]]
+    assert rank_batches(costs[:1], 3) == [[0], [], []]
+    rng = np.random.default_rng(0)
+    many = rng.integers(1, 1000, 37)
+    for world in (1, 2, 5):
+        ranks = rank_batches(many, world)
+        assert sorted(b for r in ranks for b in r) == list(range(37))
+        assert all(r == sorted(r) for r in ranks)
+        loads = [int(many[r].sum()) for r in ranks]
+        assert max(loads) - min(loads) <= many.max()  # greedy: within one batch
 
 
 def test_prepare_refuses_bad_seq2seq_input_before_writing(scilm, tmp_path, tiny_llama_dir):

@@ -39,7 +39,7 @@ def _markdown(
         "|---" * (len(keys) + 2) + "|",
     ]
     for ev in evaluations:
-        values = " | ".join(f"{ev['metrics'][k]:.4f}" for k in keys)
+        values = " | ".join(f"{ev['metrics'][k]:.4f}" if k in ev["metrics"] else "-" for k in keys)
         speed = f"{ev['examples_per_s']:.3g}" if ev["examples_per_s"] else "-"
         lines.append(f"| `{ev['model']}` | {values} | {speed} |")
     lines += task.report_sections(evaluations, labels)
@@ -64,6 +64,7 @@ def write_reports(
         "ranks": ranks,
         "metrics": first["metrics"],
         "examples_per_s": first["examples_per_s"],
+        "rank_seconds": first["rank_seconds"],
     }
     if len(evaluations) > 1:
         summary["models"] = [

@@ -80,7 +80,15 @@ class EvaluateJob:
             start = time.perf_counter()
             if isinstance(task, Seq2Seq):
                 results = generate_predictions(
-                    model, tokenizer, dataset, task, pad_id, job.eval, comm.rank, comm.world_size
+                    model,
+                    tokenizer,
+                    dataset,
+                    task,
+                    pad_id,
+                    job.eval,
+                    comm.rank,
+                    comm.world_size,
+                    score=job.eval.target_loss,
                 )
             else:
                 progress = CountProgress(
@@ -110,6 +118,8 @@ class EvaluateJob:
                             job.task, [r for _, r in merged], dataset.label_names
                         ),
                         "examples_per_s": len(dataset) / wall if wall else None,
+                        # each rank's inference time (start-up and loading not counted)
+                        "rank_seconds": [round(s, 3) for _, s in gathered],
                         "predictions": [r for _, r in merged],
                     }
                 )

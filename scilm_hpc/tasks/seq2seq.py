@@ -429,7 +429,8 @@ class Seq2Seq(Task):
         return token_loss_results(logits, labels)
 
     def metrics(self, results: Sequence[ExampleResult], labels: Sequence[str]) -> dict[str, Any]:
-        out: dict[str, Any] = lm_metrics(sum(r[0] for r in results), sum(r[1] for r in results))
+        counted = sum(r[1] for r in results)  # 0: evaluated without eval.target_loss
+        out: dict[str, Any] = lm_metrics(sum(r[0] for r in results), counted) if counted else {}
         if results and results[0][2] is not None:
             generated = [r[2]["generated"] for r in results]
             out.update(rouge_scores(generated, [r[3] for r in results]))
@@ -456,9 +457,10 @@ class Seq2Seq(Task):
             for loss, count, pred, refs in shown:
                 source = " ".join(pred["source"].split())  # one markdown line
                 source = source if len(source) <= 400 else source[:400] + " ..."
+                scored = f" (target loss {loss / count:.3f})" if count else ""
                 lines += [
                     "",
-                    f"**{pred['id']}** (target loss {loss / max(count, 1):.3f})",
+                    f"**{pred['id']}**{scored}",
                     "",
                     f"- source: {source}",
                     f"- generated: {pred['generated']}",
