@@ -525,18 +525,19 @@ def seq2seq_rouge(
 
 def scilm_lrs(overrides: list[str], steps: int) -> list[float]:
     """The learning rate of each optimizer step of a ``scilm finetune`` with
-    ``overrides``: DeepSpeed's scheduler from scilm's DeepSpeed config, stepped after each
-    optimizer step as the engine does."""
+    ``overrides``: scilm's scheduler (HF's schedule, ``train.schedule``) built from the job
+    as the trainer builds it, stepped after each optimizer step as the engine does."""
     import torch
-    from deepspeed.runtime import lr_schedules
 
     from scilm_hpc.config import load_and_validate
     from scilm_hpc.train.ds_config import deepspeed_config
+    from scilm_hpc.train.schedule import scheduler_factory
 
     job = load_and_validate(str(REPO / "jobs/finetune.yaml"), overrides, job="finetune")
-    config = deepspeed_config(job, steps, on_gpu=False)["scheduler"]
+    factory = scheduler_factory(job, steps, deepspeed_config(job, steps, on_gpu=False))
+    assert factory is not None, "the benchmarks set no DeepSpeed scheduler of their own"
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=job.train.lr)
-    scheduler = getattr(lr_schedules, config["type"])(optimizer, **config["params"])
+    scheduler = factory(optimizer)
     lrs = []
     for _ in range(steps):
         lrs.append(float(optimizer.param_groups[0]["lr"]))

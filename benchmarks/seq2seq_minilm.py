@@ -13,17 +13,14 @@ pair on speed and loss; ROUGE is reported for completeness).
 
 The learning-rate schedule is the same, step for step: scilm runs its ``linear``
 schedule with ``--lr`` and ``train.warmup_ratio=--warmup-ratio`` (0.1, the shipped
-``configs/train/default.yaml``), i.e. DeepSpeed's ``WarmupDecayLR``: a linear warm-up
-from 0 over ``round(ratio x steps)`` steps (DeepSpeed takes at least 2) and a linear
-decay to 0 at the last step. HF's optimizer follows it exactly: the per-step learning
-rates of scilm's own scheduler (built from scilm's DeepSpeed config, stepped as the
-engine steps it) become a ``LambdaLR`` in place of HF's ``lr_scheduler_type``. HF's own
-``linear`` schedule is not used because it is one step ahead of DeepSpeed's (HF's first
-step uses the warm-up's first value, DeepSpeed applies its starting lr once more before
-it), so "the same warm-up ratio" alone would give the two runs different rates at every
-step. The benchmark checks the rates both runs applied (HF's recorded at each optimizer
-step, scilm's from ``metrics.jsonl``, whose ``lr`` is the one the next step uses) and
-stops if they differ.
+``configs/train/default.yaml``), which is HF's ``get_linear_schedule_with_warmup`` (step 0
+at 0, step k of the warm-up at ``lr * k / warmup``, a linear decay to 0 at the last
+step; ``scilm_hpc.train.schedule``). HF's optimizer is handed the per-step rates of
+scilm's own scheduler (built from the job as the trainer builds it) as a ``LambdaLR``, so
+both runs apply the same rates even if either schedule changed. The benchmark checks the
+rates both runs applied (HF's recorded at each optimizer step, scilm's from
+``metrics.jsonl``, whose ``lr`` is the one the logged step ran at) and stops if they
+differ.
 
     python benchmarks/seq2seq_minilm.py [--steps 150] [--micro-batch-size 16]
     quick check: --steps 6 --micro-batch-size 4 --train-samples 64 --test-samples 8
@@ -106,8 +103,8 @@ def main() -> None:
     lrs = bench.scilm_lrs(overrides, args.steps)
     wall = bench.run(bench.job_command("finetune", *overrides))
     steps = bench.step_rows(run_dir)
-    logged = [r["lr"] for r in steps]  # the lr of the step after each logged one
-    if not np.allclose(logged[:-1], lrs[1:], rtol=1e-6, atol=0):
+    logged = [r["lr"] for r in steps]  # the lr each step ran at
+    if not np.allclose(logged, lrs, rtol=1e-6, atol=0):
         raise SystemExit(f"scilm's schedule is not the one computed: {logged} vs {lrs}")
     ours = {
         "samples_per_s": bench.median(r["samples_per_s"] for r in steps[args.skip :]),

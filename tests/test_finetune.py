@@ -51,6 +51,11 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+def rates(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["lr"] for r in rows if "loss" in r]
+
+
 def export_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "export" / "model.safetensors")
 
@@ -73,6 +78,8 @@ def test_resume_after_kill_is_exact(tmp_path, shards, tiny_model_dir, settings):
         "train.max_steps=6",
         "train.checkpoint_every=2",
         "train.eval_every=0",
+        "train.lr=0.001",
+        "train.warmup_ratio=0.34",  # 2 warm-up steps
     )
     straight = finetune(tmp_path / "straight", shards, tiny_model_dir, *common)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -90,6 +97,10 @@ def test_resume_after_kill_is_exact(tmp_path, shards, tiny_model_dir, settings):
     reference = losses(tmp_path / "straight")
     assert [s for s, _ in reference] == [1, 2, 3, 4, 5, 6]
     assert losses(tmp_path / "killed") == reference  # same loss sequence, bit for bit
+    # each step ran at HF's linear schedule's rate, the resumed steps included
+    hf = [0.001 * f for f in (0, 1 / 2, 4 / 4, 3 / 4, 2 / 4, 1 / 4)]
+    assert rates(tmp_path / "straight") == pytest.approx(hf, rel=1e-9, abs=0)
+    assert rates(tmp_path / "killed") == rates(tmp_path / "straight")
     assert_same_weights(export_weights(tmp_path / "killed"), export_weights(tmp_path / "straight"))
     # the data position was restored, not restarted: the step-6 checkpoint is 6 steps in
     state = read_checkpoint_state(tmp_path / "killed", "step_6")
@@ -171,7 +182,13 @@ def test_export_equals_engine_weights(tmp_path, shards, tiny_model_dir, stage):
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
 def test_resume_on_another_world_size(tmp_path, shards, tiny_model_dir, first, second):
     run = tmp_path / "run"
-    common = ("zero.stage=2", "train.max_steps=6", "train.checkpoint_every=3")
+    common = (
+        "zero.stage=2",
+        "train.max_steps=6",
+        "train.checkpoint_every=3",
+        "train.lr=0.001",
+        "train.warmup_ratio=0.34",  # 2 warm-up steps
+    )
     killed = finetune(
         run, shards, tiny_model_dir, *common, ranks=first, fault="kill_after_checkpoint:3"
     )
@@ -181,6 +198,9 @@ def test_resume_on_another_world_size(tmp_path, shards, tiny_model_dir, first, s
     logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.err"))
     assert f"saved on {first} rank(s) on {second}" in logs
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+    # the scheduler restored from the checkpoint state (optimizer state starts fresh)
+    hf = [0.001 * f for f in (0, 1 / 2, 4 / 4, 3 / 4, 2 / 4, 1 / 4)]
+    assert rates(run) == pytest.approx(hf, rel=1e-9, abs=0)
     state = read_checkpoint_state(run, "step_6")
     assert state["world_size"] == second
     # 3 steps on `first` ranks, then 3 on `second`: no example replayed or skipped

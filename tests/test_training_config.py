@@ -229,70 +229,9 @@ def test_train_batch_size_only_with_global_batch_size():
 # ---------------------------------------------------------------- schedule
 
 
-@pytest.mark.parametrize(
-    ("ratio", "total", "warmup"),
-    [(0.1, 37, 4), (0.25, 40, 10), (0.06, 10, 1), (0.1, 200, 20)],
-)
-def test_warmup_steps_round_ratio_times_total(ratio, total, warmup):
-    params = ds(f"train.warmup_ratio={ratio}", "train.lr=0.01", total=total)["scheduler"]
-    assert params["type"] == "WarmupDecayLR"
-    assert params["params"] == {
-        "warmup_num_steps": warmup,
-        "warmup_type": "linear",
-        "warmup_min_lr": 0.0,
-        "warmup_max_lr": 0.01,
-        "total_num_steps": total,
-    }
-
-
-@pytest.mark.parametrize(("ratio", "total"), [(0.0, 100), (0.01, 10)], ids=["zero", "rounds-to-0"])
-def test_no_warmup_is_one_step_starting_at_full_lr(ratio, total):
-    params = ds(f"train.warmup_ratio={ratio}", "train.lr=0.01", total=total)["scheduler"]["params"]
-    assert params["warmup_num_steps"] == 1  # DeepSpeed needs >= 1
-    assert params["warmup_min_lr"] == params["warmup_max_lr"] == 0.01
-    # a run shorter than the warm-up still gets a decay span
-    short = ds("train.warmup_ratio=0", total=1)["scheduler"]["params"]
-    assert short["total_num_steps"] == 2
-
-
-def test_cosine_and_constant_schedule_params():
-    cosine = ds("train.schedule=cosine", "train.warmup_ratio=0.1", total=50)["scheduler"]
-    assert cosine == {
-        "type": "WarmupCosineLR",
-        "params": {
-            "total_num_steps": 50,
-            "warmup_num_steps": 5,
-            "warmup_type": "linear",
-            "warmup_min_ratio": 0.0,
-            "cos_min_ratio": 0.0,
-        },
-    }
-    flat = ds("train.schedule=cosine", "train.warmup_ratio=0", total=50)["scheduler"]["params"]
-    assert (flat["warmup_num_steps"], flat["warmup_min_ratio"]) == (1, 1.0)
-    constant = ds("train.schedule=constant", "train.lr=0.01")["scheduler"]
-    assert constant["type"] == "WarmupLR"
-    assert "total_num_steps" not in constant["params"]
-
-
-@pytest.mark.parametrize(
-    "schedule",
-    [
-        "linear",
-        "constant",
-        "cosine",
-    ],
-)
-def test_no_warmup_first_optimizer_step_uses_full_lr(schedule):
-    """DeepSpeed steps its scheduler after each optimizer step: the lr the scheduler
-    leaves in the optimizer at construction is the first step's."""
-    import torch
-    from deepspeed.runtime import lr_schedules
-
-    config = ds(f"train.schedule={schedule}", "train.warmup_ratio=0", "train.lr=0.1", total=10)
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    scheduler = getattr(lr_schedules, config["scheduler"]["type"])
-    scheduler(optimizer, **config["scheduler"]["params"])  # the params are its arguments
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+def test_the_schedule_is_not_deepspeeds():
+    """The engine gets scilm's own scheduler (tests/test_schedule.py), not a config one."""
+    assert "scheduler" not in ds("train.warmup_ratio=0.1", "train.schedule=cosine")
 
 
 # ---------------------------------------------------------------- optimizer implementation

@@ -1,8 +1,10 @@
 """The DeepSpeed configuration, generated from the schema (and a user JSON merged in).
 
-Stage, offload, precision, accumulation, clipping, AdamW and the warm-up /
-decay schedule all come from ``zero.*`` and ``train.*``; ``zero.config_file``
-may add or override any DeepSpeed key (merged recursively, the user's file wins).
+Stage, offload, precision, accumulation, clipping and AdamW all come from ``zero.*``
+and ``train.*``; ``zero.config_file`` may add or override any DeepSpeed key (merged
+recursively, the user's file wins). The learning-rate schedule is not in it: the engine
+gets ``train.schedule.StepSchedule`` (HF's schedules, step for step) unless the user's
+file names a DeepSpeed ``scheduler``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from typing import Any
 
 from scilm_hpc.errors import UserError
 from scilm_hpc.schema import JobConfig
-
-SCHEDULERS = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR", "constant": "WarmupLR"}
 
 
 def cpu_autocast(job: JobConfig, on_gpu: bool) -> bool:
@@ -64,15 +64,12 @@ def deepspeed_config(job: JobConfig, total_steps: int, on_gpu: bool) -> dict[str
 
     Args:
         job: the resolved job config.
-        total_steps: optimizer steps the schedule spans.
+        total_steps: optimizer steps of the run (unused here since the schedule left the
+            DeepSpeed config; kept so callers need not change).
         on_gpu: True with CUDA (DeepSpeed's fused Adam); False on CPU ranks (torch's
             AdamW, its fused CPU kernel unless ``train.adamw=foreach``).
     """
     t, z = job.train, job.zero
-    warmup = int(round(t.warmup_ratio * total_steps))
-    # DeepSpeed needs >= 1 warm-up step; with no warm-up, "warm up" from lr to lr.
-    start_ratio = 0.0 if warmup else 1.0
-    warmup = max(warmup, 1)
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -80,26 +77,6 @@ def deepspeed_config(job: JobConfig, total_steps: int, on_gpu: bool) -> dict[str
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    sched_params: dict[str, Any] = {
-        "warmup_num_steps": warmup,
-        "warmup_type": "linear",
-        "warmup_min_lr": start_ratio * t.lr,
-        "warmup_max_lr": t.lr,
-    }
-    if t.schedule == "linear":
-        sched_params["total_num_steps"] = max(total_steps, warmup + 1)
-    elif t.schedule == "cosine":
-        sched_params = {
-            "total_num_steps": max(total_steps, warmup + 1),
-            "warmup_num_steps": warmup,
-            "warmup_type": "linear",
-            "warmup_min_ratio": start_ratio,
-            "cos_min_ratio": 0.0,
-        }
-        if start_ratio:
-            # WarmupCosineLR sets lr = 0 at construction whatever warmup_min_ratio says;
-            # starting at iteration 0 leaves the optimizer at lr for the first step.
-            sched_params["last_batch_iteration"] = 0
     torch_adam = not on_gpu and not z.offload_optimizer
     optimizer_params: dict[str, Any] = {
         "lr": t.lr,
@@ -120,7 +97,6 @@ def deepspeed_config(job: JobConfig, total_steps: int, on_gpu: bool) -> dict[str
         "gradient_clipping": t.clip_grad,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
-        "scheduler": {"type": SCHEDULERS[t.schedule], "params": sched_params},
         "bf16": {"enabled": t.precision == "bf16" and not cpu_autocast(job, on_gpu)},
         "fp16": {"enabled": t.precision == "fp16"},
         "steps_per_print": 10**9,

@@ -50,6 +50,7 @@ from scilm_hpc.train.lora import export_lora, lora_enabled, lora_model, trainabl
 from scilm_hpc.train.memory import compile_model, enable_gradient_checkpointing, peak_memory
 from scilm_hpc.train.progress import Progress
 from scilm_hpc.train.report import MetricsLog, plot_loss
+from scilm_hpc.train.schedule import scheduler_factory
 from scilm_hpc.train.stragglers import StragglerDetector, straggler_message
 from scilm_hpc.train.tensorboard import wanted
 
@@ -128,6 +129,7 @@ class Trainer:
         )
         self._last_eval_step = -1
         self._last_eval: dict[str, Any] | None = None
+        self._step_lr = 0.0  # the learning rate of the step being logged
         self.stragglers = StragglerDetector(t.straggler_factor)
 
     def _engine(self, resume_tag: str | None) -> tuple[Any, dict[str, Any]]:
@@ -160,6 +162,7 @@ class Trainer:
                 model=model,
                 config=config,
                 model_parameters=[p for p in model.parameters() if p.requires_grad],
+                lr_scheduler=scheduler_factory(job, self.total_steps, config),
             )
         if resume_tag is not None:
             if weights is None:
@@ -299,6 +302,7 @@ class Trainer:
         run.position, micro_batches = next(stream)
         lengths = self.train_set.lengths()  # real tokens per example, without padding
         loss_total, tokens, squared, data_s, forward_s = 0.0, 0, 0, 0.0, 0.0
+        self._step_lr = engine.get_lr()[0]  # this step's rate (the engine steps it after)
         for indices in micro_batches:
             batch = to_device(
                 self.task.collate([self.train_set[int(i)] for i in indices], self.pad_id),
@@ -351,7 +355,7 @@ class Trainer:
             "step": run.step,
             "epoch": run.position.epoch + run.position.samples_in_epoch / samples_per_epoch,
             "loss": totals[0].item() / (micro * self.world),
-            "lr": engine.get_lr()[0],
+            "lr": self._step_lr,  # the rate this step ran at
             "samples_per_s": totals[2].item() / elapsed,
             "tokens_per_s": totals[1].item() / elapsed,
             "samples": int(totals[2].item()),  # this step's, all ranks
