@@ -50,7 +50,7 @@ from scilm_hpc.train.lora import export_lora, lora_enabled, lora_model, trainabl
 from scilm_hpc.train.memory import compile_model, enable_gradient_checkpointing, peak_memory
 from scilm_hpc.train.progress import Progress
 from scilm_hpc.train.report import MetricsLog, plot_loss
-from scilm_hpc.train.schedule import scheduler_factory
+from scilm_hpc.train.schedule import StepSchedule, scheduler_factory
 from scilm_hpc.train.stragglers import StragglerDetector, straggler_message
 from scilm_hpc.train.tensorboard import wanted
 
@@ -176,6 +176,8 @@ class Trainer:
             else:
                 engine.lr_scheduler.load_state_dict(state["scheduler"])
                 engine.global_steps = state["step"]
+            if isinstance(engine.lr_scheduler, StepSchedule):
+                engine.lr_scheduler.apply()  # ZeRO loads its optimizer state (rates) last
             ckpt.load_rng(self.run_dir, resume_tag, self.rank)
         return engine, state
 

@@ -60,21 +60,23 @@ class StepSchedule:
         self.schedule, self.warmup, self.total = schedule, warmup, total
         self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.steps = 0
-        self._apply()
+        self.apply()
 
     def lr_at(self, step: int) -> list[float]:
         """Each parameter group's learning rate at optimizer step ``step`` (from 0)."""
         factor = lr_factor(self.schedule, step, self.warmup, self.total)
         return [base * factor for base in self.base_lrs]
 
-    def _apply(self) -> None:
+    def apply(self) -> None:
+        """Set the optimizer's rates to those of step ``steps`` (after loading an optimizer
+        state, whose saved rates would otherwise win)."""
         for group, lr in zip(self.optimizer.param_groups, self.lr_at(self.steps), strict=True):
             group["lr"] = lr
 
     def step(self, *_: Any, **__: Any) -> None:
         """One optimizer step taken: set the next one's rate."""
         self.steps += 1
-        self._apply()
+        self.apply()
 
     def get_lr(self) -> list[float]:
         """The rates of the next optimizer step."""
@@ -92,7 +94,7 @@ class StepSchedule:
             self.steps = int(state["steps"])
         else:
             self.steps = int(state["last_batch_iteration"]) + 1
-        self._apply()
+        self.apply()
 
 
 def scheduler_factory(
