@@ -307,7 +307,7 @@ def distill(run: Path, shards: Path, teacher: Path, *extra: str, fault: str | No
         "compress.latency_repeats=2",
         "train.checkpoint_every=4",
         "train.micro_batch_size=8",
-        "train.lr=3e-3",
+        "train.lr=1e-3",
         *extra,
         fault=fault,
     )
