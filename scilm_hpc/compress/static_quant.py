@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scilm_hpc.errors import UserError
+from scilm_hpc.errors import UserError, first_line
 
 #: file of the exported graph in a compressed directory
 PROGRAM_FILE = "model_int8_static.pt2"
@@ -173,7 +173,7 @@ def _export(module: nn.Module, example: dict[str, torch.Tensor], max_length: int
                 module, (), example, dynamic_shapes=_dynamic_shapes(names, max_length), strict=False
             )
     except Exception as error:  # torch.export raises many types; the cause is in the text
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise UserError(
             f"compress: static int8 needs a model torch.export can trace with a dynamic batch "
             f"and length; this one ({type(module).__name__}) failed: {first[:300]}. Use "

@@ -227,8 +227,8 @@ class _Compression:
             elif step.kind == "prune":
                 changed = self._prune(model, step)
             elif step.method == "static":
-                changed = list(prunable_linears(model))
-                model = static_int8(model, prunable_linears(model), self._calibration(step))
+                linears = prunable_linears(model)
+                model, changed = static_int8(model, linears, self._calibration(step)), list(linears)
             else:
                 changed = quantize_model(
                     model,

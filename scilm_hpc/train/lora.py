@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from scilm_hpc.errors import UserError
+from scilm_hpc.errors import UserError, first_line
 from scilm_hpc.models import build_model
 from scilm_hpc.schema import JobConfig, LoraConfig
 from scilm_hpc.tasks import get_task
@@ -88,7 +88,7 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, task_name: str) -> Any:
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise UserError(
             f"model.lora: peft cannot wrap model type '{model_type}' with "
             f"target_modules={targets} ({detail}); set model.lora.target_modules to "
