@@ -534,7 +534,7 @@ def scilm_lrs(overrides: list[str], steps: int) -> list[float]:
     from scilm_hpc.train.schedule import scheduler_factory
 
     job = load_and_validate(str(REPO / "jobs/finetune.yaml"), overrides, job="finetune")
-    factory = scheduler_factory(job, steps, deepspeed_config(job, steps, on_gpu=False))
+    factory = scheduler_factory(job, steps, deepspeed_config(job, on_gpu=False))
     assert factory is not None, "the benchmarks set no DeepSpeed scheduler of their own"
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=job.train.lr)
     scheduler = factory(optimizer)

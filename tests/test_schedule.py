@@ -44,7 +44,7 @@ def scilm_schedule(total: int, *overrides: str, lr: float = 0.01):
         FINETUNE, ["run.dir=runs/unused", f"train.lr={lr}", *overrides], "finetune"
     )
     opt = optimizer(job.train.lr)  # DeepSpeed builds AdamW at train.lr from its config
-    factory = scheduler_factory(job, total, deepspeed_config(job, total, on_gpu=False))
+    factory = scheduler_factory(job, total, deepspeed_config(job, on_gpu=False))
     assert factory is not None
     return opt, factory(opt)
 
@@ -91,7 +91,7 @@ def test_a_users_deepspeed_scheduler_replaces_it(tmp_path):
     job = load_and_validate(
         FINETUNE, ["run.dir=runs/unused", f"zero.config_file={user}"], "finetune"
     )
-    config = deepspeed_config(job, 10, on_gpu=False)
+    config = deepspeed_config(job, on_gpu=False)
     assert config["scheduler"]["type"] == "WarmupLR"
     assert scheduler_factory(job, 10, config) is None
 

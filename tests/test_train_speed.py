@@ -24,7 +24,7 @@ FINETUNE = REPO / "jobs" / "finetune.yaml"
 
 def ds(*overrides: str, on_gpu: bool = False) -> dict:
     return deepspeed_config(
-        load_and_validate(FINETUNE, ["run.dir=runs/unused", *overrides], "finetune"), 100, on_gpu
+        load_and_validate(FINETUNE, ["run.dir=runs/unused", *overrides], "finetune"), on_gpu
     )
 
 
@@ -138,7 +138,7 @@ def test_lone_rank_skips_the_gradient_allreduce(monkeypatch, tiny_model_dir):
             model.eval()  # no dropout: both engines compute the same loss
             engine, _, _, _ = deepspeed.initialize(
                 model=model,
-                config=deepspeed_config(job, 10, False),
+                config=deepspeed_config(job, False),
                 model_parameters=list(model.parameters()),
             )
             assert engine.enable_backward_allreduce is True  # DeepSpeed's default

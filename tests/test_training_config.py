@@ -28,8 +28,8 @@ def job(*overrides: str) -> JobConfig:
     return load_and_validate(FINETUNE, ["run.dir=runs/unused", *overrides], job="finetune")
 
 
-def ds(*overrides: str, total: int = 100, on_gpu: bool = False) -> dict:
-    return deepspeed_config(job(*overrides), total, on_gpu)
+def ds(*overrides: str, on_gpu: bool = False) -> dict:
+    return deepspeed_config(job(*overrides), on_gpu)
 
 
 # ---------------------------------------------------------------- ZeRO, precision, batch
@@ -282,12 +282,12 @@ def test_user_json_invalid_names_file_and_line(tmp_path):
     user.write_text('{\n  "gradient_clipping": 0.5,\n  oops\n}\n')
     resolved = job(f"zero.config_file={user}")  # validation only checks that it exists
     with pytest.raises(UserError) as info:
-        deepspeed_config(resolved, 100, False)
+        deepspeed_config(resolved, False)
     message = str(info.value)
     assert message.startswith(f"zero.config_file: {user}:3: not valid JSON")
     user.write_text("[1, 2]\n")
     with pytest.raises(UserError, match="must hold a JSON object"):
-        deepspeed_config(resolved, 100, False)
+        deepspeed_config(resolved, False)
 
 
 # ---------------------------------------------------------------- checkpoint retention

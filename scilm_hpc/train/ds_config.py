@@ -59,13 +59,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(job: JobConfig, total_steps: int, on_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(job: JobConfig, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config dict for ``job``.
 
     Args:
         job: the resolved job config.
-        total_steps: optimizer steps of the run (unused here since the schedule left the
-            DeepSpeed config; kept so callers need not change).
         on_gpu: True with CUDA (DeepSpeed's fused Adam); False on CPU ranks (torch's
             AdamW, its fused CPU kernel unless ``train.adamw=foreach``).
     """

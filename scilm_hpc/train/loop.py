@@ -155,7 +155,7 @@ class Trainer:
             enable_gradient_checkpointing(model)
         if job.train.compile:
             compile_model(model)
-        config = deepspeed_config(job, self.total_steps, self.on_gpu)
+        config = deepspeed_config(job, self.on_gpu)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             engine, _, _, _ = deepspeed.initialize(
